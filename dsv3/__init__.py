@@ -1,0 +1,6 @@
+"""dsv3: run, serve, plan and train the DeepSeek-V3 model family."""
+from .config import ModelConfig
+from .weights import CheckpointError, load_model, save_model
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "load_model", "save_model", "CheckpointError"]

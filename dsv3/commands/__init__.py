@@ -1,0 +1,1 @@
+"""One module per `dsv3` subcommand; see dsv3/cli.py."""

@@ -1,0 +1,63 @@
+"""Building blocks shared by attention and MoE: RMSNorm, a Linear that may hold FP8 block-scaled weights,
+and the SwiGLU MLP.
+
+Dimension letters: T tokens (any leading shape), D hidden, I intermediate, O/Iin output/input features.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import fp8
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the activation dtype; scaled in the input dtype like the reference.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T with W [O, Iin]. When W is float8_e4m3fn, `weight_scale_inv` [ceil(O/128), ceil(Iin/128)] holds
+    the block scales and the weight is dequantised block-wise at call time (kept FP8 in memory)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_scale_inv: torch.Tensor | None = None
+
+    def set_fp8(self, scale_inv: torch.Tensor) -> None:
+        self.register_buffer("weight_scale_inv", scale_inv)
+
+    def effective_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight.dtype == fp8.FP8_DTYPE:
+            return fp8.dequantize(self.weight, self.weight_scale_inv, dtype)
+        return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, dtype={self.weight.dtype}"
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter)
+        self.up_proj = Linear(dim, inter)
+        self.down_proj = Linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

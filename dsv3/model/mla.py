@@ -1,0 +1,117 @@
+"""Multi-head Latent Attention (MLA).
+
+Dimension letters: B batch, S query positions, L key positions (cached context + S), H heads, D hidden,
+C kv_lora_rank (latent), R qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, P = R/2.
+
+Per token the layer keeps only c_kv [C] (after kv_a_layernorm) and the rotated shared key k_pe [R]. Two ways to
+attend over them, both exact:
+  naive:    expand c_kv with kv_b_proj into per-head k_nope [H, N] and v [H, V]; ordinary attention in 192/128 dims.
+  absorbed: fold kv_b_proj's key half into the query (q_c = q_nope W_uk, [H, C]) and its value half into the output
+            (o = (P c_kv) W_uv); attention runs directly on the 576-dim latent, shared by all heads (MQA-like).
+Naive is cheaper when S ~ L (prefill, training); absorbed reads far less memory when S << L (decode).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import Linear, RMSNorm
+from .rope import apply_rotary
+
+ATTENTION_IMPLS = ("naive", "absorbed")
+
+# The reference implementations give the two latent norms the default eps (1e-6) whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache(Protocol):
+    """What the engine hands a layer: store this step's latents and return the context to attend over."""
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """c_kv [B, S, C], k_pe [B, S, R] -> c_kv [B, L, C], k_pe [B, L, R], mask [B, S, L] bool (True = attend)
+        or None for a plain causal mask with S == L."""
+        ...
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, D = cfg.num_attention_heads, cfg.hidden_size
+        self.nope, self.rope, self.v_dim, self.rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                                       cfg.kv_lora_rank)
+        self.softmax_scale = cfg.softmax_scale
+        H, qk = self.n_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(D, H * qk)
+        else:
+            self.q_a_proj = Linear(D, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * qk)
+        self.kv_a_proj_with_mqa = Linear(D, self.rank + self.rope)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(self.rank, H * (self.nope + self.v_dim))
+        self.o_proj = Linear(H * self.v_dim, D)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, D], cos/sin [B, S, P] -> q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated),
+        c_kv [B, S, C] (normalised), k_pe [B, S, R] (rotated)."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                impl: str = "naive") -> torch.Tensor:
+        q_nope, q_pe, c_kv, k_pe = self.latents(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
+        else:
+            mask = None
+        if impl == "naive":
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        elif impl == "absorbed":
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            raise ValueError(f"attention impl {impl!r}: choose one of {ATTENTION_IMPLS}")
+        return self.o_proj(o.flatten(-2))  # [B, S, H*V] -> [B, S, D]
+
+    def _kv_b(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.effective_weight(dtype).unflatten(0, (self.n_heads, self.nope + self.v_dim))  # [H, N+V, C]
+        return w[:, : self.nope], w[:, self.nope:]  # W_uk [H, N, C], W_uv [H, V, C]
+
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """-> [B, S, H, V]"""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope + self.v_dim))  # [B, L, H, N+V]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)  # [B, L, H, N+R]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, N+R]
+        o = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.softmax_scale)
+        return o.transpose(1, 2)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """-> [B, S, H, V]"""
+        w_uk, w_uv = self._kv_b(q_nope.dtype)
+        q_c = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, C]
+        q = torch.cat([q_c, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, C+R]
+        k = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # [B, 1, L, C+R]: one latent head shared by all heads
+        o_c = _sdpa(q, k, c_kv[:, None], mask, self.softmax_scale, gqa=True)  # [B, H, S, C]
+        return torch.einsum("bhsc,hvc->bshv", o_c, w_uv)
+
+
+def _sdpa(q, k, v, mask, scale, gqa: bool = False) -> torch.Tensor:
+    """q [B, Hq, S, d], k [B, Hk, L, d], v [B, Hk, L, dv], mask [B, S, L] bool or None (causal, S == L)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)

@@ -1,0 +1,141 @@
+"""DeepSeekMoE: router, stacked routed experts, shared experts.
+
+Dimension letters: T tokens (flattened batch x sequence), D hidden, E routed experts, K experts per token,
+G expert groups, I moe_intermediate_size, N = T*K token-expert pairs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..kernels import fp8
+from ..kernels.grouped import grouped_mm
+from .layers import MLP
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [T, E] float32 -> weights [T, K] float32, indices [T, K] int64, scores [T, E] float32.
+
+    The bias (auxiliary-loss-free balancing) shifts which experts are chosen, never their weights."""
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias
+    E, G, K = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+    if cfg.uses_group_routing:
+        grouped = choice.unflatten(-1, (G, E // G))  # [T, G, E/G]
+        if cfg.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]: sum of each group's two best
+        else:
+            group_score = grouped.amax(dim=-1)  # group_limited_greedy: each group's best
+        keep = group_score.topk(cfg.topk_group, dim=-1).indices  # [T, topk_group]
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(E // G, dim=-1), float("-inf"))
+    indices = choice.topk(K, dim=-1).indices  # [T, K]
+    weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices, scores
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.uses_score_bias:
+            # Updated by the balancing rule during training, not by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] -> weights [T, K] float32, indices [T, K], scores [T, E] float32"""
+        logits = F.linear(x.float(), self.weight.float())  # [T, E], float32 like the reference
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
+        return route(logits, self.cfg, bias)
+
+
+class StackedLinear(nn.Module):
+    """E per-expert weights [E, O, I] in one tensor (checkpoint: experts.{e}.<name>.weight [O, I])."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
+        self.weight_scale_inv: torch.Tensor | None = None
+
+    def set_fp8(self, scale_inv: torch.Tensor) -> None:
+        self.register_buffer("weight_scale_inv", scale_inv)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == fp8.FP8_DTYPE
+
+    def dense(self, experts: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
+        """Weights of the selected experts in `dtype`: [len(experts), O, I]."""
+        w = self.weight[experts]
+        if self.is_fp8:
+            return fp8.dequantize(w, self.weight_scale_inv[experts], dtype)
+        return w.to(dtype)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_proj = StackedLinear(E, D, I)
+        self.up_proj = StackedLinear(E, D, I)
+        self.down_proj = StackedLinear(E, I, D)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights [T, K], indices [T, K] -> sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) [T, D]"""
+        if self.gate_proj.is_fp8:
+            return self._forward_fp8(x, weights, indices)
+        T, K = indices.shape
+        flat = indices.reshape(-1)  # [N]
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E], no host sync
+        token = order // K
+        xs = x[token]  # [N, D]
+        dt = x.dtype
+        g = grouped_mm(xs, self.gate_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, I]
+        u = grouped_mm(xs, self.up_proj.weight.to(dt).transpose(1, 2), offsets)
+        y = grouped_mm(F.silu(g) * u, self.down_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, D]
+        y = y * weights.reshape(-1)[order, None].to(dt)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _forward_fp8(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # CPU fallback for weights kept in FP8: dequantise one hit expert at a time (bounded memory). The host
+        # sync for the list of hit experts costs nothing on the CPU; GPUs use block-scaled FP8 kernels instead.
+        out = torch.zeros_like(x)
+        dt = x.dtype
+        for e in torch.unique(indices).tolist():
+            tok, slot = torch.nonzero(indices == e, as_tuple=True)
+            xe = x[tok]
+            h = F.silu(xe @ self.gate_proj.dense(e, dt).T) * (xe @ self.up_proj.dense(e, dt).T)
+            out.index_add_(0, tok, (h @ self.down_proj.dense(e, dt).T) * weights[tok, slot, None].to(dt))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = MLP(cfg.hidden_size, cfg.shared_intermediate_size) if cfg.n_shared_experts else None
+        # Training reads these after each forward (per-expert counts and scores for balancing); off by default.
+        self.record_routing = False
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        weights, indices, scores = self.gate(x)
+        if self.record_routing:
+            self.last_routing = (indices, scores)
+        y = self.experts(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.reshape(shape)
