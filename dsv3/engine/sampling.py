@@ -1,0 +1,339 @@
+"""Sampling: what a request asks for (SamplingParams) and one batched call per step that picks every row's token.
+
+Legend: B rows sampled in this step (one per running sequence), V vocabulary size (the logits' last dimension),
+P rows of the step that use a penalty, F rows that use top-k/top-p, N top logprobs (the most any row asks for).
+
+How the engine drives it:
+    sampler = Sampler(vocab_size, device)                                      # once
+    state = SequenceSamplingState.create(params, prompt_ids, vocab_size, device)  # once per sequence, at admission
+    out = sampler.sample(logits_BV, states)     # per step; out.token_ids [B] stays on the device, no host sync
+    ... the engine's one sync: tokens = out.token_ids.tolist() ...
+    state.append(token)                         # per committed token (several at once after speculative verify)
+sample() also takes a SamplingBatch (the states' parameters as tensors), which an engine can build once and keep
+while the set and order of running sequences does not change; batch.append(out.token_ids) then updates every
+row's counts without leaving the device.
+
+Order of processing, per row: penalties (repetition over prompt + output, then OpenAI presence/frequency over
+output) -> greedy rows take the argmax here -> temperature -> top-k -> top-p (over what top-k kept, renormalised)
+-> min-p -> a draw. Top-k, top-p and min-p keep every token tied with the last one kept, so the result does not
+depend on how a sort orders equal values. Reported logprobs are the model's own: log_softmax of the raw logits,
+before penalties, temperature and filtering (what OpenAI and vLLM report by default), so they compare across
+sampling settings.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+MAX_N = 128
+# Below this a temperature is treated as 0: dividing by it overflows float32 logits into inf and nan.
+GREEDY_BELOW = 1e-5
+_TOP_P_OFF = 2.0  # above any cumulative probability, so float rounding of the cumsum never cuts a row's tail
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # CTRL/HF: seen tokens' positive logits divided by it, negative multiplied
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from each token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence among generated tokens
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; n = chosen token's logprob and the n most likely
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Raise ValueError naming the first bad field; `vocab_size` also checks stop_token_ids against it."""
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise bad("max_tokens", "must be a positive integer (the most tokens to generate)")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0 (0 means greedy)")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "must be an integer >= 1, or 0 / -1 to turn it off")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1] (1 turns it off)")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1] (0 turns it off)")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a finite number > 0 (1 turns it off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise bad(name, "must be in [-2, 2] (0 turns it off)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise bad("seed", "must be None or an integer in [0, 2**64)")
+        if self.stop is not None:
+            if not isinstance(self.stop, (str, list, tuple)):
+                raise bad("stop", "must be None, a string or a list of strings")
+            stops = self.stop_strings
+            if any(not isinstance(s, str) for s in stops):
+                raise bad("stop", "must hold only strings")
+            if any(not s for s in stops):
+                raise bad("stop", "must not contain an empty string (it would stop before the first token)")
+            if len(stops) > MAX_STOP_STRINGS:
+                raise ValueError(f"SamplingParams.stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} "
+                                 "are allowed")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+        if vocab_size is not None and any(t >= vocab_size for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"must be token ids below the vocabulary size {vocab_size}")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be True or False")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}] (how many top tokens)")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise bad("n", f"must be an integer in [1, {MAX_N}] (completions per prompt)")
+        return self
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    # Completion 0 of a request uses the seed itself (so n=1 reproduces), the others a well-spread derivative.
+    return seed if sample_index == 0 else (seed + sample_index * 0x9E3779B97F4A7C15) % 2**64
+
+
+class SequenceSamplingState:
+    """What sampling remembers about one sequence: its parameters, its own random generator when seeded, and
+    (only when a penalty is on) which tokens the prompt holds and how often each was generated. `sample_index`
+    is the completion's index among a request's n, so each of them gets its own random stream."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] | torch.Tensor, vocab_size: int,
+                 device: torch.device | str = "cpu", sample_index: int = 0):
+        self.params = params
+        self.vocab_size = vocab_size
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sample_seed(params.seed, sample_index))
+        self.output_counts: torch.Tensor | None = None  # [V] int32
+        self.prompt_mask: torch.Tensor | None = None  # [V] bool
+        if params.uses_penalties:
+            self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
+            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+            if prompt.numel():
+                self.prompt_mask[prompt] = True
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: Sequence[int] | torch.Tensor, vocab_size: int,
+               device: torch.device | str = "cpu", sample_index: int = 0) -> SequenceSamplingState:
+        return cls(params, prompt_ids, vocab_size, device, sample_index)
+
+    def append(self, token_ids: int | Sequence[int] | torch.Tensor) -> None:
+        """Count tokens committed to the sequence (host ints or a device tensor; no sync either way)."""
+        if self.output_counts is None:
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.output_counts.device).reshape(-1)
+        self.output_counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+
+
+class SamplingBatch:
+    """The per-row parameters of one step's rows as tensors, plus host-side flags that let the sampler skip
+    whole stages without looking at device values."""
+
+    def __init__(self, states: Sequence[SequenceSamplingState], device: torch.device | str = "cpu"):
+        self.states = list(states)
+        params = [s.params for s in self.states]
+        greedy = [p.greedy for p in params]
+        self.size = len(params)
+        self.all_greedy = all(greedy)
+        self.any_greedy = any(greedy)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.greedy = torch.tensor(greedy, dtype=torch.bool, device=device)  # [B]
+        self.temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], **f32)
+
+        self.filter_rows = [i for i, (p, g) in enumerate(zip(params, greedy)) if not g and (p.top_k > 0 or p.top_p < 1)]
+        self.filter_index = torch.tensor(self.filter_rows, dtype=torch.long, device=device)  # [F]
+        self.top_k = torch.tensor([params[i].top_k for i in self.filter_rows], dtype=torch.long, device=device)
+        self.top_p = torch.tensor([params[i].top_p if params[i].top_p < 1 else _TOP_P_OFF
+                                   for i in self.filter_rows], **f32)  # [F]
+        self.use_min_p = any(p.min_p > 0 and not g for p, g in zip(params, greedy))
+        self.log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 and not g else -math.inf
+                                       for p, g in zip(params, greedy)], **f32)  # [B]
+
+        self.penalty_rows = [i for i, p in enumerate(params) if p.uses_penalties]
+        self.penalty_index = torch.tensor(self.penalty_rows, dtype=torch.long, device=device)  # [P]
+        pen = [params[i] for i in self.penalty_rows]
+        self.repetition = torch.tensor([p.repetition_penalty for p in pen], **f32)
+        self.presence = torch.tensor([p.presence_penalty for p in pen], **f32)
+        self.frequency = torch.tensor([p.frequency_penalty for p in pen], **f32)
+
+        self.seeded_rows = [(i, s.generator) for i, (s, g) in enumerate(zip(self.states, greedy))
+                            if s.generator is not None and not g]
+        self.num_logprobs = [p.logprobs for p in params]
+        asked = [n for n in self.num_logprobs if n is not None]
+        self.want_logprobs = bool(asked)
+        self.num_top_logprobs = max(asked, default=0)
+
+    def append(self, token_ids: torch.Tensor) -> None:
+        """Count each row's new token (token_ids [B]) for the penalties; rows without penalties cost nothing."""
+        for i in self.penalty_rows:
+            self.states[i].append(token_ids[i:i + 1])
+
+
+@dataclass
+class LogprobEntry:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the row's n most likely tokens, most likely first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32: raw log-softmax of the chosen token
+    top_logprobs: torch.Tensor | None = None  # [B, N] float32, descending
+    top_token_ids: torch.Tensor | None = None  # [B, N] int64
+    num_logprobs: list[int | None] = field(default_factory=list)  # what each row asked for
+    _host: tuple | None = field(default=None, repr=False)
+
+    def logprob_entry(self, row: int) -> LogprobEntry | None:
+        """Row `row`'s logprobs as host values (None if it asked for none). The first call copies all rows to the
+        host at once, so call it after the step's sync, not in the hot path."""
+        if self.logprobs is None or self.num_logprobs[row] is None:
+            return None
+        if self._host is None:
+            self._host = (self.token_ids.tolist(), self.logprobs.tolist(), self.top_token_ids.tolist(),
+                          self.top_logprobs.tolist())
+        ids, lps, top_ids, top_lps = self._host
+        n = self.num_logprobs[row]
+        return LogprobEntry(ids[row], lps[row], list(zip(top_ids[row][:n], top_lps[row][:n])))
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [B, V] float32, changed in place for the penalty rows."""
+    if not batch.penalty_rows:
+        return logits
+    states = [batch.states[i] for i in batch.penalty_rows]
+    counts = torch.stack([s.output_counts for s in states])  # [P, V]
+    generated = counts > 0
+    seen = generated | torch.stack([s.prompt_mask for s in states])  # [P, V]
+    x = logits.index_select(0, batch.penalty_index)  # [P, V]
+    rep = batch.repetition[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - batch.frequency[:, None] * counts - batch.presence[:, None] * generated
+    return logits.index_copy_(0, batch.penalty_index, x)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logits [B, V] (temperature already applied), masked in place with -inf for the filter rows."""
+    if not batch.filter_rows:
+        return logits
+    x = logits.index_select(0, batch.filter_index)  # [F, V]
+    vocab = x.shape[-1]
+    sorted_x, _ = x.sort(dim=-1, descending=True)  # [F, V]
+    k = torch.where(batch.top_k > 0, batch.top_k.clamp(max=vocab), vocab)  # [F]
+    kth = sorted_x.gather(1, (k - 1)[:, None])  # [F, 1]
+    sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+    probs = sorted_x.softmax(dim=-1)
+    # A token is kept while the mass of the tokens before it is still short of top_p (so the first always is).
+    kept = (probs.cumsum(dim=-1) - probs) < batch.top_p[:, None]  # [F, V]
+    cut = sorted_x.masked_fill(~kept, math.inf).amin(dim=-1, keepdim=True)  # [F, 1]
+    cut = torch.maximum(cut, kth)
+    return logits.index_copy_(0, batch.filter_index, x.masked_fill(x < cut, -math.inf))
+
+
+def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    # p_i < min_p * p_max  <=>  l_i < l_max + log(min_p): no softmax needed, and filters before do not matter.
+    if not batch.use_min_p:
+        return logits
+    threshold = logits.amax(dim=-1, keepdim=True) + batch.log_min_p[:, None]  # [B, 1]
+    return logits.masked_fill_(logits < threshold, -math.inf)
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penalised logits [B, V], the distribution to draw from [B, V]: tempered, filtered with -inf), both new."""
+    penalised = apply_penalties(logits.to(torch.float32, copy=True), batch)
+    x = penalised / batch.temperature[:, None]
+    return penalised, apply_min_p(apply_top_k_top_p(x, batch), batch)
+
+
+class Sampler:
+    """Picks the next token of every row in one batched call. Seeded rows draw their noise from their own
+    generator, exactly V values per step, so their tokens do not depend on which other rows share the batch;
+    unseeded rows share `generator` (torch's default one when None). `vocab_size`, when given, is checked
+    against the logits' width; `device` is where per-row parameters go when sample() is given states (the
+    logits' device when None)."""
+
+    def __init__(self, vocab_size: int | None = None, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None):
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = generator
+
+    def sample(self, logits: torch.Tensor,
+               batch: SamplingBatch | Sequence[SequenceSamplingState]) -> SamplerOutput:
+        if not isinstance(batch, SamplingBatch):
+            batch = SamplingBatch(batch, self.device if self.device is not None else logits.device)
+        if logits.dim() != 2 or logits.shape[0] != batch.size:
+            raise ValueError(f"logits must be [B, V] with B = {batch.size} rows of the batch, got "
+                             f"{tuple(logits.shape)}")
+        if self.vocab_size is not None and logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns but the vocabulary has {self.vocab_size} "
+                             "tokens")
+        if batch.all_greedy and not batch.penalty_rows:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            penalised, x = process_logits(logits, batch)
+            token_ids = self._draw(x, batch)
+            if batch.any_greedy:
+                token_ids = torch.where(batch.greedy, penalised.argmax(dim=-1), token_ids)
+        out = SamplerOutput(token_ids, num_logprobs=batch.num_logprobs)
+        if batch.want_logprobs:
+            logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
+            out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
+            out.top_logprobs, out.top_token_ids = logprobs.topk(batch.num_top_logprobs, dim=-1)
+        return out
+
+    __call__ = sample
+
+    def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.all_greedy:
+            return x.argmax(dim=-1)
+        # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i. In log space
+        # (x_i - log E_i, a Gumbel-max draw) it needs no softmax, and -inf (masked) tokens can never win.
+        noise = torch.empty_like(x).exponential_(generator=self.generator)  # [B, V]
+        for row, generator in batch.seeded_rows:
+            noise[row].exponential_(generator=generator)
+        # An exact 0 from the draw would give log 0 = -inf and an inf score; clamp it to the smallest normal.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        return (x - noise.log()).argmax(dim=-1)
