@@ -285,6 +285,36 @@ def test_no_host_sync_on_the_hot_path(monkeypatch):
     assert sum(s.output_counts.sum().item() for s in states if s.output_counts is not None) == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_has_no_sync_and_seeded_rows_stay_independent():
+    vocab, dev = 1000, "cuda"
+    target = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.2, seed=11,
+                            logprobs=3)
+    others = [SamplingParams(temperature=0), SamplingParams(presence_penalty=0.5, frequency_penalty=0.5),
+              SamplingParams(temperature=1.2, seed=5, top_k=7)]
+    gen = torch.Generator(dev).manual_seed(0)
+    step_logits = [torch.randn(vocab, device=dev, generator=gen) for _ in range(8)]
+    runs = []
+    for with_others in (False, True):
+        states = [SequenceSamplingState(p, [1, 2, 3], vocab, dev) for p in ([target] + others * with_others)]
+        batch = SamplingBatch(states, dev)  # host-to-device copies: outside the checked region
+        sampler = Sampler(vocab, dev)
+        tokens = []
+        for logits_v in step_logits:
+            logits = torch.randn(len(states), vocab, device=dev, generator=gen)
+            logits[0] = logits_v
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = sampler.sample(logits, batch)
+                batch.append(out.token_ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            tokens.append(out.token_ids[0])
+        runs.append(torch.stack(tokens).tolist())
+    assert runs[0] == runs[1]
+
+
 def test_bad_logits_shape():
     _, batch = _batch([SamplingParams()] * 2, 10)
     with pytest.raises(ValueError, match=r"logits must be \[B, V\] with B = 2"):
