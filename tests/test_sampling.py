@@ -156,7 +156,7 @@ def test_penalties_match_reference():
         torch.testing.assert_close(x[i], ref / p.temperature, rtol=1e-6, atol=1e-6)
 
 
-def test_record_counts_generated_tokens():
+def test_append_counts_generated_tokens():
     states, batch = _batch([SamplingParams(frequency_penalty=1.0), SamplingParams(), SamplingParams(
         repetition_penalty=1.1)], 10)
     for ids in ([1, 2, 3], [1, 5, 3], [4, 2, 3]):
