@@ -76,10 +76,12 @@ def test_group_rules_top2_sum_vs_max():
     assert 0 in idx[0].tolist() and set(idx[0].tolist()) <= {0, 1, 2, 3}
 
 
-def test_experts_grouped_equal_loop_reference():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_experts_equal_loop_reference(grouped, monkeypatch):
     torch.manual_seed(0)
     model = build_model(tiny(), "cpu", torch.float32)
     moe = model.model.layers[1].mlp
+    monkeypatch.setattr(type(moe.experts), "force_grouped_mm", grouped)
     x = torch.randn(37, 64)
     w, idx, _ = moe.gate(x)
     got = moe.experts(x, w, idx)
@@ -93,8 +95,11 @@ def test_experts_grouped_equal_loop_reference():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_autograd_reaches_every_trained_parameter():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autograd_reaches_every_trained_parameter(grouped, monkeypatch):
     torch.manual_seed(0)
+    from dsv3.model.moe import Experts
+    monkeypatch.setattr(Experts, "force_grouped_mm", grouped)
     model = build_model(tiny(rope_scaling=dict(YARN), max_position_embeddings=256), "cpu", torch.float32)
     model.train()
     ids = torch.randint(0, 256, (2, 16))

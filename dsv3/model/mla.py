@@ -29,12 +29,12 @@ LATENT_NORM_EPS = 1e-6
 
 
 class LatentCache(Protocol):
-    """What the engine hands a layer: store this step's latents and return the context to attend over."""
+    """What the engine hands each layer: it stores this step's latents and runs the attention over the cached
+    context (paged, packed sequences, chunked), calling back into `mla.attend` for the math."""
 
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """c_kv [B, S, C], k_pe [B, S, R] -> c_kv [B, L, C], k_pe [B, L, R], mask [B, S, L] bool (True = attend)
-        or None for a plain causal mask with S == L."""
+    def attend(self, mla: "MLA", q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               impl: str) -> torch.Tensor:
+        """q_nope [B, S, H, N], q_pe [B, S, H, R], c_kv [B, S, C], k_pe [B, S, R] -> [B, S, H, V]"""
         ...
 
 
@@ -75,17 +75,20 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 impl: str = "naive") -> torch.Tensor:
         q_nope, q_pe, c_kv, k_pe = self.latents(x, cos, sin)
-        if cache is not None:
-            c_kv, k_pe, mask = cache.update(self.layer_idx, c_kv, k_pe)
+        if cache is None:
+            o = self.attend(impl, q_nope, q_pe, c_kv, k_pe, None)
         else:
-            mask = None
-        if impl == "naive":
-            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
-        elif impl == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
-        else:
-            raise ValueError(f"attention impl {impl!r}: choose one of {ATTENTION_IMPLS}")
+            o = cache.attend(self, q_nope, q_pe, c_kv, k_pe, impl)
         return self.o_proj(o.flatten(-2))  # [B, S, H*V] -> [B, S, D]
+
+    def attend(self, impl: str, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """q_nope [B, S, H, N], q_pe [B, S, H, R], context c_kv [B, L, C] and k_pe [B, L, R], mask [B, S, L] bool
+        (True = attend) or None for plain causal with S == L -> [B, S, H, V]"""
+        if impl == "naive":
+            return self.attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        if impl == "absorbed":
+            return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        raise ValueError(f"attention impl {impl!r}: choose one of {ATTENTION_IMPLS}")
 
     def _kv_b(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.effective_weight(dtype).unflatten(0, (self.n_heads, self.nope + self.v_dim))  # [H, N+V, C]

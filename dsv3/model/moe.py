@@ -91,32 +91,46 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights [T, K], indices [T, K] -> sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) [T, D]"""
-        if self.gate_proj.is_fp8:
-            return self._forward_fp8(x, weights, indices)
         T, K = indices.shape
         flat = indices.reshape(-1)  # [N]
-        order = flat.argsort(stable=True)  # pairs sorted by expert
-        offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E], no host sync
-        token = order // K
-        xs = x[token]  # [N, D]
-        dt = x.dtype
+        order = flat.argsort(stable=True)  # token-expert pairs sorted by expert
+        xs = x[order // K]  # [N, D]
+        if self.use_grouped_mm(x):
+            offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # no host sync
+            ys = self._grouped(xs, offsets)
+        else:
+            ys = self._per_expert(xs, torch.bincount(flat, minlength=self.n_experts).tolist())
+        # Back to [T, K] pair order, then the weighted sum over each token's K experts in float32.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        y = ys[inverse].view(T, K, -1).float()
+        return (y * weights[..., None].float()).sum(1).to(x.dtype)
+
+    def use_grouped_mm(self, x: torch.Tensor) -> bool:
+        # One grouped GEMM per projection is the GPU path. On the CPU torch runs it as a loop over all E groups,
+        # so looping over only the experts that were hit (a free host sync there) is faster; FP8 weights are
+        # dequantised per hit expert for the same reason.
+        aligned = all(d % 8 == 0 for d in self.down_proj.weight.shape[1:])  # _grouped_mm needs 16-byte strides
+        return aligned and (self.force_grouped_mm or (x.device.type != "cpu" and not self.gate_proj.is_fp8))
+
+    force_grouped_mm = False
+
+    def _grouped(self, xs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        dt = xs.dtype
         g = grouped_mm(xs, self.gate_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, I]
         u = grouped_mm(xs, self.up_proj.weight.to(dt).transpose(1, 2), offsets)
-        y = grouped_mm(F.silu(g) * u, self.down_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, D]
-        y = y * weights.reshape(-1)[order, None].to(dt)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return grouped_mm(F.silu(g) * u, self.down_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, D]
 
-    def _forward_fp8(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        # CPU fallback for weights kept in FP8: dequantise one hit expert at a time (bounded memory). The host
-        # sync for the list of hit experts costs nothing on the CPU; GPUs use block-scaled FP8 kernels instead.
-        out = torch.zeros_like(x)
-        dt = x.dtype
-        for e in torch.unique(indices).tolist():
-            tok, slot = torch.nonzero(indices == e, as_tuple=True)
-            xe = x[tok]
-            h = F.silu(xe @ self.gate_proj.dense(e, dt).T) * (xe @ self.up_proj.dense(e, dt).T)
-            out.index_add_(0, tok, (h @ self.down_proj.dense(e, dt).T) * weights[tok, slot, None].to(dt))
-        return out
+    def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        dt = xs.dtype
+        parts, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                xe = xs[start:start + c]
+                h = F.silu(F.linear(xe, self.gate_proj.dense(e, dt))) * F.linear(xe, self.up_proj.dense(e, dt))
+                parts.append(F.linear(h, self.down_proj.dense(e, dt)))
+                start += c
+        return torch.cat(parts) if parts else xs.new_zeros(0, xs.shape[1])
 
 
 class MoE(nn.Module):

@@ -1,0 +1,65 @@
+"""Flags shared by the commands that load a model and generate (generate, chat, serve)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default float32: fastest on CPUs without bf16 matmul units)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--fp8-mode", default="dequantize", choices=["dequantize", "keep"],
+                   help="FP8 checkpoints: dequantise while loading, or keep FP8 in memory")
+    g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
+    g.add_argument("--cache-memory", type=_size, help="latent cache budget, e.g. 2GB (default: up to 1 GiB)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunk size)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MB or 2GiB") from None
+
+
+def sampling_params(args):
+    from ..engine.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def make_llm(args, **extra):
+    from ..engine.llm import LLM
+
+    kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.cache_memory:
+        kw["cache_memory_bytes"] = args.cache_memory
+    kw.update(extra)
+    return LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, **kw)

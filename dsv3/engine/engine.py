@@ -1,0 +1,243 @@
+"""LLMEngine: requests in, incremental outputs out, one continuous-batching step at a time.
+
+The engine owns the latent cache, the scheduler, the model runner and the sampler. `step()` schedules a batch,
+runs one forward pass over it, samples the next token of every sequence whose known tokens are all computed,
+applies stop rules, frees finished sequences' blocks at once and returns what changed. The server drives the same
+object from a background thread; `LLM` drives it to completion for offline use.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.transformer import Transformer
+from .kv_cache import LatentKVCache
+from .runner import ModelRunner
+from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState
+from .scheduler import QueueFullError, Scheduler, Sequence, SeqStatus
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "QueueFullError"]
+
+
+@dataclass
+class EngineConfig:
+    """Runtime limits (the model config holds architecture only)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    cache_memory_bytes: int | None = None  # latent cache budget; default 1 GiB or enough for max_num_seqs full contexts
+    num_blocks: int | None = None  # overrides cache_memory_bytes
+    block_size: int = 16
+    cache_dtype: torch.dtype | None = None  # default: the model's compute dtype
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per step: prefill chunk size and decode rows together
+    max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+    prefill_impl: str | None = None  # None: naive for fresh prompts, absorbed over long cached prefixes
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far
+    text: str  # all generated so far (stop string and eos excluded)
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    num_cached_tokens: int = 0
+    logprobs: list[LogprobEntry] | None = None
+    new_logprobs: list[LogprobEntry] | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("embed_tokens.weight"))
+        self.max_model_len = config.max_model_len or self.cfg.max_position_embeddings
+        if self.max_model_len > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        cache_dtype = config.cache_dtype or self.dtype
+        num_layers = self.cfg.num_hidden_layers + len(model.mtp_layers)
+        if config.num_blocks is not None:
+            num_blocks = config.num_blocks
+        else:
+            budget = config.cache_memory_bytes
+            if budget is None:
+                want = config.max_num_seqs * self.max_model_len * LatentKVCache.bytes_per_token_for(
+                    self.cfg, cache_dtype, num_layers)
+                budget = min(want, 1 << 30)
+            num_blocks = LatentKVCache.blocks_for_budget(self.cfg, budget, config.block_size, cache_dtype, num_layers)
+            if num_blocks < 1:
+                raise ValueError(f"cache budget of {budget} bytes holds no block of {config.block_size} tokens; "
+                                 f"raise cache_memory_bytes")
+        self.cache = LatentKVCache(self.cfg, num_blocks, config.block_size, cache_dtype, self.device, num_layers,
+                                   config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.runner = ModelRunner(model, self.cache, config.prefill_impl)
+        self.sampler = Sampler(self.cfg.vocab_size, self.device)
+        self.eos_ids = set(tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "aborted": 0, "finished": 0}
+        log.info("latent cache: %d blocks x %d tokens (%.1f MiB, %d bytes/token, %s)", num_blocks, config.block_size,
+                 self.cache.total_bytes / 2**20, self.cache.bytes_per_token, cache_dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json, so prompts must be token-id lists")
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return self.tokenizer.encode(prompt, add_bos=True)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in prompt):
+            raise ValueError("a prompt must be a string or a list of token ids (ints)")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})")
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises ValueError (bad input) or QueueFullError before any work."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode_prompt(prompt)
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(ids) + params.max_tokens} exceeds the context length {self.max_model_len}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seq = Sequence(rid, ids, params)
+        seq.extra["sampling"] = SequenceSamplingState.create(params, ids, self.cfg.vocab_size, self.device)
+        seq.extra["text"] = ""
+        seq.extra["logprobs"] = [] if params.logprobs is not None else None
+        if self.tokenizer is not None:
+            seq.extra["detok"] = self.tokenizer.detokenizer(ids)
+            seq.extra["stop"] = self.tokenizer.stop_checker(params.stop) if params.stop else None
+        self.scheduler.add(seq)
+        self.seqs[rid] = seq
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its cache blocks; False if it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        self.stats["aborted"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        # Sequences whose known tokens all get computed in this step produce one new token.
+        sampling = [s.num_computed + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new)]
+        rows = [[n - 1] if want else [] for n, want in zip(batch.num_new, sampling)]
+        logits, _ = self.runner.run(batch, rows)
+        self.scheduler.after_step(batch)
+        self.stats["steps"] += 1
+        done = [s for s, want in zip(batch.seqs, sampling) if want]
+        outputs = []
+        if done:
+            result = self.sampler.sample(logits, [s.extra["sampling"] for s in done])
+            tokens = result.token_ids.tolist()  # the one host sync per step
+            for i, (seq, tok) in enumerate(zip(done, tokens)):
+                lp = result.logprob_entry(i) if seq.extra["logprobs"] is not None else None
+                outputs.append(self._append(seq, tok, lp))
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, lp) -> RequestOutput:
+        now = time.perf_counter()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats["prompt_tokens"] += len(seq.prompt_ids)
+        seq.output_ids.append(tok)
+        seq.extra["sampling"].append(tok)
+        self.stats["generated_tokens"] += 1
+        p = seq.params
+        new_text = ""
+        reason = None
+        is_eos = tok in self.eos_ids and not p.ignore_eos
+        if is_eos or tok in (p.stop_token_ids or ()):
+            reason = "stop"
+        if "detok" in seq.extra and reason is None:
+            delta = seq.extra["detok"].add(tok)
+            stop = seq.extra["stop"]
+            if stop is not None:
+                delta, hit = stop.feed(delta)
+                if hit:
+                    reason = "stop"
+            new_text = delta
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None and "detok" in seq.extra and not (reason == "stop" and seq.extra["stop"] is not None
+                                                               and seq.extra["stop"].hit):
+            tail = seq.extra["detok"].flush()
+            if seq.extra["stop"] is not None:
+                tail = seq.extra["stop"].flush(tail)
+            new_text += tail
+        seq.extra["text"] += new_text
+        new_lp = None
+        if lp is not None:
+            seq.extra["logprobs"].append(lp)
+            new_lp = [lp]
+        if reason is not None:
+            self._finish(seq, reason, now)
+        return RequestOutput(
+            seq.request_id, seq.prompt_ids, list(seq.output_ids), seq.extra["text"], [tok], new_text,
+            seq.is_finished, seq.finish_reason, seq.num_cached_prompt, seq.extra["logprobs"], new_lp,
+            self._metrics(seq, now))
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        seq.status, seq.finish_reason, seq.finish_time = SeqStatus.FINISHED, reason, now
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.stats["finished"] += 1
+
+    @staticmethod
+    def _metrics(seq: Sequence, now: float) -> dict:
+        ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None
+        n = len(seq.output_ids)
+        decode_time = now - seq.first_token_time if seq.first_token_time else 0.0
+        return {"arrival_time": seq.arrival_time, "time_to_first_token": ttft, "elapsed": now - seq.arrival_time,
+                "decode_tokens_per_s": (n - 1) / decode_time if n > 1 and decode_time > 0 else None}
+
+    def cache_stats(self) -> dict:
+        a = self.cache.allocator
+        return {"blocks_total": a.num_blocks, "blocks_used": a.num_used, "usage": self.cache.usage(),
+                "bytes_per_token": self.cache.bytes_per_token, "total_bytes": self.cache.total_bytes,
+                "prefix_hit_rate": a.hits / a.queries if a.queries else 0.0,
+                "preemptions": self.scheduler.num_preemptions}

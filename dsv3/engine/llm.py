@@ -1,0 +1,114 @@
+"""LLM: the offline API. Load a checkpoint (the embedded model by default), then generate, chat or stream."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import fields
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from ..assets import resolve_model
+from ..weights import load_model, parse_dtype
+from .engine import EngineConfig, LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Message = dict
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32",
+                 device: str | torch.device = "cpu", fp8_mode: str = "dequantize", with_mtp: bool | None = None,
+                 progress: bool | None = None, **engine_kwargs):
+        """model: checkpoint directory (default: the embedded model). engine_kwargs: EngineConfig fields
+        (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...)."""
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown LLM option(s) {unknown}; engine options are {sorted(known)}")
+        if isinstance(engine_kwargs.get("cache_dtype"), str):
+            engine_kwargs["cache_dtype"] = parse_dtype(engine_kwargs["cache_dtype"])
+        self.path = resolve_model(None if model is None else os.fspath(model))
+        self.model = load_model(self.path, dtype=dtype, device=device, fp8_mode=fp8_mode, with_mtp=with_mtp,
+                                progress=progress)
+        self.tokenizer = _load_tokenizer(self.path)
+        self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_kwargs))
+
+    # ------------------------------------------------------------------------------------------------------------
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams]
+                 | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion together; outputs in prompt order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given")
+        plist = _params_list(params, len(batch))
+        for p in plist:  # validate everything before queueing anything
+            p.validate()
+        ids = []
+        try:
+            for prompt, p in zip(batch, plist):
+                ids.append(self.engine.add_request(prompt, p))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [final[r] for r in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one RequestOutput per new token (new_text is the printable delta). Closing the generator early
+        cancels the request and frees its cache."""
+        rid = self.engine.add_request(prompt, params)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
+    def chat_prompt(self, messages: list[Message]) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer, so chat is not available")
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    def chat(self, messages: list[Message] | Seq[list[Message]], params: SamplingParams | None = None
+             ) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or several; returns the assistant replies."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.chat_prompt(c) for c in convs], params)
+
+
+def _params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+    return params
+
+
+def _load_tokenizer(path: str):
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        log.warning("%s has no tokenizer.json: prompts must be token ids", path)
+        return None
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path)

@@ -1,0 +1,140 @@
+"""One forward pass over a step's packed tokens, with attention over the paged latent cache.
+
+Dimension letters: T packed tokens of the step (all sequences back to back), B sequences, H heads, N/R/V head dims,
+C kv_lora_rank, W = C + R, L context length of a sequence, Lm longest context among the decode rows, D hidden.
+
+Every layer writes its new latents into their cache slots first, then attends:
+- single-token rows (decode) are batched together: their contexts are gathered from the block tables into a padded
+  [B, Lm, W] tensor and attended with the absorbed form (reads the 576-dim latent once for all heads);
+- multi-token rows (prefill chunks, speculative verification) attend one sequence at a time with a causal mask
+  offset by the cached prefix; queries are split so that no score tensor exceeds a fixed size, so a long prompt
+  never materialises an L x L matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.mla import MLA
+from ..model.transformer import Transformer
+from .kv_cache import LatentKVCache
+from .scheduler import ScheduledBatch, Sequence
+
+MAX_SCORE_ELEMENTS = 1 << 25  # per attention call: 32M float32 scores = 128 MiB
+
+
+@dataclass
+class _MultiRow:
+    start: int  # first packed token of this sequence's chunk
+    end: int
+    ctx_slots: torch.Tensor  # [L] cache slots of positions 0..L-1
+    q_pos: torch.Tensor  # [S] absolute positions of the chunk's queries
+
+
+class StepContext:
+    """Implements the model's LatentCache protocol for one step."""
+
+    def __init__(self, cache: LatentKVCache, slot_mapping: torch.Tensor, decode_rows: torch.Tensor | None,
+                 decode_slots: torch.Tensor | None, decode_valid: torch.Tensor | None, multi: list[_MultiRow],
+                 layer_offset: int = 0, prefill_impl: str | None = None, decode_impl: str = "absorbed"):
+        self.cache = cache
+        self.slot_mapping = slot_mapping
+        self.decode_rows, self.decode_slots, self.decode_valid = decode_rows, decode_slots, decode_valid
+        self.multi = multi
+        self.layer_offset = layer_offset  # MTP layers sit after the main layers in the cache tensor
+        self.prefill_impl = prefill_impl
+        self.decode_impl = decode_impl
+
+    def attend(self, mla: MLA, q_nope, q_pe, c_kv, k_pe, impl: str) -> torch.Tensor:
+        """q_nope [1, T, H, N], q_pe [1, T, H, R], c_kv [1, T, C], k_pe [1, T, R] -> [1, T, H, V]"""
+        kv = self.cache.kv[mla.layer_idx - self.layer_offset]  # [slots, W]
+        kv[self.slot_mapping] = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(kv.dtype)
+        dt = q_nope.dtype
+        C = mla.rank
+        T = q_nope.shape[1]
+        out = q_nope.new_empty(T, mla.n_heads, mla.v_dim)
+        if self.decode_rows is not None:
+            ctx = kv[self.decode_slots].to(dt)  # [B, Lm, W]
+            rows = self.decode_rows
+            o = mla.attend(self.decode_impl, q_nope[0, rows, None], q_pe[0, rows, None], ctx[..., :C], ctx[..., C:],
+                           self.decode_valid[:, None, :])  # [B, 1, H, V]
+            out[rows] = o[:, 0]
+        for r in self.multi:
+            ctx = kv[r.ctx_slots].to(dt)[None]  # [1, L, W]
+            L, S = ctx.shape[1], r.end - r.start
+            use = self.prefill_impl or ("naive" if L <= 2 * S else "absorbed")
+            step = max(1, MAX_SCORE_ELEMENTS // (L * mla.n_heads))
+            ctx_pos = torch.arange(L, device=ctx.device)
+            for a in range(0, S, step):
+                b = min(S, a + step)
+                mask = ctx_pos[None, :] <= r.q_pos[a:b, None]  # [s, L]
+                o = mla.attend(use, q_nope[:, r.start + a:r.start + b], q_pe[:, r.start + a:r.start + b],
+                               ctx[..., :C], ctx[..., C:], mask[None])
+                out[r.start + a:r.start + b] = o[0]
+        return out[None]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: LatentKVCache, prefill_impl: str | None = None):
+        self.model = model
+        self.cache = cache
+        self.device = cache.kv.device
+        self.prefill_impl = prefill_impl
+
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Cache slots [end - start] of positions start..end-1."""
+        bs = self.cache.block_size
+        first, last = start // bs, -(-end // bs)
+        bt = torch.tensor(seq.block_table[first:last], dtype=torch.long)
+        return (bt[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs:end - first * bs]
+
+    def build_context(self, seqs: list[Sequence], starts: list[int], counts: list[int], tokens: list[list[int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """Packed inputs for computing tokens[i] at positions starts[i].. of seqs[i]."""
+        ids, pos, slot_map = [], [], []
+        dec_rows, dec_slots, multi = [], [], []
+        t = 0
+        for seq, start, n, toks in zip(seqs, starts, counts, tokens):
+            ids.extend(toks)
+            pos.extend(range(start, start + n))
+            ctx_slots = self.slots(seq, 0, start + n)
+            slot_map.append(ctx_slots[start:])
+            if n == 1:
+                dec_rows.append(t)
+                dec_slots.append(ctx_slots)
+            else:
+                multi.append(_MultiRow(t, t + n, ctx_slots.to(self.device),
+                                       torch.arange(start, start + n, device=self.device)))
+            t += n
+        dev = self.device
+        rows = slots = valid = None
+        if dec_rows:
+            lm = max(len(s) for s in dec_slots)
+            slots = torch.zeros(len(dec_rows), lm, dtype=torch.long)
+            valid = torch.zeros(len(dec_rows), lm, dtype=torch.bool)
+            for i, s in enumerate(dec_slots):
+                slots[i, :len(s)] = s
+                valid[i, :len(s)] = True
+            rows, slots, valid = torch.tensor(dec_rows, device=dev), slots.to(dev), valid.to(dev)
+        ctx = StepContext(self.cache, torch.cat(slot_map).to(dev), rows, slots, valid, multi,
+                          prefill_impl=self.prefill_impl)
+        input_ids = torch.tensor(ids, device=dev)[None]
+        positions = torch.tensor(pos, device=dev)[None]
+        return input_ids, positions, ctx
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the batch's new tokens. logits_rows[i]: offsets within seq i's chunk whose logits are wanted.
+        Returns (logits [sum(len(rows)), V] float32, hidden [same, D] after the final norm)."""
+        seqs = batch.seqs
+        starts = [s.num_computed for s in seqs]
+        toks = [s.tokens[a:a + n] for s, a, n in zip(seqs, starts, batch.num_new)]
+        input_ids, positions, ctx = self.build_context(seqs, starts, batch.num_new, toks)
+        h = self.model.hidden_states(input_ids, positions, cache=ctx)[0]  # [T, D]
+        picks, t = [], 0
+        for n, rows in zip(batch.num_new, logits_rows):
+            picks.extend(t + r for r in rows)
+            t += n
+        hs = h[torch.tensor(picks, dtype=torch.long, device=h.device)]
+        return self.model.logits(hs).float(), hs
