@@ -13,35 +13,48 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
+def scale_shape(weight_shape: tuple[int, ...], block: int = BLOCK, offset: tuple[int, int] = (0, 0)
+                ) -> tuple[int, ...]:
+    """Shape of the scales covering a weight (or a window of one starting `offset` rows/cols into a block)."""
     *lead, o, i = weight_shape
-    return (*lead, -(-o // block), -(-i // block))
-
-
-def expand_scales(scale_inv: torch.Tensor, o: int, i: int, block: int = BLOCK) -> torch.Tensor:
-    """[..., ceil(O/b), ceil(I/b)] -> [..., O, I] by repeating each scale over its block (edges cropped)."""
-    s = scale_inv.repeat_interleave(block, dim=-2)[..., :o, :]
-    return s.repeat_interleave(block, dim=-1)[..., :i]
+    return (*lead, -(-(offset[0] + o) // block), -(-(offset[1] + i) // block))
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
-               block: int = BLOCK) -> torch.Tensor:
-    """Exact block dequantisation: the product is formed in float32, then cast to `dtype`."""
-    *_, o, i = q.shape
-    if tuple(scale_inv.shape) != scale_shape(tuple(q.shape), block):
+               block: int = BLOCK, offset: tuple[int, int] = (0, 0), out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Exact block dequantisation: each product q * scale is formed in float32, then cast to `dtype`
+    (bit-identical to `q.float() * scale_inv[i // b, j // b]`).
+
+    q [..., O, I] may be a window of a larger weight whose first element sits `offset` = (row, col) into its block;
+    scale_inv then holds the scales of the blocks the window touches. With `out`, the result is written there
+    (any dtype) instead of allocating."""
+    *lead, o, i = q.shape
+    ro, co = offset
+    want = scale_shape(tuple(q.shape), block, offset)
+    if tuple(scale_inv.shape) != want:
         raise ValueError(f"scale shape {tuple(scale_inv.shape)} does not match weight shape {tuple(q.shape)} "
-                         f"(expected {scale_shape(tuple(q.shape), block)} for {block}x{block} blocks)")
-    if o % block == 0 and i % block == 0:
-        # Fast path without materialising expanded scales: view as blocks and broadcast.
-        lead = q.shape[:-2]
-        qb = q.reshape(*lead, o // block, block, i // block, block).to(torch.float32)
-        w = qb * scale_inv.to(torch.float32).reshape(*lead, o // block, 1, i // block, 1)
-        return w.reshape(*lead, o, i).to(dtype)
-    return (q.to(torch.float32) * expand_scales(scale_inv.to(torch.float32), o, i, block)).to(dtype)
+                         f"(expected {want} for {block}x{block} blocks)")
+    nbo, nbi = want[-2], want[-1]
+    s = scale_inv.to(torch.float32).reshape(*lead, nbo, 1, nbi, 1)
+    if ro == co == 0 and o == nbo * block and i == nbi * block:
+        # Whole blocks: broadcast the scales over a block view, no padding needed.
+        w = (q.reshape(*lead, nbo, block, nbi, block).to(torch.float32) * s).reshape(*lead, o, i)
+    else:
+        # Partial blocks: place q inside a block-aligned float32 buffer, scale it block-wise in place, crop.
+        # The padding is never read, so it is left uninitialised.
+        buf = torch.empty(*lead, nbo * block, nbi * block, dtype=torch.float32, device=q.device)
+        w = buf[..., ro:ro + o, co:co + i]
+        w.copy_(q)
+        buf.view(*lead, nbo, block, nbi, block).mul_(s)
+    if out is not None:
+        return out.copy_(w)
+    return w.to(dtype).contiguous()
 
 
 def quantize(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise quantisation to the official format: scale_inv = amax(block) / 448, q = w / scale_inv."""
+    """Block-wise quantisation to the official format: scale_inv = amax(block) / 448, q = w / scale_inv.
+    All-zero blocks get scale 1 (the official recipe would divide by zero)."""
     *lead, o, i = w.shape
     po, pi = -(-o // block) * block, -(-i // block) * block
     wf = w.to(torch.float32)
