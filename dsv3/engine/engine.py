@@ -18,6 +18,7 @@ from ..model.transformer import Transformer
 from .kv_cache import LatentKVCache
 from .runner import ModelRunner
 from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState
+from .speculative import SPECULATIVE_METHODS, propose, supports_speculation, verify
 from .scheduler import QueueFullError, Scheduler, Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class EngineConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     prefill_impl: str | None = None  # None: naive for fresh prompts, absorbed over long cached prefixes
+    speculative: str = "auto"  # "auto" (MTP drafting when the model has MTP layers), "mtp", "off"
+    num_draft_tokens: int = 1  # drafts per step; beyond the number of MTP modules the last one runs recurrently
 
 
 @dataclass
@@ -71,6 +74,14 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                              f"{self.cfg.max_position_embeddings}")
         cache_dtype = config.cache_dtype or self.dtype
+        if config.speculative not in ("auto",) + SPECULATIVE_METHODS:
+            raise ValueError(f"speculative={config.speculative!r}: choose one of auto, {', '.join(SPECULATIVE_METHODS)}")
+        if config.speculative == "mtp" and not model.mtp_layers:
+            raise ValueError("speculative='mtp' needs MTP weights, but this model has none loaded "
+                             f"(num_nextn_predict_layers={self.cfg.num_nextn_predict_layers}); use speculative='off'")
+        if config.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {config.num_draft_tokens}")
+        self.num_draft = config.num_draft_tokens if (config.speculative != "off" and model.mtp_layers) else 0
         num_layers = self.cfg.num_hidden_layers + len(model.mtp_layers)
         if config.num_blocks is not None:
             num_blocks = config.num_blocks
@@ -92,7 +103,8 @@ class LLMEngine:
         self.eos_ids = set(tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "aborted": 0, "finished": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "aborted": 0, "finished": 0,
+                      "spec_drafted": 0, "spec_accepted": 0, "spec_verify_steps": 0}
         log.info("latent cache: %d blocks x %d tokens (%.1f MiB, %d bytes/token, %s)", num_blocks, config.block_size,
                  self.cache.total_bytes / 2**20, self.cache.bytes_per_token, cache_dtype)
 
@@ -127,7 +139,10 @@ class LLMEngine:
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
         seq = Sequence(rid, ids, params)
-        seq.extra["sampling"] = SequenceSamplingState.create(params, ids, self.cfg.vocab_size, self.device)
+        seq.extra["sampling"] = state = SequenceSamplingState.create(params, ids, self.cfg.vocab_size, self.device)
+        seq.extra["speculate"] = self.num_draft > 0 and supports_speculation(state)
+        seq.extra["draft_q"] = []
+        seq.extra["spec"] = [0, 0]  # drafted, accepted
         seq.extra["text"] = ""
         seq.extra["logprobs"] = [] if params.logprobs is not None else None
         if self.tokenizer is not None:
@@ -163,28 +178,120 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        # Sequences whose known tokens all get computed in this step produce one new token.
-        sampling = [s.num_computed + n == s.num_tokens for s, n in zip(batch.seqs, batch.num_new)]
-        rows = [[n - 1] if want else [] for n, want in zip(batch.num_new, sampling)]
-        logits, _ = self.runner.run(batch, rows)
-        self.scheduler.after_step(batch)
+        # A sequence samples when all its known tokens are computed in this step; a draft adds one verified row.
+        rows, n_known = [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            known = seq.num_tokens - seq.num_computed
+            n_known.append(min(n, known))
+            if n >= known:
+                del seq.draft[n - known:]  # the token budget may have cut drafts
+                rows.append(list(range(known - 1, n)))
+            else:
+                rows.append([])
+        logits, hidden = self.runner.run(batch, rows)
         self.stats["steps"] += 1
-        done = [s for s, want in zip(batch.seqs, sampling) if want]
-        outputs = []
-        if done:
-            result = self.sampler.sample(logits, [s.extra["sampling"] for s in done])
-            tokens = result.token_ids.tolist()  # the one host sync per step
-            for i, (seq, tok) in enumerate(zip(done, tokens)):
-                lp = result.logprob_entry(i) if seq.extra["logprobs"] is not None else None
+        new_tokens: list[list[int]] = [[] for _ in batch.seqs]
+        plain = [i for i, r in enumerate(rows) if len(r) == 1]
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + len(r))
+        results = {}
+        if plain:
+            res = self.sampler.sample(logits[[offsets[i] for i in plain]],
+                                      [batch.seqs[i].extra["sampling"] for i in plain])
+            for j, (i, tok) in enumerate(zip(plain, res.token_ids.tolist())):  # the one host sync per step
+                new_tokens[i] = [tok]
+                results[i] = (res, j)
+        for i, r in enumerate(rows):
+            if len(r) > 1:
+                seq = batch.seqs[i]
+                new_tokens[i] = verify(logits[offsets[i]:offsets[i + 1]], seq.draft, seq.extra["draft_q"],
+                                       seq.extra["sampling"])
+                d, a = len(seq.draft), len(new_tokens[i]) - 1
+                seq.extra["spec"][0] += d
+                seq.extra["spec"][1] += a
+                self.stats["spec_drafted"] += d
+                self.stats["spec_accepted"] += a
+                self.stats["spec_verify_steps"] += 1
+        outputs, computed = [], []
+        for i, seq in enumerate(batch.seqs):
+            start = seq.num_computed
+            computed.append(start + (n_known[i] + len(new_tokens[i]) - 1 if new_tokens[i] else batch.num_new[i]))
+            seq.draft = []
+            seq.extra["draft_q"] = []
+            for tok in new_tokens[i]:
+                lp = None
+                if i in results and seq.extra["logprobs"] is not None:
+                    res, j = results[i]
+                    lp = res.logprob_entry(j)
                 outputs.append(self._append(seq, tok, lp))
+                if seq.is_finished:
+                    break
+        starts = [s.num_computed for s in batch.seqs]
+        self.scheduler.after_step(batch, computed)
+        for seq in batch.seqs:
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+        if self.num_draft:
+            self._draft(batch, starts, computed, offsets, hidden)
         return outputs
+
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _draft(self, batch, starts: list[int], computed: list[int], offsets: list[int], hidden: torch.Tensor) -> None:
+        """Run MTP over every verified position of the step (filling its cache layer) and propose drafts for the
+        sequences that just got a token."""
+        seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []
+        t = 0
+        for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
+            valid = done - start  # positions start..done-1 are verified; their next tokens are all known
+            if seq.extra["speculate"] and not seq.is_finished and valid > 0:
+                seqs.append(seq)
+                counts.append(valid)
+                toks.append(seq.tokens[start + 1:start + 1 + valid])
+                rows.append(torch.arange(t, t + valid))
+                pos0.append(start)
+                want.append(done == seq.num_tokens - 1)  # the next token is the sampled one: draft from here
+            t += n
+        if not seqs:
+            return
+        h = hidden[torch.cat(rows)][None]  # [1, T', D]
+        ids, positions, ctx = self.runner.build_context(seqs, pos0, counts, toks)
+        logits, h_out = self.model.mtp(1, h, ids, positions, cache=ctx)
+        last = torch.tensor(counts).cumsum(0) - 1
+        for j, seq in enumerate(seqs):
+            if not want[j]:
+                continue
+            room = min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
+                       self.max_model_len - seq.num_tokens - 1)
+            if room <= 0:
+                continue
+            tok, q = propose(logits[0, last[j]], seq.extra["sampling"])
+            seq.draft, seq.extra["draft_q"] = [tok], [q]
+            self._draft_more(seq, h_out[0, last[j]], room)
+
+    def _draft_more(self, seq: Sequence, h: torch.Tensor, room: int) -> None:
+        """Further drafts for one sequence: MTP module k+1 (or module 1 again, recurrently) on the previous
+        module's output and the previous draft, one position further."""
+        n_mtp = len(self.model.mtp_layers)
+        while len(seq.draft) < room:
+            k = min(len(seq.draft) + 1, n_mtp)
+            pos = seq.num_tokens - 1 + len(seq.draft)  # position whose next token is the last draft
+            if not self.scheduler.reserve_slots(seq, pos + 1):
+                return
+            ids, positions, ctx = self.runner.build_context([seq], [pos], [1], [[seq.draft[-1]]])
+            logits, h_out = self.model.mtp(k, h[None, None], ids, positions, cache=ctx)
+            tok, q = propose(logits[0, 0], seq.extra["sampling"])
+            seq.draft.append(tok)
+            seq.extra["draft_q"].append(q)
+            h = h_out[0, 0]
 
     def _append(self, seq: Sequence, tok: int, lp) -> RequestOutput:
         now = time.perf_counter()
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats["prompt_tokens"] += len(seq.prompt_ids)
-        seq.output_ids.append(tok)
+        seq.append_token(tok)
         seq.extra["sampling"].append(tok)
         self.stats["generated_tokens"] += 1
         p = seq.params
@@ -222,8 +329,8 @@ class LLMEngine:
             self._metrics(seq, now))
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        # The scheduler frees its blocks after the step registered them for prefix reuse.
         seq.status, seq.finish_reason, seq.finish_time = SeqStatus.FINISHED, reason, now
-        self.scheduler.finish(seq)
         self.seqs.pop(seq.request_id, None)
         self.stats["finished"] += 1
 
@@ -232,8 +339,11 @@ class LLMEngine:
         ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None
         n = len(seq.output_ids)
         decode_time = now - seq.first_token_time if seq.first_token_time else 0.0
+        drafted, accepted = seq.extra["spec"]
         return {"arrival_time": seq.arrival_time, "time_to_first_token": ttft, "elapsed": now - seq.arrival_time,
-                "decode_tokens_per_s": (n - 1) / decode_time if n > 1 and decode_time > 0 else None}
+                "decode_tokens_per_s": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
+                "spec_drafted": drafted, "spec_accepted": accepted,
+                "spec_acceptance": accepted / drafted if drafted else None}
 
     def cache_stats(self) -> dict:
         a = self.cache.allocator
@@ -241,3 +351,9 @@ class LLMEngine:
                 "bytes_per_token": self.cache.bytes_per_token, "total_bytes": self.cache.total_bytes,
                 "prefix_hit_rate": a.hits / a.queries if a.queries else 0.0,
                 "preemptions": self.scheduler.num_preemptions}
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding so far: draft acceptance rate and tokens gained per verification step."""
+        d, a, v = self.stats["spec_drafted"], self.stats["spec_accepted"], self.stats["spec_verify_steps"]
+        return {"enabled": self.num_draft > 0, "num_draft_tokens": self.num_draft, "drafted": d, "accepted": a,
+                "acceptance_rate": a / d if d else None, "tokens_per_step": (a + v) / v if v else None}

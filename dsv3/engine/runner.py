@@ -125,11 +125,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute the batch's new tokens. logits_rows[i]: offsets within seq i's chunk whose logits are wanted.
-        Returns (logits [sum(len(rows)), V] float32, hidden [same, D] after the final norm)."""
+        """Compute the batch's new tokens (a sequence's known tokens, then its draft tokens). logits_rows[i]:
+        offsets within seq i's chunk whose logits are wanted. Returns (logits [sum(len(rows)), V] float32,
+        hidden states of every packed token [T, D] after the final norm)."""
         seqs = batch.seqs
         starts = [s.num_computed for s in seqs]
-        toks = [s.tokens[a:a + n] for s, a, n in zip(seqs, starts, batch.num_new)]
+        toks = [(s.tokens[a:] + s.draft)[:n] if s.draft else s.tokens[a:a + n]
+                for s, a, n in zip(seqs, starts, batch.num_new)]
         input_ids, positions, ctx = self.build_context(seqs, starts, batch.num_new, toks)
         h = self.model.hidden_states(input_ids, positions, cache=ctx)[0]  # [T, D]
         picks, t = [], 0
@@ -137,4 +139,4 @@ class ModelRunner:
             picks.extend(t + r for r in rows)
             t += n
         hs = h[torch.tensor(picks, dtype=torch.long, device=h.device)]
-        return self.model.logits(hs).float(), hs
+        return self.model.logits(hs).float(), h

@@ -34,6 +34,8 @@ class Sequence:
     prompt_ids: list[int]
     params: Any  # SamplingParams
     output_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step with append_token
+    draft: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose latents are in the cache
@@ -46,13 +48,20 @@ class Sequence:
     seq_no: int = field(default_factory=lambda: next(_ids))
     extra: dict = field(default_factory=dict)  # per-request state owned by the engine (sampler, detokenizer, ...)
 
+    def __post_init__(self) -> None:
+        self.token_ids = self.prompt_ids + self.output_ids
+
+    def append_token(self, tok: int) -> None:
+        self.output_ids.append(tok)
+        self.token_ids.append(tok)
+
     @property
     def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        return self.token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.token_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -105,6 +114,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> None:
+        seq.draft = []
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -127,7 +137,7 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted by an earlier sequence of this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed + len(seq.draft), budget)
             if n <= 0:
                 continue
             if not self._reserve(seq, n, preempt=True, scheduled=seqs):
@@ -150,10 +160,14 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, counts)
 
-    def after_step(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and register newly filled blocks for prefix reuse."""
-        for seq, n in zip(batch.seqs, batch.num_new):
-            seq.num_computed += n
+    def after_step(self, batch: ScheduledBatch, computed: list[int] | None = None) -> None:
+        """Advance computed counts (by the step's token counts, or to `computed` when speculative tokens were
+        rejected: their blocks are released) and register newly filled blocks for prefix reuse."""
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
+            if computed is not None and computed[i] < seq.num_computed + n:
+                self.rollback(seq, computed[i])
+            else:
+                seq.num_computed += n
             self.register_full_blocks(seq)
 
     def register_full_blocks(self, seq: Sequence) -> None:
@@ -169,8 +183,7 @@ class Scheduler:
             self.alloc.register(seq.block_table[i], parent)
 
     def rollback(self, seq: Sequence, num_computed: int) -> None:
-        """Forget computed tokens beyond num_computed (rejected speculative tokens); frees blocks past the end."""
-        assert num_computed <= seq.num_computed
+        """Set the computed count to num_computed (dropping rejected speculative tokens) and free blocks past it."""
         seq.num_computed = num_computed
         keep = -(-num_computed // self.block_size)
         # Blocks hashed beyond the kept prefix would claim content that is about to be overwritten.
@@ -178,6 +191,15 @@ class Scheduler:
         extra = seq.block_table[keep:]
         del seq.block_table[keep:]
         self.alloc.release(extra)
+
+    def reserve_slots(self, seq: Sequence, num_positions: int) -> bool:
+        """Make sure blocks cover positions [0, num_positions) without preempting anyone (drafting uses this)."""
+        need = -(-num_positions // self.block_size) - len(seq.block_table)
+        if need > self.alloc.num_free:
+            return False
+        for _ in range(max(need, 0)):
+            seq.block_table.append(self.alloc.allocate())
+        return True
 
     # ------------------------------------------------------------------------------------------------------------
     def _match_prefix(self, seq: Sequence) -> None:

@@ -1,0 +1,148 @@
+"""MTP speculative decoding: identical greedy output, exact sampling distribution, acceptance bookkeeping."""
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
+from dsv3.engine.speculative import target_probs, verify
+
+
+def run_all(engine, prompts, params):
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    return dsv3.load_model(tiny_ckpt, dtype=torch.float32)
+
+
+def prompts_for(vocab, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_identical_with_random_mtp(tiny_model, k):
+    assert tiny_model.mtp_layers, "the tiny checkpoint has an MTP layer"
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompts = prompts_for(tiny_model.cfg.vocab_size)
+    cfg = dict(num_blocks=256, block_size=8, max_num_batched_tokens=64)
+    plain = run_all(LLMEngine(tiny_model, config=EngineConfig(speculative="off", **cfg)), prompts, params)
+    spec_eng = LLMEngine(tiny_model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    spec = run_all(spec_eng, prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert spec_eng.stats["spec_drafted"] > 0
+    assert spec_eng.cache.allocator.num_used == 0
+
+
+def make_perfect_mtp(model):
+    """Main model: next token depends only on the current token (attention and MLP outputs zeroed). MTP: the same
+    function of the token it is given, so every draft is what the main model will say."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                mlp.experts.down_proj.weight.zero_()
+                if mlp.shared_experts is not None:
+                    mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                mlp.down_proj.weight.zero_()
+        mtp = model.mtp_layers[0]
+        D = model.cfg.hidden_size
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :D] = torch.eye(D)
+        mtp.enorm.weight.fill_(1.0)
+        mtp.input_layernorm.weight.fill_(1.0)
+        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
+        model.model.layers[0].input_layernorm.weight.fill_(1.0)
+
+
+def test_perfect_mtp_accepts_every_draft(tiny_ckpt):
+    model = dsv3.load_model(tiny_ckpt, dtype=torch.float32)
+    make_perfect_mtp(model)
+    params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True)
+    prompts = prompts_for(model.cfg.vocab_size, n=3)
+    plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", num_blocks=64)), prompts, params)
+    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=3, num_blocks=64))
+    spec = run_all(eng, prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    s = eng.spec_stats()
+    assert s["drafted"] > 0 and s["acceptance_rate"] == 1.0
+    assert s["tokens_per_step"] == 4.0  # three accepted drafts + one token of the main model per step
+    assert all(o.metrics["spec_acceptance"] == 1.0 for o in spec)
+
+
+def test_max_tokens_and_stop_token_inside_an_accepted_run(tiny_ckpt):
+    model = dsv3.load_model(tiny_ckpt, dtype=torch.float32)
+    make_perfect_mtp(model)
+    prompt = prompts_for(model.cfg.vocab_size, n=1)[0]
+    eng_cfg = dict(num_blocks=64, num_draft_tokens=3)
+    plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", **eng_cfg)), [prompt],
+                    SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0].token_ids
+    for max_tokens in (1, 2, 5, 6):
+        out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg)), [prompt],
+                      SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
+        assert out.token_ids == plain[:max_tokens] and out.finish_reason == "length"
+    stop_at = plain[4]
+    first = plain.index(stop_at)
+    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg))
+    out = run_all(eng, [prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                                stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == plain[:first + 1] and out.finish_reason == "stop"
+    assert eng.cache.allocator.num_used == 0
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """Chi-square: with a deliberately poor draft q, the first emitted token is distributed as p."""
+    V = 6
+    torch.manual_seed(0)
+    target_logits = torch.tensor([1.5, 0.2, -0.3, 0.9, -1.0, 0.0])
+    q = torch.tensor([0.02, 0.5, 0.3, 0.02, 0.1, 0.06])  # far from p
+    params = SamplingParams(temperature=0.8, max_tokens=4, seed=123)
+    state = SequenceSamplingState(params, [0], V)
+    p = target_probs(target_logits[None], state)[0]
+    n = 6000
+    counts = torch.zeros(V)
+    accepted = 0
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(n):
+        x = int(torch.multinomial(q, 1, generator=gen))
+        logits = torch.stack([target_logits, target_logits])  # [d+1, V]
+        out = verify(logits, [x], [q], state)
+        counts[out[0]] += 1
+        accepted += len(out) == 2
+    expected = p * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # 5 degrees of freedom: p = 0.001
+    # Acceptance of a draft from q is sum_x min(p(x), q(x)).
+    assert abs(accepted / n - float(torch.minimum(p, q).sum())) < 0.03
+
+
+def test_seeded_sampling_reproduces_with_speculation(tiny_model):
+    params = SamplingParams(max_tokens=15, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)
+    prompts = prompts_for(tiny_model.cfg.vocab_size, n=3)
+    cfg = EngineConfig(speculative="mtp", num_draft_tokens=2, num_blocks=128)
+    a = run_all(LLMEngine(tiny_model, config=cfg), prompts, params)
+    b = run_all(LLMEngine(tiny_model, config=cfg), list(reversed(prompts)), params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in reversed(b)]
+
+
+def test_speculation_flags(tiny_ckpt, tmp_path):
+    model = dsv3.load_model(tiny_ckpt, dtype=torch.float32, with_mtp=False)
+    with pytest.raises(ValueError, match="needs MTP weights"):
+        LLMEngine(model, config=EngineConfig(speculative="mtp", num_blocks=8))
+    assert LLMEngine(model, config=EngineConfig(num_blocks=8)).num_draft == 0  # auto: off without MTP
+    with pytest.raises(ValueError, match="speculative="):
+        LLMEngine(model, config=EngineConfig(speculative="eagle", num_blocks=8))
+    with pytest.raises(ValueError, match="num_draft_tokens"):
+        LLMEngine(model, config=EngineConfig(num_draft_tokens=0, num_blocks=8))
