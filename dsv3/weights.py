@@ -237,6 +237,7 @@ class Target:
     sources: list[str]  # checkpoint names; several when stacked (index = expert)
     kind: str  # "weight" (a projection: may be FP8 with a scale), "float32" (router), "plain"
     is_param: bool = True
+    stacked: bool = False  # sources are experts 0..E-1 of an [E, ...] tensor
     window: list[tuple[int, int]] | None = None  # per dim of the full tensor [start, stop), set by the plan
 
 
@@ -256,7 +257,7 @@ def _model_targets(model: Transformer) -> dict[str, Target]:
         if isinstance(mod, StackedLinear):
             prefix, proj = mod_name.rsplit(".", 1)
             srcs = [f"{prefix}.{e}.{proj}.weight" for e in range(cfg.n_routed_experts)]
-            targets[name] = Target(name, shape, srcs, "weight", is_param)
+            targets[name] = Target(name, shape, srcs, "weight", is_param, stacked=True)
         elif isinstance(mod, Gate):
             targets[name] = Target(name, shape, [name], "float32", is_param)
         elif isinstance(mod, Linear) and attr == "weight":
@@ -336,7 +337,7 @@ def _plan_load(cfg: ModelConfig, layout: CheckpointLayout, model: Transformer, w
         infos = [layout.tensors.get(s) for s in t.sources]
         if any(i is None for i in infos):
             continue
-        stacked = len(infos) > 1
+        stacked = t.stacked
         if select is None:
             for info in infos:
                 want = t.shape[1:] if stacked else t.shape
@@ -493,8 +494,8 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, is_param
 
 def _window_bytes(layout: CheckpointLayout, t: Target) -> int:
     infos = [layout.tensors[s] for s in t.sources]
-    win = t.window[1:] if len(infos) > 1 else t.window
-    chosen = infos[t.window[0][0]:t.window[0][1]] if len(infos) > 1 else infos
+    win = t.window[1:] if t.stacked else t.window
+    chosen = infos[t.window[0][0]:t.window[0][1]] if t.stacked else infos
     total = 0
     for info in chosen:
         total += math.prod(b - a for a, b in win) * info.dtype.itemsize
@@ -521,7 +522,7 @@ def load_weights(model: Transformer, path: str | os.PathLike, dtype: str | torch
     layout = layout or CheckpointLayout.read(path)
     order = _plan_load(cfg, layout, model, bool(model.mtp_layers), fp8_mode, select)
     bar = progress_bar(sum(_window_bytes(layout, t) for t in order),
-                    f"loading {os.path.basename(os.path.normpath(path))}", progress)
+                       f"loading {os.path.basename(os.path.normpath(path))}", progress)
     reader = TensorReader(layout, bar.update)
     try:
         with torch.no_grad():
@@ -537,7 +538,7 @@ def load_weights(model: Transformer, path: str | os.PathLike, dtype: str | torch
 def _load_target(model: Transformer, reader: TensorReader, layout: CheckpointLayout, t: Target, dtype: torch.dtype,
                  device: torch.device, fp8_mode: str) -> None:
     infos = [layout.tensors[s] for s in t.sources]
-    stacked = len(infos) > 1
+    stacked = t.stacked
     win = t.window[1:] if stacked else t.window
     if stacked:
         infos = infos[t.window[0][0]:t.window[0][1]]
@@ -632,7 +633,7 @@ def checkpoint_tensors(model: Transformer, fp8_weights: bool = False) -> Iterato
 
     for name, t in _model_targets(model).items():
         value = params[name].detach()
-        if len(t.sources) > 1:
+        if t.stacked:
             for e, src in enumerate(t.sources):
                 yield from emit(src, value[e])
         else:
@@ -675,7 +676,7 @@ def write_checkpoint(path: str | os.PathLike, cfg: ModelConfig, tensors: Iterabl
             if sizes[-1] and sizes[-1] + nb > max_shard_bytes:
                 flush()
             t = t.contiguous()
-            if any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in shards[-1].values()):
+            if any(o.data_ptr() == t.data_ptr() and o.shape == t.shape for o in shards[-1].values()):
                 t = t.clone()  # safetensors refuses two names for one memory (the MTP layer's embedding/head copies)
             shards[-1][name] = t
             weight_map[name] = len(tmp_names)
