@@ -111,6 +111,10 @@ def run(args) -> int:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         return 0
     result = train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0
     ev = result.get("eval") or {}
     if ev:
         print(f"step {result['step']}: held-out loss {ev['loss']:.4f} (unigram baseline "

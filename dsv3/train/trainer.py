@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.transformer import Transformer, build_model
+from ..tokenizer_build import BOS, EOS, save_tokenizer_files
 from .balance import BALANCE_MODES, Balancer, Schedule, max_violation, moe_modules, set_recording
 from .checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import resolve_model_config
@@ -242,12 +243,10 @@ def train(config: TrainConfig | dict) -> dict:
         if world > 1:
             dist.barrier()
     if is_main and not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
-        from ..tokenizer_build import save_tokenizer_files
         save_tokenizer_files(corpus.tokenizer, tok_dir, model_max_length=model_cfg.max_position_embeddings)
     if world > 1:
         dist.barrier()
     vocab = corpus.tokenizer.get_vocab_size()
-    from ..tokenizer_build import BOS, EOS
     model_cfg = model_cfg.with_overrides(vocab_size=vocab, bos_token_id=corpus.tokenizer.token_to_id(BOS),
                                          eos_token_id=corpus.tokenizer.token_to_id(EOS), quantization_config=None)
     train_w, eval_w = Windows(corpus.train, cfg.seq_len), Windows(corpus.heldout, cfg.seq_len)
