@@ -154,3 +154,17 @@ def test_cli_flags_map_to_the_config(tmp_path):
                                                 True)
     with pytest.raises(SystemExit):
         p.parse_args(["train", "--balance", "sometimes"])
+
+
+def test_split_edge_cases_and_single_file(tmp_path):
+    from dsv3.train.data import Doc, build_corpus
+
+    docs = [Doc(f"/x/{i}", f"{i}.py") for i in range(3)]
+    train_docs, held = split_docs(docs, percent=0)
+    assert len(held) == 1 and len(train_docs) == 2
+    train_docs, held = split_docs(docs, percent=100)
+    assert len(held) == 1 and len(train_docs) == 2
+    c = build_corpus([os.path.join(stdlib_root(), "glob.py")], 300, cache_dir=str(tmp_path))
+    assert len(c.train) > 100 and len(c.heldout) == len(c.train)
+    assert c.tokenizer.get_vocab_size() <= 300
+    assert c.unigram_baseline() > 0

@@ -102,10 +102,12 @@ def is_heldout(rel: str, percent: int = DEFAULT_HOLDOUT_PERCENT) -> bool:
 
 
 def split_docs(docs: list[Doc], percent: int = DEFAULT_HOLDOUT_PERCENT) -> tuple[list[Doc], list[Doc]]:
-    """(train, held-out). With few files the hash may hold out none: then the file with the smallest hash is held
-    out, so evaluation always has data (a single file is used for both, see read_texts)."""
+    """(train, held-out). With few files the hash may hold out none or all: then exactly the file with the smallest
+    hash is held out, so both sides have data. A single file is both (see build_corpus)."""
+    if len(docs) < 2:
+        return list(docs), list(docs)
     held = [d for d in docs if is_heldout(d.rel, percent)]
-    if not held and len(docs) > 1:
+    if not held or len(held) == len(docs):
         held = [min(docs, key=lambda d: zlib.crc32(d.rel.encode("utf-8")))]
     held_set = {d.path for d in held}
     train = [d for d in docs if d.path not in held_set]
@@ -278,9 +280,8 @@ def build_corpus(sources: list[str] | str, vocab_size: int, cache_dir: str | Non
     cache_dir = cache_dir or default_cache_dir()
     docs = resolve_docs(sources)
     train_docs, held_docs = split_docs(docs, holdout_percent)
-    if not train_docs:  # one file: it is both (said in the log; evaluation is then not held out)
-        log.warning("only one data file (%s): evaluating on the training file", docs[0].rel)
-        train_docs = held_docs
+    if len(docs) == 1:
+        log.warning("only one data file (%s): evaluation is on the training file, not held out", docs[0].rel)
     if tokenizer_path:
         tok = load_tokenizer(tokenizer_path)
     else:
