@@ -104,17 +104,26 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """-> [B, S, H, V]"""
+        """-> [B, S, H, V]. Written with plain batched matmuls: every head of every query reads the same [L, C+R]
+        latent, so the S*H query rows share one matmul against it (no per-head expansion of the context)."""
+        B, S, H, _ = q_nope.shape
+        L = c_kv.shape[1]
         w_uk, w_uv = self._kv_b(q_nope.dtype)
         q_c = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, C]
-        q = torch.cat([q_c, q_pe], dim=-1).transpose(1, 2)  # [B, H, S, C+R]
-        k = torch.cat([c_kv, k_pe], dim=-1)[:, None]  # [B, 1, L, C+R]: one latent head shared by all heads
-        o_c = _sdpa(q, k, c_kv[:, None], mask, self.softmax_scale, gqa=True)  # [B, H, S, C]
-        return torch.einsum("bhsc,hvc->bshv", o_c, w_uv)
+        q = torch.cat([q_c, q_pe], dim=-1).reshape(B, S * H, -1)  # [B, S*H, C+R]
+        k = torch.cat([c_kv, k_pe], dim=-1)  # [B, L, C+R]
+        scores = torch.bmm(q, k.transpose(1, 2)).float() * self.softmax_scale  # [B, S*H, L]
+        scores = scores.view(B, S, H, L)
+        if mask is None:
+            mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril_(L - S)[None]
+        scores = scores.masked_fill_(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype).view(B, S * H, L)
+        o_c = torch.bmm(probs, c_kv).view(B, S, H, -1)  # [B, S, H, C]
+        return torch.einsum("bshc,hvc->bshv", o_c, w_uv)
 
 
-def _sdpa(q, k, v, mask, scale, gqa: bool = False) -> torch.Tensor:
-    """q [B, Hq, S, d], k [B, Hk, L, d], v [B, Hk, L, dv], mask [B, S, L] bool or None (causal, S == L)."""
+def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
+    """q [B, H, S, d], k [B, H, L, d], v [B, H, L, dv], mask [B, S, L] bool or None (causal, S == L)."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
