@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8
+from ..kernels.cpu_pack import packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +35,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_scale_inv: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # kernels/cpu_pack.py: oneDNN layout for CPU inference
 
     def set_fp8(self, scale_inv: torch.Tensor) -> None:
         self.register_buffer("weight_scale_inv", scale_inv)
@@ -44,6 +46,8 @@ class Linear(nn.Module):
         return self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed)
         return F.linear(x, self.effective_weight(x.dtype))
 
     def extra_repr(self) -> str:
@@ -58,6 +62,10 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter)
         self.up_proj = Linear(dim, inter)
         self.down_proj = Linear(inter, dim)
+        self.packed_gate_up: torch.Tensor | None = None  # [gate; up] packed for CPU inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_gate_up is not None:
+            g, u = packed_linear(x, self.packed_gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

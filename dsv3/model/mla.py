@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.cpu_pack import packed_linear
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
 
@@ -57,19 +58,26 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.rank, H * (self.nope + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
+        self.packed_qkv_a: torch.Tensor | None = None  # [q_a; kv_a] packed for CPU inference
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, D], cos/sin [B, S, P] -> q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated),
         c_kv [B, S, C] (normalised), k_pe [B, S, R] (rotated)."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+        if self.packed_qkv_a is not None:  # one matmul for the two projections of x
+            q_a, kv = packed_linear(x, self.packed_qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope],
+                                                                dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            if hasattr(self, "q_proj"):
+                q = self.q_proj(x)
+            else:
+                q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv = self.kv_a_proj_with_mqa(x)
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
         return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,

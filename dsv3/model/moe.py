@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import fp8
+from ..kernels.cpu_pack import packed_linear
 from ..kernels.grouped import grouped_mm
 from .layers import MLP
 
@@ -88,6 +89,7 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(E, D, I)
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert ([gate; up], down), CPU
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights [T, K], indices [T, K] -> sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) [T, D]"""
@@ -110,6 +112,8 @@ class Experts(nn.Module):
         # One grouped GEMM per projection is the GPU path. On the CPU torch runs it as a loop over all E groups,
         # so looping over only the experts that were hit (a free host sync there) is faster; FP8 weights are
         # dequantised per hit expert for the same reason.
+        if self.packed is not None:
+            return False
         aligned = all(d % 8 == 0 for d in self.down_proj.weight.shape[1:])  # _grouped_mm needs 16-byte strides
         return aligned and (self.force_grouped_mm or (x.device.type != "cpu" and not self.gate_proj.is_fp8))
 
@@ -125,7 +129,12 @@ class Experts(nn.Module):
         dt = xs.dtype
         parts, start = [], 0
         for e, c in enumerate(counts):
-            if c:
+            if c and self.packed is not None:
+                gate_up, down = self.packed[e]
+                g, u = packed_linear(xs[start:start + c], gate_up).chunk(2, dim=-1)
+                parts.append(packed_linear(F.silu(g) * u, down))
+                start += c
+            elif c:
                 xe = xs[start:start + c]
                 h = F.silu(F.linear(xe, self.gate_proj.dense(e, dt))) * F.linear(xe, self.up_proj.dense(e, dt))
                 parts.append(F.linear(h, self.down_proj.dense(e, dt)))
