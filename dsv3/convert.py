@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -42,19 +43,11 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    if len(shape) == 2:
-        return shape
-    n = 1
-    for d in shape:
-        n *= d
-    return 1, n
+    return shape if len(shape) == 2 else (1, math.prod(shape))
 
 
 def _row_ranges(rows: int, row_bytes: int, block_aligned: bool) -> Iterator[tuple[int, int]]:

@@ -169,7 +169,6 @@ class CheckpointLayout:
     path: str
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
-    has_index: bool = False
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "CheckpointLayout":
@@ -199,7 +198,7 @@ class CheckpointLayout:
             raise CheckpointError(f"{path}: shard file(s) named in {INDEX_FILE} are missing: {_names_list(missing)}; "
                                   f"{missing[0]} should hold {len(held)} tensors ({_names_list(held, 3)}). "
                                   f"An interrupted download? Fetch the missing files again")
-        layout = cls(path, files=files, has_index=weight_map is not None)
+        layout = cls(path, files=files)
         for fname in files:
             for name, info in read_safetensors_header(os.path.join(path, fname)).items():
                 if name in layout.tensors:
