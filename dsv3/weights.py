@@ -60,7 +60,7 @@ _OFFICIAL_FP8_RE = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_pro
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 _CHUNK_BYTES = 8 * 2**20  # staging buffer for reads that change dtype: bounds the load's extra memory
 
-Select = Callable[[str, tuple[int, ...]], "tuple[slice, ...] | None"]
+Select = Callable[[str, tuple[int, ...]], "tuple[slice | list[int], ...] | None"]
 
 
 class CheckpointError(ValueError):
@@ -238,6 +238,7 @@ class Target:
     is_param: bool = True
     stacked: bool = False  # sources are experts 0..E-1 of an [E, ...] tensor
     window: list[tuple[int, int]] | None = None  # per dim of the full tensor [start, stop), set by the plan
+    experts: list[int] | None = None  # stacked, when select listed the experts: window[0] is then (0, len)
 
 
 def _model_targets(model: Transformer) -> dict[str, Target]:
@@ -302,6 +303,14 @@ def _normalise_window(t: Target, full: tuple[int, ...], sel) -> list[tuple[int, 
         return [(0, d) for d in full]
     if isinstance(sel, slice):
         sel = (sel,)
+    if t.stacked and isinstance(sel, tuple) and sel and isinstance(sel[0], list):
+        # Expert parallelism with a placement that is not one contiguous range: read exactly these experts.
+        ids = sel[0]
+        if not ids or len(set(ids)) != len(ids) or not all(type(e) is int and 0 <= e < full[0] for e in ids):
+            raise ValueError(f"select({t.model_name!r}, {full}) listed experts {ids!r}; expected distinct expert "
+                             f"ids in [0, {full[0]})")
+        t.experts = ids
+        return [(0, len(ids))] + _normalise_window(t, full[1:], sel[1:])
     if not isinstance(sel, tuple) or len(sel) > len(full) or not all(isinstance(s, slice) for s in sel):
         raise ValueError(f"select({t.model_name!r}, {full}) returned {sel!r}; expected None or a tuple of at most "
                          f"{len(full)} slices")
@@ -491,10 +500,14 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, is_param
         mod._buffers[attr] = value
 
 
+def _chosen_experts(t: Target, infos: list) -> list:
+    return [infos[e] for e in t.experts] if t.experts is not None else infos[t.window[0][0]:t.window[0][1]]
+
+
 def _window_bytes(layout: CheckpointLayout, t: Target) -> int:
     infos = [layout.tensors[s] for s in t.sources]
     win = t.window[1:] if t.stacked else t.window
-    chosen = infos[t.window[0][0]:t.window[0][1]] if t.stacked else infos
+    chosen = _chosen_experts(t, infos) if t.stacked else infos
     total = 0
     for info in chosen:
         total += math.prod(b - a for a, b in win) * info.dtype.itemsize
@@ -511,8 +524,9 @@ def load_weights(model: Transformer, path: str | os.PathLike, dtype: str | torch
 
     select: the hook for tensor/expert parallelism. `select(model_name, full_shape)` returns the window of the full
       checkpoint tensor this process holds, as a tuple of slices (for stacked experts full_shape is [E, O, I] and the
-      first slice picks experts), or None for all of it. Only the window's bytes are read, and the model (built by
-      the caller with its local shapes) must have parameters of exactly the window's shape."""
+      first slice picks experts; a list of expert ids there picks those, in that order), or None for all of it.
+      Only the window's bytes are read, and the model (built by the caller with its local shapes) must have
+      parameters of exactly the window's shape."""
     path = os.fspath(path)
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode {fp8_mode!r}: choose one of {FP8_MODES}")
@@ -540,7 +554,7 @@ def _load_target(model: Transformer, reader: TensorReader, layout: CheckpointLay
     stacked = t.stacked
     win = t.window[1:] if stacked else t.window
     if stacked:
-        infos = infos[t.window[0][0]:t.window[0][1]]
+        infos = _chosen_experts(t, infos)
     is_fp8 = infos[0].dtype == fp8.FP8_DTYPE
     keep = is_fp8 and fp8_mode == "keep"
     out_dtype = torch.float32 if t.kind == "float32" else (fp8.FP8_DTYPE if keep else dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -16,6 +17,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-memory", type=_size, help="latent cache budget, e.g. 2GB (default: up to 1 GiB)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunk size)")
+    g = p.add_argument_group("parallel (launch with torchrun --nproc-per-node N -m dsv3 ...)")
+    g.add_argument("--tp", type=int, help="tensor-parallel ranks: attention heads, dense MLPs, vocabulary, expert "
+                                         "widths (default: the world size / --ep)")
+    g.add_argument("--ep", type=int, help="expert-parallel ranks: routed experts (default 1); --tp x --ep = world size")
+    g.add_argument("--expert-placement", help="JSON file: a placement of routed experts on EP ranks, or recorded "
+                                              "expert loads to balance (see dsv3.parallel.resolve_placement)")
+    g.add_argument("--dist-timeout", type=float, help="seconds before a rendezvous or a silent rank fails the run "
+                                                      "(default 600, or $DSV3_DIST_TIMEOUT)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -62,4 +71,8 @@ def make_llm(args, **extra):
     if args.cache_memory:
         kw["cache_memory_bytes"] = args.cache_memory
     kw.update(extra)
+    if args.tp or args.ep or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..engine.distributed import make_parallel_llm
+
+        return make_parallel_llm(args, kw)  # returns on rank 0 only
     return LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, **kw)

@@ -100,6 +100,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
         self.runner = ModelRunner(model, self.cache, config.prefill_impl)
         self.sampler = Sampler(self.cfg.vocab_size, self.device)
+        # Set when ranks run replicas of this engine in lockstep (engine/distributed.py): every sampling decision
+        # (each sequence's new tokens, each draft) passes through it, so all replicas append rank 0's choices.
+        self.sync_tokens = None  # Callable[[list[list[int]]], list[list[int]]] | None
         self.eos_ids = set(tokenizer.eos_ids if tokenizer is not None else self.cfg.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -213,6 +216,8 @@ class LLMEngine:
                 self.stats["spec_drafted"] += d
                 self.stats["spec_accepted"] += a
                 self.stats["spec_verify_steps"] += 1
+        if self.sync_tokens is not None:
+            new_tokens = self.sync_tokens(new_tokens)
         outputs, computed = [], []
         for i, seq in enumerate(batch.seqs):
             start = seq.num_computed
@@ -266,7 +271,7 @@ class LLMEngine:
                        self.max_model_len - seq.num_tokens - 1)
             if room <= 0:
                 continue
-            tok, q = propose(logits[0, last[j]], seq.extra["sampling"])
+            tok, q = self._propose(logits[0, last[j]], seq.extra["sampling"])
             seq.draft, seq.extra["draft_q"] = [tok], [q]
             self._draft_more(seq, h_out[0, last[j]], room)
 
@@ -281,10 +286,16 @@ class LLMEngine:
                 return
             ids, positions, ctx = self.runner.build_context([seq], [pos], [1], [[seq.draft[-1]]])
             logits, h_out = self.model.mtp(k, h[None, None], ids, positions, cache=ctx)
-            tok, q = propose(logits[0, 0], seq.extra["sampling"])
+            tok, q = self._propose(logits[0, 0], seq.extra["sampling"])
             seq.draft.append(tok)
             seq.extra["draft_q"].append(q)
             h = h_out[0, 0]
+
+    def _propose(self, logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
+        tok, q = propose(logits, state)
+        if self.sync_tokens is not None:
+            tok = self.sync_tokens([[tok]])[0][0]
+        return tok, q
 
     def _append(self, seq: Sequence, tok: int, lp) -> RequestOutput:
         now = time.perf_counter()

@@ -21,9 +21,12 @@ Message = dict
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu", fp8_mode: str = "dequantize", with_mtp: bool | None = None,
-                 progress: bool | None = None, **engine_kwargs):
+                 progress: bool | None = None, parallel=None, expert_placement=None, **engine_kwargs):
         """model: checkpoint directory (default: the embedded model). engine_kwargs: EngineConfig fields
-        (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...)."""
+        (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...).
+        parallel: a dsv3.parallel.ParallelState (init_parallel under torchrun): this rank loads only its shard and
+        the engine becomes a Driver (rank 0) or a Follower (call llm.engine.run() there), see engine/distributed.py.
+        expert_placement: see dsv3.parallel.resolve_placement."""
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
@@ -31,10 +34,20 @@ class LLM:
         if isinstance(engine_kwargs.get("cache_dtype"), str):
             engine_kwargs["cache_dtype"] = parse_dtype(engine_kwargs["cache_dtype"])
         self.path = resolve_model(None if model is None else os.fspath(model))
-        self.model = load_model(self.path, dtype=dtype, device=device, fp8_mode=fp8_mode, with_mtp=with_mtp,
-                                progress=progress)
+        if parallel is not None and parallel.world_size > 1:
+            from ..parallel import load_sharded
+
+            self.model = load_sharded(self.path, parallel, dtype=dtype, fp8_mode=fp8_mode, with_mtp=with_mtp,
+                                      progress=progress, placement=expert_placement)
+        else:
+            self.model = load_model(self.path, dtype=dtype, device=device, fp8_mode=fp8_mode, with_mtp=with_mtp,
+                                    progress=progress)
         self.tokenizer = _load_tokenizer(self.path)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_kwargs))
+        if parallel is not None and parallel.world_size > 1:
+            from .distributed import attach
+
+            self.engine = attach(self.engine, parallel)
 
     # ------------------------------------------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams]
