@@ -8,8 +8,8 @@ import os
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default float32: fastest on CPUs without bf16 matmul units)")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default bfloat16; on the CPU its weights are packed for oneDNN)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--fp8-mode", default="dequantize", choices=["dequantize", "keep"],
                    help="FP8 checkpoints: dequantise while loading, or keep FP8 in memory")

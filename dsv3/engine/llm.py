@@ -9,6 +9,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from ..assets import resolve_model
+from ..kernels.cpu_pack import prepack_for_cpu
 from ..weights import load_model, parse_dtype
 from .engine import EngineConfig, LLMEngine, RequestOutput
 from .sampling import SamplingParams
@@ -19,10 +20,12 @@ Message = dict
 
 
 class LLM:
-    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32",
+    def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device = "cpu", fp8_mode: str = "dequantize", with_mtp: bool | None = None,
-                 progress: bool | None = None, parallel=None, expert_placement=None, **engine_kwargs):
-        """model: checkpoint directory (default: the embedded model). engine_kwargs: EngineConfig fields
+                 progress: bool | None = None, parallel=None, expert_placement=None, cpu_prepack: bool = True,
+                 **engine_kwargs):
+        """model: checkpoint directory (default: the embedded model). cpu_prepack: on the CPU in bf16, pack the
+        weights for oneDNN (faster, bit-identical, inference only). engine_kwargs: EngineConfig fields
         (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...).
         parallel: a dsv3.parallel.ParallelState (init_parallel under torchrun): this rank loads only its shard and
         the engine becomes a Driver (rank 0) or a Follower (call llm.engine.run() there), see engine/distributed.py.
@@ -42,6 +45,8 @@ class LLM:
         else:
             self.model = load_model(self.path, dtype=dtype, device=device, fp8_mode=fp8_mode, with_mtp=with_mtp,
                                     progress=progress)
+        if cpu_prepack and (parallel is None or parallel.world_size == 1):  # sharded layers keep plain weights
+            prepack_for_cpu(self.model)
         self.tokenizer = _load_tokenizer(self.path)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_kwargs))
         if parallel is not None and parallel.world_size > 1:
