@@ -102,11 +102,13 @@ def test_round_trip_bf16_to_fp8_to_load_reproduces_quantised_weights(bf16_ckpt, 
     for name, w in src.items():
         if ".layers.3.embed_tokens." in name or ".shared_head.head." in name:
             continue
-        want = fp8.dequantize(*fp8.quantize(w)) if name in fp8_names else w.float()
-        assert torch.equal(model_weight(loaded, name), want), name
-        if name in fp8_names:  # and the file holds exactly the quantised bytes
+        if name in fp8_names:  # the file holds exactly the quantised bytes, and the model their dequantisation
             q, s = fp8.quantize(w)
-            assert torch.equal(raw[name].view(torch.uint8), q.view(torch.uint8)) and torch.equal(raw[name + "_scale_inv"], s)
+            assert torch.equal(raw[name].view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(raw[name + "_scale_inv"], s), name
+            assert torch.equal(model_weight(loaded, name), fp8.dequantize(q, s)), name
+        else:
+            assert torch.equal(model_weight(loaded, name), w.float()), name
 
 
 def test_failed_convert_leaves_dst_and_src_as_they_were(tiny_ckpt, bf16_ckpt, tmp_path, monkeypatch):
