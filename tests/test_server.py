@@ -484,7 +484,7 @@ def test_queue_limit_429(keyed):
 def test_sigterm_finishes_in_flight_then_exits(keyed):
     # Last test of the module: this server is gone afterwards.
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"prompt": "for i in range(10):", "max_tokens": 64, "ignore_eos": True, "stream": True,
+    body = {"prompt": "for i in range(10):", "max_tokens": 128, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     with httpx.stream("POST", keyed.url + COMPLETIONS, json=body, headers=headers, timeout=120) as r:
         lines = r.iter_lines()
@@ -493,7 +493,7 @@ def test_sigterm_finishes_in_flight_then_exits(keyed):
         rest = [line for line in lines if line.startswith("data: ")]
     events = [first] + rest
     assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 64  # finished, not cut off
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 128  # finished, not cut off
     keyed.proc.wait(60)
     with pytest.raises(httpx.ConnectError):
         httpx.get(keyed.url + "/health", timeout=5)
