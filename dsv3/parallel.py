@@ -171,6 +171,10 @@ class ParallelState:
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        # A group's worker threads are joined only when the group object dies, and one may still hold the last
+        # collective's tensors: released during interpreter teardown, that aborts the process. Drop them now.
+        for name in ("tp_group", "ep_group", "world_group", "control_group"):
+            object.__setattr__(self, name, None)
 
 
 def _env_int(name: str, default: int) -> int:

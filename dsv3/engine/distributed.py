@@ -184,12 +184,13 @@ def make_parallel_llm(args, engine_kwargs: dict):
     from ..parallel import init_parallel
     from .llm import LLM
 
-    ps = init_parallel(args.tp, args.ep, timeout_s=args.dist_timeout)
+    # The device flag decides the backend: NCCL for GPUs, gloo for a CPU run even on a machine with GPUs.
+    backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
+    ps = init_parallel(args.tp, args.ep, backend=backend, timeout_s=args.dist_timeout)
     if not ps.is_driver:
         logging.getLogger("dsv3").setLevel(logging.WARNING)  # one rank's log is enough
-    device = ps.device if ps.world_size > 1 else args.device
     try:
-        llm = LLM(args.model, dtype=args.dtype, device=device, fp8_mode=args.fp8_mode, parallel=ps,
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, parallel=ps,
                   expert_placement=args.expert_placement, progress=False if not ps.is_driver else None,
                   **engine_kwargs)
     except BaseException:
