@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import dispatch
 from ..model.mla import MLA
 from ..model.transformer import Transformer
 from .kv_cache import LatentKVCache
@@ -37,8 +38,10 @@ class StepContext:
 
     def __init__(self, cache: LatentKVCache, slot_mapping: torch.Tensor, decode_rows: torch.Tensor | None,
                  decode_slots: torch.Tensor | None, decode_valid: torch.Tensor | None, multi: list[_MultiRow],
-                 layer_offset: int = 0, prefill_impl: str | None = None, decode_impl: str = "absorbed"):
+                 layer_offset: int = 0, prefill_impl: str | None = None, decode_impl: str = "absorbed",
+                 decode_paged: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.cache = cache
+        self.decode_paged = decode_paged  # (block tables [B, M] int32, lengths [B] int32) for the paged kernel
         self.slot_mapping = slot_mapping
         self.decode_rows, self.decode_slots, self.decode_valid = decode_rows, decode_slots, decode_valid
         self.multi = multi
@@ -54,7 +57,12 @@ class StepContext:
         C = mla.rank
         T = q_nope.shape[1]
         out = q_nope.new_empty(T, mla.n_heads, mla.v_dim)
-        if self.decode_rows is not None:
+        if self.decode_paged is not None:  # Triton on CUDA: reads the cache through the block tables
+            tables, lens = self.decode_paged
+            out[self.decode_rows] = dispatch.mla_decode_paged(mla, q_nope[0, self.decode_rows],
+                                                              q_pe[0, self.decode_rows], kv, tables, lens,
+                                                              self.cache.block_size)
+        elif self.decode_rows is not None:
             ctx = kv[self.decode_slots].to(dt)  # [B, Lm, W]
             rows = self.decode_rows
             o = mla.attend(self.decode_impl, q_nope[0, rows, None], q_pe[0, rows, None], ctx[..., :C], ctx[..., C:],
@@ -81,6 +89,13 @@ class ModelRunner:
         self.cache = cache
         self.device = cache.kv.device
         self.prefill_impl = prefill_impl
+        self.graphs = None  # graphs.DecodeGraphs once enable_decode_graphs() is called
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
+        """Run pure decode steps through static buffers (CUDA graphs on a CUDA cache); see engine/graphs.py."""
+        from .graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len, capture=capture)
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Cache slots [end - start] of positions start..end-1."""
@@ -117,8 +132,15 @@ class ModelRunner:
                 slots[i, :len(s)] = s
                 valid[i, :len(s)] = True
             rows, slots, valid = torch.tensor(dec_rows, device=dev), slots.to(dev), valid.to(dev)
+        paged = None
+        if dec_rows and dispatch.use_triton(self.cache.kv, "mla_decode"):
+            dec = [s for s, n in zip(seqs, counts) if n == 1]
+            tables = torch.zeros(len(dec), -(-lm // self.cache.block_size), dtype=torch.int32)
+            for i, s in enumerate(dec):
+                tables[i, :min(len(s.block_table), tables.shape[1])] = torch.tensor(s.block_table[:tables.shape[1]])
+            paged = tables.to(dev), valid.sum(1, dtype=torch.int32)
         ctx = StepContext(self.cache, torch.cat(slot_map).to(dev), rows, slots, valid, multi,
-                          prefill_impl=self.prefill_impl)
+                          prefill_impl=self.prefill_impl, decode_paged=paged)
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
         return input_ids, positions, ctx
@@ -129,6 +151,8 @@ class ModelRunner:
         offsets within seq i's chunk whose logits are wanted. Returns (logits [sum(len(rows)), V] float32,
         hidden states of every packed token [T, D] after the final norm)."""
         seqs = batch.seqs
+        if self.graphs is not None and self.graphs.can_run(seqs, batch.num_new, logits_rows):
+            return self.graphs.run(seqs)
         starts = [s.num_computed for s in seqs]
         toks = [(s.tokens[a:] + s.draft)[:n] if s.draft else s.tokens[a:a + n]
                 for s, a, n in zip(seqs, starts, batch.num_new)]

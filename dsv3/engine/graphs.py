@@ -1,0 +1,154 @@
+"""Decode steps through static buffers, replayed from one CUDA graph per batch-size bucket.
+
+Dimension letters: b bucket (padded batch), B real decode rows (B <= b), M blocks per sequence in the static block
+table (cover max_model_len), Z block size, D hidden, V vocabulary, Y cache layers.
+
+A decode step (every sequence adds one known token, no drafts) is the same computation every time up to its batch
+size and the context lengths. Everything that varies lives in device buffers that never move: token ids, positions,
+the cache slot each new latent goes to, a [b, M] block table and the context lengths. Attention reads the context
+through the block table and masks by length (dispatch.mla_decode_paged), MoE routes without host reads
+(triton_moe, or torch's grouped path), so the forward holds no .item()/.tolist() and no shape that depends on data,
+and a CUDA graph captured once per bucket replays it with no Python in the loop.
+
+Rows past B in a bucket are padding: they decode token 0 at position 0 against a scratch block that the graph runner
+takes from the allocator for good, so their cache writes never land in a live sequence's blocks.
+On the CPU (or with capture=False) the same static step runs eagerly, which is how the tests check it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..kernels import dispatch
+from ..model.mla import MLA
+from ..model.transformer import Transformer
+from .kv_cache import LatentKVCache
+from .scheduler import Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class PagedDecodeContext:
+    """The model's LatentCache protocol for a static decode step (one token per row)."""
+
+    def __init__(self, cache: LatentKVCache, slots: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
+                 num_splits: int | None):
+        self.cache, self.slots, self.block_table, self.lens = cache, slots, block_table, lens
+        self.num_splits = num_splits
+
+    def attend(self, mla: MLA, q_nope, q_pe, c_kv, k_pe, impl: str) -> torch.Tensor:
+        """q_nope [1, b, H, N], q_pe [1, b, H, R], c_kv [1, b, C], k_pe [1, b, R] -> [1, b, H, V]"""
+        kv = self.cache.kv[mla.layer_idx]  # [slots, W]
+        kv.index_copy_(0, self.slots, torch.cat([c_kv[0], k_pe[0]], dim=-1).to(kv.dtype))
+        o = dispatch.mla_decode_paged(mla, q_nope[0], q_pe[0], kv, self.block_table, self.lens,
+                                      self.cache.block_size, self.num_splits)
+        return o[None]
+
+
+class DecodeGraphs:
+    def __init__(self, model: Transformer, cache: LatentKVCache, max_batch: int, max_model_len: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, capture: bool | None = None):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.cache = model, cache
+        dev = cache.kv.device
+        self.capture = dev.type == "cuda" if capture is None else capture
+        if self.capture and dev.type != "cuda":
+            raise ValueError("CUDA graphs need the cache on a CUDA device")
+        self.buckets = tuple(sorted({b for b in buckets if b < max_batch} | {max_batch}))
+        Z = cache.block_size
+        self.max_blocks = -(-max_model_len // Z)
+        # A block no sequence will ever own: padding rows write their latents there and attend only to it.
+        self.scratch_block = cache.allocator.allocate()
+        b = self.buckets[-1]
+        self.ids = torch.zeros(b, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(b, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(b, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, tuple] = {}  # bucket -> (graph, logits, hidden)
+        self._pool = None
+        self.prepare([], b)  # every row parked on the scratch block until a step fills it
+
+    # ------------------------------------------------------------------------------------------------------------
+    def can_run(self, seqs: list[Sequence], num_new: list[int], logits_rows: list[list[int]]) -> bool:
+        return (0 < len(seqs) <= self.buckets[-1] and all(n == 1 for n in num_new)
+                and all(r == [0] for r in logits_rows) and not any(s.draft for s in seqs)
+                and all(s.num_computed < self.max_blocks * self.cache.block_size for s in seqs))
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def prepare(self, seqs: list[Sequence], b: int | None = None) -> int:
+        """Fill the static buffers for these sequences (built on the host, one copy per buffer) and park the rest
+        of the bucket on the scratch block; returns the bucket."""
+        n, Z = len(seqs), self.cache.block_size
+        b = self.bucket(n) if b is None else b
+        ids, pos = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+        slots = self.scratch_block * Z + torch.arange(b) % Z
+        tables = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        lens = torch.ones(b, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed
+            ids[i], pos[i] = seq.tokens[p], p
+            slots[i] = seq.block_table[p // Z] * Z + p % Z
+            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            lens[i] = p + 1
+        for dst, src in ((self.ids, ids), (self.pos, pos), (self.slots, slots), (self.tables, tables),
+                         (self.lens, lens)):
+            dst[:b].copy_(src, non_blocking=True)
+        return b
+
+    def forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static step for bucket b: reads only the buffers -> (logits [b, V] float32, hidden [b, D])."""
+        ctx = PagedDecodeContext(self.cache, self.slots[:b], self.tables[:b], self.lens[:b], self._splits(b))
+        h = self.model.hidden_states(self.ids[None, :b], self.pos[None, :b], cache=ctx)[0]  # [b, D]
+        return self.model.logits(h).float(), h
+
+    def _splits(self, b: int) -> int | None:
+        if not self.cache.kv.is_cuda:
+            return None
+        from ..kernels.triton_mla import default_splits
+
+        return default_splits(b, self.model.cfg.num_attention_heads, self.max_blocks * self.cache.block_size)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] float32 and hidden states [B, D] of the sequences' next positions (same contract as
+        ModelRunner.run for a decode batch)."""
+        b = self.prepare(seqs)
+        if not self.capture:
+            logits, h = self.forward(b)
+        else:
+            if b not in self._graphs:
+                self._capture(b)
+            graph, logits, h = self._graphs[b]
+            graph.replay()
+        n = len(seqs)
+        # Copies: the next replay overwrites the graph's outputs while the caller may still hold these.
+        return logits[:n].clone(), h[:n].clone()
+
+    def _capture(self, b: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the Triton kernels and settles lazy state (rotary tables) before capture
+                self.forward(b)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, h = self.forward(b)
+        self._pool = graph.pool()
+        self._graphs[b] = (graph, logits, h)
+        log.info("captured the decode step for batch bucket %d", b)
+
+    def capture_all(self) -> None:
+        """Capture every bucket up front (largest first, so smaller graphs reuse its memory pool)."""
+        if self.capture:
+            for b in sorted(self.buckets, reverse=True):
+                if b not in self._graphs:
+                    self.prepare([], b)
+                    self._capture(b)
