@@ -34,7 +34,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.weight_scale_inv: torch.Tensor | None = None
+        self.register_buffer("weight_scale_inv", None)  # set by set_fp8 when the weight is kept in FP8
         self.packed: torch.Tensor | None = None  # kernels/cpu_pack.py: oneDNN layout for CPU inference
 
     def set_fp8(self, scale_inv: torch.Tensor) -> None:

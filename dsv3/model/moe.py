@@ -64,7 +64,7 @@ class StackedLinear(nn.Module):
     def __init__(self, n: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
-        self.weight_scale_inv: torch.Tensor | None = None
+        self.register_buffer("weight_scale_inv", None)  # set by set_fp8 when the weight is kept in FP8
 
     def set_fp8(self, scale_inv: torch.Tensor) -> None:
         self.register_buffer("weight_scale_inv", scale_inv)
