@@ -95,7 +95,8 @@ class DecodeGraphs:
             p = seq.num_computed
             ids[i], pos[i] = seq.tokens[p], p
             slots[i] = seq.block_table[p // Z] * Z + p % Z
-            tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+            blocks = seq.block_table[:self.max_blocks]  # blocks reserved past max_model_len are never read
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             lens[i] = p + 1
         for dst, src in ((self.ids, ids), (self.pos, pos), (self.slots, slots), (self.tables, tables),
                          (self.lens, lens)):
@@ -145,6 +146,7 @@ class DecodeGraphs:
         self._graphs[b] = (graph, logits, h)
         log.info("captured the decode step for batch bucket %d", b)
 
+    @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every bucket up front (largest first, so smaller graphs reuse its memory pool)."""
         if self.capture:

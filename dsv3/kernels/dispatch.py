@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .fp8 import FP8_DTYPE
+
 log = logging.getLogger(__name__)
 
 SMALL_BATCH_PAIRS = 64  # token-expert pairs up to which the MoE reads weights per pair instead of sorting
@@ -72,8 +74,6 @@ def _guarded(kernel: str, fn, *args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 def linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor | None:
     """y = x W^T for an FP8 block-scaled weight with the Triton FP8 GEMM, or None."""
-    from .fp8 import FP8_DTYPE
-
     if weight.dtype != FP8_DTYPE or scale_inv is None or not use_triton(x, "fp8_gemm", weight):
         return None
     from . import triton_fp8
@@ -101,7 +101,7 @@ def experts(module, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 
 def _experts(mod, n_experts, x, weights, indices, g, u, d):
     ws = [lin.weight for lin in (g, u, d)]
-    if not ws[0].is_floating_point() or ws[0].dtype not in (x.dtype, torch.float8_e4m3fn):
+    if ws[0].dtype not in (x.dtype, FP8_DTYPE):
         ws = [w.to(x.dtype) for w in ws]
     scales = [lin.weight_scale_inv.float() if lin.is_fp8 else None for lin in (g, u, d)]
     T, K = indices.shape
