@@ -6,9 +6,10 @@ C kv_lora_rank, W = C + R, L context length of a sequence, Lm longest context am
 Every layer writes its new latents into their cache slots first, then attends:
 - single-token rows (decode) are batched together: their contexts are gathered from the block tables into a padded
   [B, Lm, W] tensor and attended with the absorbed form (reads the 576-dim latent once for all heads);
-- multi-token rows (prefill chunks, speculative verification) attend one sequence at a time with a causal mask
-  offset by the cached prefix; queries are split so that no score tensor exceeds a fixed size, so a long prompt
-  never materialises an L x L matrix.
+- short multi-token rows (speculative verification: the last token and its drafts) are batched the same way,
+  padded to the longest, with a causal mask offset by each sequence's cached prefix;
+- longer rows (prefill chunks) attend one sequence at a time with a causal mask offset by the cached prefix; queries
+  are split so that no score tensor exceeds a fixed size, so a long prompt never materialises an L x L matrix.
 """
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ from .kv_cache import LatentKVCache
 from .scheduler import ScheduledBatch, Sequence
 
 MAX_SCORE_ELEMENTS = 1 << 25  # per attention call: 32M float32 scores = 128 MiB
+SHORT_ROWS = 16  # sequences computing at most this many tokens in a step are batched like decode rows
+
+
+@dataclass
+class _ShortRows:
+    """Sequences with 2..SHORT_ROWS new tokens, padded to S rows and Lm context slots."""
+
+    rows: torch.Tensor  # [B, S] packed token index of each query (padding repeats a valid row)
+    valid: torch.Tensor  # [B, S] bool: a real query
+    slots: torch.Tensor  # [B, Lm] cache slots of the context
+    mask: torch.Tensor  # [B, S, Lm] bool: query may attend to that context position
 
 
 @dataclass
@@ -39,8 +51,9 @@ class StepContext:
     def __init__(self, cache: LatentKVCache, slot_mapping: torch.Tensor, decode_rows: torch.Tensor | None,
                  decode_slots: torch.Tensor | None, decode_valid: torch.Tensor | None, multi: list[_MultiRow],
                  layer_offset: int = 0, prefill_impl: str | None = None, decode_impl: str = "absorbed",
-                 decode_paged: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 decode_paged: tuple[torch.Tensor, torch.Tensor] | None = None, short: _ShortRows | None = None):
         self.cache = cache
+        self.short = short
         self.decode_paged = decode_paged  # (block tables [B, M] int32, lengths [B] int32) for the paged kernel
         self.slot_mapping = slot_mapping
         self.decode_rows, self.decode_slots, self.decode_valid = decode_rows, decode_slots, decode_valid
@@ -68,6 +81,12 @@ class StepContext:
             o = mla.attend(self.decode_impl, q_nope[0, rows, None], q_pe[0, rows, None], ctx[..., :C], ctx[..., C:],
                            self.decode_valid[:, None, :])  # [B, 1, H, V]
             out[rows] = o[:, 0]
+        if self.short is not None:
+            sr = self.short
+            ctx = kv[sr.slots].to(dt)  # [B, Lm, W]
+            o = mla.attend(self.decode_impl, q_nope[0, sr.rows], q_pe[0, sr.rows], ctx[..., :C], ctx[..., C:],
+                           sr.mask)  # [B, S, H, V]
+            out[sr.rows[sr.valid]] = o[sr.valid]
         for r in self.multi:
             ctx = kv[r.ctx_slots].to(dt)[None]  # [1, L, W]
             L, S = ctx.shape[1], r.end - r.start
@@ -112,7 +131,7 @@ class ModelRunner:
                       ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         """Packed inputs for computing tokens[i] at positions starts[i].. of seqs[i]."""
         ids, pos, slot_map = [], [], []
-        dec_rows, dec_slots, multi = [], [], []
+        dec_rows, dec_slots, multi, short = [], [], [], []
         t = 0
         for seq, start, n, toks in zip(seqs, starts, counts, tokens):
             ids.extend(toks)
@@ -122,11 +141,14 @@ class ModelRunner:
             if n == 1:
                 dec_rows.append(t)
                 dec_slots.append(ctx_slots)
+            elif n <= SHORT_ROWS:
+                short.append((t, n, start, ctx_slots))
             else:
                 multi.append(_MultiRow(t, t + n, ctx_slots.to(self.device),
                                        torch.arange(start, start + n, device=self.device)))
             t += n
         dev = self.device
+        short_rows = self._short_rows(short) if short else None
         rows = slots = valid = None
         if dec_rows:
             lm = max(len(s) for s in dec_slots)
@@ -144,10 +166,33 @@ class ModelRunner:
                 tables[i, :min(len(s.block_table), tables.shape[1])] = torch.tensor(s.block_table[:tables.shape[1]])
             paged = tables.to(dev), valid.sum(1, dtype=torch.int32)
         ctx = StepContext(self.cache, torch.cat(slot_map).to(dev), rows, slots, valid, multi,
-                          prefill_impl=self.prefill_impl, decode_paged=paged)
+                          prefill_impl=self.prefill_impl, decode_paged=paged, short=short_rows)
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
         return input_ids, positions, ctx
+
+    def _short_rows(self, short: list[tuple[int, int, int, torch.Tensor]]) -> _ShortRows:
+        """(packed start, new tokens, first position, context slots) per sequence -> padded batch tensors."""
+        B = len(short)
+        S = max(n for _, n, _, _ in short)
+        Lm = max(len(c) for _, _, _, c in short)
+        rows = torch.zeros(B, S, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        slots = torch.zeros(B, Lm, dtype=torch.long)
+        q_pos = torch.zeros(B, S, dtype=torch.long)
+        ctx_len = torch.zeros(B, 1, 1, dtype=torch.long)
+        for i, (t, n, start, c) in enumerate(short):
+            rows[i, :n] = torch.arange(t, t + n)
+            rows[i, n:] = t  # padding queries repeat the first row; their outputs are dropped
+            valid[i, :n] = True
+            slots[i, :len(c)] = c
+            q_pos[i, :n] = torch.arange(start, start + n)
+            q_pos[i, n:] = start
+            ctx_len[i] = len(c)
+        ctx_pos = torch.arange(Lm)[None, None, :]
+        mask = (ctx_pos <= q_pos[:, :, None]) & (ctx_pos < ctx_len)
+        dev = self.device
+        return _ShortRows(rows.to(dev), valid.to(dev), slots.to(dev), mask.to(dev))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
