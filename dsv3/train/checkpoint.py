@@ -19,29 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model.transformer import Transformer
-from ..weights import checkpoint_tensors, load_model, save_model, write_checkpoint
+from ..weights import load_model, save_model
 
 log = logging.getLogger(__name__)
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-def save_hf(model: Transformer, path: str, fp8: bool = False) -> dict:
-    """dsv3.save_model, falling back to writing copies of the MTP layer's embedding/head when safetensors refuses
-    them as views of the main model's tensors in one shard (dsv3.weights.checkpoint_tensors yields views)."""
-    try:
-        return save_model(model, path, fp8_weights=fp8)
-    except RuntimeError as e:
-        if "share memory" not in str(e):
-            raise
-    cfg = model.cfg.with_overrides(quantization_config={
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-        if fp8 else None)
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    return write_checkpoint(path, cfg, ((n, t.clone()) for n, t in checkpoint_tensors(model, fp8)),
-                            dtype_name=dtype)
 
 
 def checkpoint_dir(out: str, step: int) -> str:
@@ -75,7 +59,7 @@ def save_checkpoint(out: str, step: int, model: Transformer, optimizer: torch.op
     final = checkpoint_dir(out, step)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tmp)  # float32 master weights: resuming must continue from the exact values
+    save_model(model, tmp)  # float32 master weights: resuming must continue from the exact values
     for f in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, f), tmp)
     names = _param_names(model, optimizer)
@@ -144,7 +128,7 @@ def export_model(model: Transformer, path: str, tokenizer_dir: str, fp8: bool = 
             mod._buffers["e_score_correction_bias"] = src.detach().float().clone()
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    info = save_hf(export, tmp, fp8)
+    info = save_model(export, tmp, fp8_weights=fp8)
     for f in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, f), tmp)
     shutil.rmtree(path, ignore_errors=True)
