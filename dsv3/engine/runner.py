@@ -62,6 +62,12 @@ class StepContext:
         self.prefill_impl = prefill_impl
         self.decode_impl = decode_impl
 
+    def _attend(self, mla: MLA, q_nope, q_pe, ctx, mask) -> torch.Tensor:
+        """Decode-style rows against gathered context ctx [B, Lm, W] (the cache layout, c_kv then k_pe)."""
+        if self.decode_impl == "absorbed":
+            return mla.attend_latent(q_nope, q_pe, ctx, mask)
+        return mla.attend(self.decode_impl, q_nope, q_pe, ctx[..., :mla.rank], ctx[..., mla.rank:], mask)
+
     def attend(self, mla: MLA, q_nope, q_pe, c_kv, k_pe, impl: str) -> torch.Tensor:
         """q_nope [1, T, H, N], q_pe [1, T, H, R], c_kv [1, T, C], k_pe [1, T, R] -> [1, T, H, V]"""
         kv = self.cache.kv[mla.layer_idx - self.layer_offset]  # [slots, W]
@@ -78,14 +84,13 @@ class StepContext:
         elif self.decode_rows is not None:
             ctx = kv[self.decode_slots].to(dt)  # [B, Lm, W]
             rows = self.decode_rows
-            o = mla.attend(self.decode_impl, q_nope[0, rows, None], q_pe[0, rows, None], ctx[..., :C], ctx[..., C:],
-                           self.decode_valid[:, None, :])  # [B, 1, H, V]
+            o = self._attend(mla, q_nope[0, rows, None], q_pe[0, rows, None], ctx,
+                             self.decode_valid[:, None, :])  # [B, 1, H, V]
             out[rows] = o[:, 0]
         if self.short is not None:
             sr = self.short
             ctx = kv[sr.slots].to(dt)  # [B, Lm, W]
-            o = mla.attend(self.decode_impl, q_nope[0, sr.rows], q_pe[0, sr.rows], ctx[..., :C], ctx[..., C:],
-                           sr.mask)  # [B, S, H, V]
+            o = self._attend(mla, q_nope[0, sr.rows], q_pe[0, sr.rows], ctx, sr.mask)  # [B, S, H, V]
             out[sr.rows[sr.valid]] = o[sr.valid]
         for r in self.multi:
             ctx = kv[r.ctx_slots].to(dt)[None]  # [1, L, W]

@@ -112,21 +112,25 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """-> [B, S, H, V]. Written with plain batched matmuls: every head of every query reads the same [L, C+R]
-        latent, so the S*H query rows share one matmul against it (no per-head expansion of the context)."""
+        """-> [B, S, H, V]"""
+        return self.attend_latent(q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), mask)
+
+    def attend_latent(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
+        """The absorbed form on the cache's own layout: latent [B, L, C+R] = [c_kv | k_pe] -> [B, S, H, V].
+        Written with plain batched matmuls: every head of every query reads the same latent, so the S*H query
+        rows share one matmul against it (no per-head expansion of the context)."""
         B, S, H, _ = q_nope.shape
-        L = c_kv.shape[1]
+        L = latent.shape[1]
         w_uk, w_uv = self._kv_b(q_nope.dtype)
         q_c = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # [B, S, H, C]
         q = torch.cat([q_c, q_pe], dim=-1).reshape(B, S * H, -1)  # [B, S*H, C+R]
-        k = torch.cat([c_kv, k_pe], dim=-1)  # [B, L, C+R]
-        scores = torch.bmm(q, k.transpose(1, 2)).float() * self.softmax_scale  # [B, S*H, L]
+        scores = torch.bmm(q, latent.transpose(1, 2)).float() * self.softmax_scale  # [B, S*H, L]
         scores = scores.view(B, S, H, L)
         if mask is None:
             mask = torch.ones(S, L, dtype=torch.bool, device=q.device).tril_(L - S)[None]
         scores = scores.masked_fill_(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype).view(B, S * H, L)
-        o_c = torch.bmm(probs, c_kv).view(B, S, H, -1)  # [B, S, H, C]
+        probs = scores.softmax(dim=-1).to(latent.dtype).view(B, S * H, L)
+        o_c = torch.bmm(probs, latent[..., :self.rank]).view(B, S, H, -1)  # [B, S, H, C]
         return torch.einsum("bshc,hvc->bshv", o_c, w_uv)
 
 
