@@ -262,34 +262,51 @@ class LLMEngine:
             return
         h = hidden[torch.cat(rows)][None]  # [1, T', D]
         ids, positions, ctx = self.runner.build_context(seqs, pos0, counts, toks)
-        logits, h_out = self.model.mtp(1, h, ids, positions, cache=ctx)
-        last = torch.tensor(counts).cumsum(0) - 1
+        h_out = self.model.mtp_hidden(1, h, ids, positions, cache=ctx)[0]  # [T', D]
+        last = (torch.tensor(counts).cumsum(0) - 1).tolist()
+        drafting = []  # (seq, how many drafts it may take)
         for j, seq in enumerate(seqs):
-            if not want[j]:
-                continue
             room = min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
                        self.max_model_len - seq.num_tokens - 1)
-            if room <= 0:
-                continue
-            tok, q = self._propose(logits[0, last[j]], seq.extra["sampling"])
+            if want[j] and room > 0:
+                drafting.append((seq, room, last[j]))
+        if not drafting:
+            return
+        h_last = h_out[[r for _, _, r in drafting]]  # [B', D]: only these rows go through the head
+        logits = self.model.mtp_logits(1, h_last)
+        for i, (seq, _, _) in enumerate(drafting):
+            tok, q = self._propose(logits[i], seq.extra["sampling"])
             seq.draft, seq.extra["draft_q"] = [tok], [q]
-            self._draft_more(seq, h_out[0, last[j]], room)
+        self._draft_more([(seq, room) for seq, room, _ in drafting], h_last)
 
-    def _draft_more(self, seq: Sequence, h: torch.Tensor, room: int) -> None:
-        """Further drafts for one sequence: MTP module k+1 (or module 1 again, recurrently) on the previous
-        module's output and the previous draft, one position further."""
+    def _draft_more(self, drafting: list[tuple[Sequence, int]], h: torch.Tensor) -> None:
+        """Further drafts, all sequences together: MTP module k+1 (or module 1 again, recurrently) on the previous
+        module's output h [B', D] and the previous draft, one position further."""
         n_mtp = len(self.model.mtp_layers)
-        while len(seq.draft) < room:
-            k = min(len(seq.draft) + 1, n_mtp)
-            pos = seq.num_tokens - 1 + len(seq.draft)  # position whose next token is the last draft
-            if not self.scheduler.reserve_slots(seq, pos + 1):
+        rows = list(range(len(drafting)))
+        while True:
+            keep = []
+            for i in rows:
+                seq, room = drafting[i]
+                pos = seq.num_tokens - 1 + len(seq.draft)  # position whose next token is the last draft
+                if len(seq.draft) < room and self.scheduler.reserve_slots(seq, pos + 1):
+                    keep.append(i)
+            if not keep:
                 return
-            ids, positions, ctx = self.runner.build_context([seq], [pos], [1], [[seq.draft[-1]]])
-            logits, h_out = self.model.mtp(k, h[None, None], ids, positions, cache=ctx)
-            tok, q = self._propose(logits[0, 0], seq.extra["sampling"])
-            seq.draft.append(tok)
-            seq.extra["draft_q"].append(q)
-            h = h_out[0, 0]
+            k = min(len(drafting[keep[0]][0].draft) + 1, n_mtp)
+            # Sequences drafting their j-th token together share module k (all have the same draft count here).
+            seqs = [drafting[i][0] for i in keep]
+            pos = [s.num_tokens - 1 + len(s.draft) for s in seqs]
+            ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
+            h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
+            logits = self.model.mtp_logits(k, h_out)
+            for j, seq in enumerate(seqs):
+                tok, q = self._propose(logits[j], seq.extra["sampling"])
+                seq.draft.append(tok)
+                seq.extra["draft_q"].append(q)
+            h = h.clone()
+            h[keep] = h_out
+            rows = keep
 
     def _propose(self, logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
         tok, q = propose(logits, state)

@@ -117,16 +117,28 @@ class Transformer(nn.Module):
         """MTP module k (1-based). h [B, S, D]: hidden states of depth k-1 at positions i (the main model's final
         hidden states for k = 1); next_ids [B, S]: tokens t_{i+k}. Returns (logits [B, S, V] predicting t_{i+k+1},
         h' [B, S, D] for depth k+1)."""
+        x = self.mtp_hidden(k, h, next_ids, positions, cache, impl)
+        return self.mtp_logits(k, x), x
+
+    def _mtp_layer(self, k: int) -> MTPLayer:
         mtp = self.mtp_layers
         if not 1 <= k <= len(mtp):
             raise ValueError(f"MTP module {k} requested but this model has {len(mtp)} "
                              f"(num_nextn_predict_layers={self.cfg.num_nextn_predict_layers}, loaded: {len(mtp)})")
-        layer = mtp[k - 1]
+        return mtp[k - 1]
+
+    def mtp_hidden(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   cache: LatentCache | None = None, impl: str | None = None) -> torch.Tensor:
+        """The MTP block's output h' [B, S, D] without the head (drafting needs logits of a few rows only)."""
+        layer = self._mtp_layer(k)
         cos, sin = self.rotary.cos_sin(self._positions(next_ids, positions))
         e = layer.enorm(self.model.embed_tokens(next_ids))
         x = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        x = layer(x, cos, sin, cache, impl or self.attn_impl)
-        return self.logits(layer.shared_head.norm(x)), x
+        return layer(x, cos, sin, cache, impl or self.attn_impl)
+
+    def mtp_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """h' [..., D] of MTP module k -> logits [..., V] through its shared_head norm and the shared head."""
+        return self.logits(self._mtp_layer(k).shared_head.norm(x))
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None,
