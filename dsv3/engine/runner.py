@@ -96,7 +96,7 @@ class StepContext:
             ctx = kv[r.ctx_slots].to(dt)[None]  # [1, L, W]
             L, S = ctx.shape[1], r.end - r.start
             use = self.prefill_impl or ("naive" if L <= 2 * S else "absorbed")
-            if use == "naive" and L == S and kv.is_cuda:  # a fresh prompt: causal SDPA (fused, no mask, no L x L)
+            if use == "naive" and L == S:  # a fresh prompt: causal SDPA (its flash kernels: no mask, no L x L)
                 out[r.start:r.end] = mla.attend(use, q_nope[:, r.start:r.end], q_pe[:, r.start:r.end],
                                                 ctx[..., :C], ctx[..., C:], None)[0]
                 continue
