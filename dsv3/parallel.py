@@ -647,17 +647,10 @@ def load_sharded(path: str | os.PathLike, ps: ParallelState, dtype: str | torch.
     any slice is dequantised exactly; with 'keep', slices on 128-block boundaries stay FP8 with their scales sliced
     alike, and a slice that cuts a block (a head split of 192-row heads, say) is read block-aligned, dequantised
     exactly and cut. placement: see resolve_placement. device: default the rank's device."""
-    from .weights import CheckpointLayout, load_weights, parse_dtype
+    from .weights import load_weights, open_checkpoint, parse_dtype
 
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     dtype = parse_dtype(dtype)
-    cfg = ModelConfig.from_pretrained(path)
-    layout = CheckpointLayout.read(path)
-    if with_mtp is None:
-        with_mtp = cfg.num_nextn_predict_layers > 0 and any(
-            n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in layout.tensors)
+    path, cfg, layout, with_mtp = open_checkpoint(path, with_mtp)
     model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
     windows = shard_model(model, ps, resolve_placement(placement, cfg, ps.ep_size))
     crops = _align_fp8_windows(model, windows, layout) if fp8_mode == "keep" else {}

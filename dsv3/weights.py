@@ -590,12 +590,22 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat1
       default) loads them when the checkpoint has them (transformers' save_pretrained drops them).
     progress: a bar of bytes read (None: only on a terminal).
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode {fp8_mode!r}: choose one of {FP8_MODES}")
     dtype = parse_dtype(dtype)
+    path, cfg, layout, with_mtp = open_checkpoint(path, with_mtp)
+    model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
+    load_weights(model, path, dtype, device, fp8_mode, progress, layout=layout)
+    log.info("loaded %s: %.2f GB in %s on %s", path, model_bytes(model) / 1e9, dtype, device)
+    return model
+
+
+def open_checkpoint(path: str | os.PathLike, with_mtp: bool | None) -> tuple[str, ModelConfig, CheckpointLayout, bool]:
+    """A checkpoint directory's config and tensor layout, and whether to load its MTP layers (None: when it has
+    them; transformers' save_pretrained drops them even when config.json declares them)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
     cfg = ModelConfig.from_pretrained(path)
     layout = CheckpointLayout.read(path)
     if with_mtp is None:
@@ -604,10 +614,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat1
         if cfg.num_nextn_predict_layers and not with_mtp:
             log.warning("%s: config.json declares %d MTP layer(s) but the checkpoint holds none; loading without MTP",
                         path, cfg.num_nextn_predict_layers)
-    model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
-    load_weights(model, path, dtype, device, fp8_mode, progress, layout=layout)
-    log.info("loaded %s: %.2f GB in %s on %s", path, model_bytes(model) / 1e9, dtype, device)
-    return model
+    return path, cfg, layout, with_mtp
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -54,3 +54,14 @@ def hf_model(cfg: dict, seed: int = 0):
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.05, 0.05)
     return model
+
+
+def run_all(engine, prompts, params):
+    """Drive an LLMEngine until every prompt finished; the final outputs in prompt order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[i] for i in ids]

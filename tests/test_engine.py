@@ -7,7 +7,7 @@ from dsv3.engine.engine import EngineConfig, LLMEngine
 from dsv3.engine.kv_cache import LatentKVCache
 from dsv3.engine.sampling import SamplingParams
 from dsv3.engine.scheduler import QueueFullError
-from hf_ref import YARN, hf_model, v3
+from hf_ref import YARN, hf_model, run_all, v3
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -18,16 +18,6 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("engine-model")
     ref.save_pretrained(path)
     return ref, dsv3.load_model(path, dtype=torch.float32)
-
-
-def run_all(engine, prompts, params):
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[i] for i in ids]
 
 
 PROMPTS = [[5, 17, 42, 9, 100, 3, 77], [200, 1, 3], list(range(30, 70)), [8] * 13, [250, 2, 99, 4, 4, 4, 12, 7, 19]]

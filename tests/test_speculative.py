@@ -7,16 +7,7 @@ import dsv3
 from dsv3.engine.engine import EngineConfig, LLMEngine
 from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
 from dsv3.engine.speculative import target_probs, verify
-
-
-def run_all(engine, prompts, params):
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[i] for i in ids]
+from hf_ref import run_all
 
 
 @pytest.fixture(scope="module")
