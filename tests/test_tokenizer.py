@@ -270,7 +270,9 @@ def test_message_validation(tok, messages, match):
 
 
 def test_tool_call_only_assistant_may_have_no_content():
-    validate_messages([{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}])
+    msgs = [{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]
+    out = validate_messages(msgs)
+    assert len(out) == 1 and out[0]["tool_calls"] == [{"id": "x"}]
 
 
 # ---- incremental detokenisation -------------------------------------------------------------------------------
