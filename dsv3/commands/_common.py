@@ -17,6 +17,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-memory", type=_size, help="latent cache budget, e.g. 2GB (default: up to 1 GiB)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunk size)")
+    g.add_argument("--speculative", default="auto", choices=["auto", "mtp", "off"],
+                   help="MTP speculative decoding (auto: on when the checkpoint has MTP layers)")
+    g.add_argument("--num-draft-tokens", type=int, default=1,
+                   help="drafts per step; beyond the checkpoint's MTP modules the last one runs recurrently")
     g = p.add_argument_group("parallel (launch with torchrun --nproc-per-node N -m dsv3 ...)")
     g.add_argument("--tp", type=int, help="tensor-parallel ranks: attention heads, dense MLPs, vocabulary, expert "
                                          "widths (default: the world size / --ep)")
@@ -53,6 +57,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MB or 2GiB") from None
 
 
+def spec_summary(out) -> str:
+    """', 83% of drafts accepted' for a finished output that used speculation, else ''."""
+    rate = out.metrics.get("spec_acceptance") if out is not None else None
+    return "" if rate is None else f", {rate:.0%} of {out.metrics['spec_drafted']} MTP drafts accepted"
+
+
 def sampling_params(args):
     from ..engine.sampling import SamplingParams
 
@@ -65,7 +75,8 @@ def sampling_params(args):
 def make_llm(args, **extra):
     from ..engine.llm import LLM
 
-    kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
     if args.cache_memory:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ._common import add_model_args, add_sampling_args, make_llm, sampling_params
+from ._common import add_model_args, add_sampling_args, make_llm, sampling_params, spec_summary
 
 HELP = "commands: /clear (forget the conversation), /exit (leave), /help"
 
@@ -58,4 +58,5 @@ def run(args) -> int:
         dt = time.perf_counter() - t0
         messages.append({"role": "assistant", "content": reply})
         cached = out.num_cached_tokens if out else 0
-        print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, {cached} prompt tokens reused from cache]", file=sys.stderr)
+        print(f"\n[{n} tokens, {n / dt:.1f} tokens/s, {cached} prompt tokens reused from cache{spec_summary(out)}]",
+              file=sys.stderr)

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from ._common import add_model_args, add_sampling_args, make_llm, sampling_params
+from ._common import add_model_args, add_sampling_args, make_llm, sampling_params, spec_summary
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,8 @@ def run(args) -> int:
             sys.stdout.flush()
             n += 1
         dt = time.perf_counter() - t0
-        print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, finish: {out.finish_reason}]", file=sys.stderr)
+        print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s, finish: {out.finish_reason}{spec_summary(out)}]",
+              file=sys.stderr)
         return 0
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -50,7 +51,8 @@ def run(args) -> int:
                               "prompt_token_ids": out.prompt_token_ids, "token_ids": out.token_ids,
                               "text": out.text, "finish_reason": out.finish_reason,
                               "time_to_first_token_s": out.metrics.get("time_to_first_token"),
-                              "elapsed_s": out.metrics.get("elapsed")}, ensure_ascii=False))
+                              "elapsed_s": out.metrics.get("elapsed"),
+                              "spec_acceptance": out.metrics.get("spec_acceptance")}, ensure_ascii=False))
         else:
             print(f"--- {prompt!r}\n{out.text}\n[{len(out.token_ids)} tokens, finish: {out.finish_reason}]")
     total = sum(len(o.token_ids) for o in outs)

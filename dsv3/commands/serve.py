@@ -25,8 +25,6 @@ def add_parser(sub) -> None:
                    help="requests waiting for a batch slot before new ones get 429 (default 1024)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before aborting them")
-    g.add_argument("--speculative", default="auto", choices=["auto", "mtp", "off"],
-                   help="MTP speculative decoding (auto: when the checkpoint has MTP layers)")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -47,7 +45,7 @@ def run(args) -> int:
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
-    llm = make_llm(args, max_waiting=args.max_queue, speculative=args.speculative)
+    llm = make_llm(args, max_waiting=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.path))
     app = create_app(llm.engine, name, api_key, shutdown_grace=1.0)
     # The engine aborts what is still running after --shutdown-timeout; uvicorn waits a little longer, so the
