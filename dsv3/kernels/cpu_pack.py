@@ -78,9 +78,10 @@ def prepack_for_cpu(model: nn.Module) -> bool:
             m.packed = [(_pack(torch.cat([g[e], u[e]])), _pack(d[e])) for e in range(m.n_experts)]
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
                 _drop(lin)
-    if model.lm_head is not None:
-        model.lm_head.packed = _pack(model.lm_head.weight)
-        _drop(model.lm_head)
+    for name, m in model.named_modules():  # the rest (lm_head, MTP eh_proj); kv_b_proj is split per head instead
+        if isinstance(m, Linear) and m.packed is None and m.weight.numel() and not name.endswith("kv_b_proj"):
+            m.packed = _pack(m.weight)
+            _drop(m)
     model.prepacked = True
     log.info("packed the model's projections for oneDNN CPU matmuls")
     return True
