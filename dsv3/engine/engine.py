@@ -238,12 +238,12 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
         if self.num_draft:
-            self._draft(batch, starts, computed, offsets, hidden)
+            self._draft(batch, starts, computed, hidden)
         return outputs
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _draft(self, batch, starts: list[int], computed: list[int], offsets: list[int], hidden: torch.Tensor) -> None:
+    def _draft(self, batch, starts: list[int], computed: list[int], hidden: torch.Tensor) -> None:
         """Run MTP over every verified position of the step (filling its cache layer) and propose drafts for the
         sequences that just got a token."""
         seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []

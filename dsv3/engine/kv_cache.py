@@ -98,12 +98,6 @@ class BlockAllocator:
             out.append(b)
         return out
 
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.evictable):
-            del self.block_of[self.hash_of.pop(b)]
-            self.free.append(b)
-        self.evictable.clear()
-
 
 class LatentKVCache:
     """The cache tensor [Y, K*Z, W] plus its allocator."""

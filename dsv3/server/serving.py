@@ -172,6 +172,12 @@ async def submit(state: ServerState, prompts: list[list[int]], params: SamplingP
         raise APIError(400, str(e), code="invalid_value") from None
 
 
+def shown_logprobs(state: ServerState, out: RequestOutput, params: SamplingParams) -> list:
+    """A finished output's logprob entries as OpenAI lists them (without a hidden stop token's)."""
+    entries = out.logprobs or []
+    return entries[:-1] if hidden_stop_token(state, out, params) else entries
+
+
 def hidden_stop_token(state: ServerState, out: RequestOutput, params: SamplingParams) -> bool:
     """Whether the last token ended the completion without showing in its text (eos or a stop token id), so
     OpenAI would not list it among the logprobs."""
@@ -270,10 +276,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     for i, out in enumerate(finals):
         lp = None
         if params.logprobs is not None:
-            entries = out.logprobs or []
-            if hidden_stop_token(state, out, params):
-                entries = entries[:-1]
-            lp = _chat_logprobs(state, entries)
+            lp = _chat_logprobs(state, shown_logprobs(state, out, params))
         choices.append(ChatChoice(index=i, message=ResponseMessage(content=out.text), logprobs=lp,
                                   finish_reason=out.finish_reason))
     body = ChatCompletion(id=rid, created=created, model=state.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
@@ -359,10 +362,7 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
     for i, out in enumerate(finals):
         lp = None
         if params.logprobs is not None:
-            entries = out.logprobs or []
-            if hidden_stop_token(state, out, params):
-                entries = entries[:-1]
-            lp = _CompletionLogprobBuilder(state, len(echo[i])).build(entries)
+            lp = _CompletionLogprobBuilder(state, len(echo[i])).build(shown_logprobs(state, out, params))
         choices.append(CompletionChoice(index=i, text=echo[i] + out.text, logprobs=lp,
                                         finish_reason=out.finish_reason))
     body = Completion(id=rid, created=created, model=state.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
