@@ -38,6 +38,16 @@ class _ShortRows:
 
 
 @dataclass
+class _KernelRows:
+    """Query rows attended by the CPU kernel: every token of a sequence computing at most SHORT_ROWS tokens."""
+
+    tok: torch.Tensor  # [Q] packed token index of each query
+    seq: torch.Tensor  # [Q] its row in slots
+    len: torch.Tensor  # [Q] context positions it attends (0..len-1, itself included)
+    slots: torch.Tensor  # [B, Lm] cache slots of each sequence's context
+
+
+@dataclass
 class _MultiRow:
     start: int  # first packed token of this sequence's chunk
     end: int
@@ -51,7 +61,8 @@ class StepContext:
     def __init__(self, cache: LatentKVCache, slot_mapping: torch.Tensor, decode_rows: torch.Tensor | None,
                  decode_slots: torch.Tensor | None, decode_valid: torch.Tensor | None, multi: list[_MultiRow],
                  layer_offset: int = 0, prefill_impl: str | None = None, decode_impl: str = "absorbed",
-                 decode_paged: tuple[torch.Tensor, torch.Tensor] | None = None, short: _ShortRows | None = None):
+                 decode_paged: tuple[torch.Tensor, torch.Tensor] | None = None, short: _ShortRows | None = None,
+                 kernel_rows: _KernelRows | None = None, cpu_kernels: bool = False):
         self.cache = cache
         self.short = short
         self.decode_paged = decode_paged  # (block tables [B, M] int32, lengths [B] int32) for the paged kernel
@@ -61,6 +72,10 @@ class StepContext:
         self.layer_offset = layer_offset  # MTP layers sit after the main layers in the cache tensor
         self.prefill_impl = prefill_impl
         self.decode_impl = decode_impl
+        # CPU kernels (kernels/cpu_ext.py): MLA layers hand over raw projections (attend_projected) and the decode
+        # and short rows are attended by one kernel call straight from the cache.
+        self.cpu_kernels = cpu_kernels
+        self.kernel_rows = kernel_rows
 
     def _attend(self, mla: MLA, q_nope, q_pe, ctx, mask) -> torch.Tensor:
         """Decode-style rows against gathered context ctx [B, Lm, W] (the cache layout, c_kv then k_pe)."""
@@ -73,9 +88,7 @@ class StepContext:
         kv = self.cache.kv[mla.layer_idx - self.layer_offset]  # [slots, W]
         kv[self.slot_mapping] = torch.cat([c_kv[0], k_pe[0]], dim=-1).to(kv.dtype)
         dt = q_nope.dtype
-        C = mla.rank
-        T = q_nope.shape[1]
-        out = q_nope.new_empty(T, mla.n_heads, mla.v_dim)
+        out = q_nope.new_empty(q_nope.shape[1], mla.n_heads, mla.v_dim)
         if self.decode_paged is not None:  # Triton on CUDA: reads the cache through the block tables
             tables, lens = self.decode_paged
             out[self.decode_rows] = dispatch.mla_decode_paged(mla, q_nope[0, self.decode_rows],
@@ -92,6 +105,13 @@ class StepContext:
             ctx = kv[sr.slots].to(dt)  # [B, Lm, W]
             o = self._attend(mla, q_nope[0, sr.rows], q_pe[0, sr.rows], ctx, sr.mask)  # [B, S, H, V]
             out[sr.rows[sr.valid]] = o[sr.valid]
+        self._attend_multi(mla, q_nope, q_pe, kv, out)
+        return out[None]
+
+    def _attend_multi(self, mla: MLA, q_nope, q_pe, kv, out) -> None:
+        """Prefill chunks, one sequence at a time: q_nope [1, T, H, N], q_pe [1, T, H, R] -> rows of out [T, H, V]."""
+        dt = q_nope.dtype
+        C = mla.rank
         for r in self.multi:
             ctx = kv[r.ctx_slots].to(dt)[None]  # [1, L, W]
             L, S = ctx.shape[1], r.end - r.start
@@ -108,7 +128,23 @@ class StepContext:
                 o = mla.attend(use, q_nope[:, r.start + a:r.start + b], q_pe[:, r.start + a:r.start + b],
                                ctx[..., :C], ctx[..., C:], mask[None])
                 out[r.start + a:r.start + b] = o[0]
-        return out[None]
+
+    def attend_projected(self, mla: MLA, q: torch.Tensor, kv_a: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+        """The CPU-kernel path. q [T, H, N+R] from q_b_proj (q_pe not yet rotated; rotated here in place), kv_a
+        [T, C+R] the raw kv_a_proj output (normalised, rotated and stored here), cos/sin [T, P] -> [T, H, V]."""
+        ops = mla.cpu_ops
+        kv = self.cache.kv[mla.layer_idx - self.layer_offset]  # [slots, W]
+        ops.mla_prepare(q, kv_a, mla.kv_a_layernorm.weight, mla.kv_a_layernorm.eps, cos, sin, kv,
+                        self.slot_mapping, mla.nope)
+        out = q.new_empty(q.shape[0], mla.n_heads, mla.v_dim)
+        if self.kernel_rows is not None:
+            k = self.kernel_rows
+            ops.mla_decode(q, kv, k.tok, k.seq, k.len, k.slots, mla.kv_b_proj.weight, mla.v_dim, mla.softmax_scale,
+                           out)
+        if self.multi:
+            self._attend_multi(mla, q[None, ..., :mla.nope], q[None, ..., mla.nope:], kv, out)
+        return out
 
 
 class ModelRunner:
@@ -118,6 +154,10 @@ class ModelRunner:
         self.device = cache.kv.device
         self.prefill_impl = prefill_impl
         self.graphs = None  # graphs.DecodeGraphs once enable_decode_graphs() is called
+        # The C++ CPU kernels attend decode and short rows when the model was packed with them (cpu_pack.py) and
+        # the cache is a bf16 CPU tensor.
+        self.cpu_kernels = (getattr(model, "cpu_kernels", False) and self.device.type == "cpu"
+                            and cache.kv.dtype == torch.bfloat16)
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool | None = None) -> None:
         """Run pure decode steps through static buffers (CUDA graphs on a CUDA cache); see engine/graphs.py."""
@@ -143,7 +183,9 @@ class ModelRunner:
             pos.extend(range(start, start + n))
             ctx_slots = self.slots(seq, 0, start + n)
             slot_map.append(ctx_slots[start:])
-            if n == 1:
+            if self.cpu_kernels and n <= SHORT_ROWS:
+                short.append((t, n, start, ctx_slots))
+            elif n == 1:
                 dec_rows.append(t)
                 dec_slots.append(ctx_slots)
             elif n <= SHORT_ROWS:
@@ -153,6 +195,10 @@ class ModelRunner:
                                        torch.arange(start, start + n, device=self.device)))
             t += n
         dev = self.device
+        if self.cpu_kernels:
+            ctx = StepContext(self.cache, torch.cat(slot_map), None, None, None, multi, prefill_impl=self.prefill_impl,
+                              kernel_rows=self._kernel_rows(short) if short else None, cpu_kernels=True)
+            return torch.tensor(ids)[None], torch.tensor(pos)[None], ctx
         short_rows = self._short_rows(short) if short else None
         rows = slots = valid = None
         if dec_rows:
@@ -175,6 +221,19 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
         return input_ids, positions, ctx
+
+    @staticmethod
+    def _kernel_rows(short: list[tuple[int, int, int, torch.Tensor]]) -> _KernelRows:
+        """(packed start, new tokens, first position, context slots) per sequence -> the CPU kernel's tables."""
+        Lm = max(len(c) for _, _, _, c in short)
+        slots = torch.zeros(len(short), Lm, dtype=torch.long)
+        tok, seq, lens = [], [], []
+        for i, (t, n, start, c) in enumerate(short):
+            slots[i, :len(c)] = c
+            tok.extend(range(t, t + n))
+            seq.extend([i] * n)
+            lens.extend(range(start + 1, start + n + 1))
+        return _KernelRows(torch.tensor(tok), torch.tensor(seq), torch.tensor(lens), slots)
 
     def _short_rows(self, short: list[tuple[int, int, int, torch.Tensor]]) -> _ShortRows:
         """(packed start, new tokens, first position, context slots) per sequence -> padded batch tensors."""

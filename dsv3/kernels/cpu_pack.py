@@ -44,12 +44,14 @@ def _drop(param_owner: nn.Module, name: str = "weight") -> None:
 
 
 @torch.no_grad()
-def prepack_for_cpu(model: nn.Module) -> bool:
+def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     """Pack a loaded CPU model in place; returns False (and changes nothing) when oneDNN packing is unavailable
-    for its dtype or the model holds FP8 weights."""
-    from ..model.layers import MLP, Linear
+    for its dtype or the model holds FP8 weights. kernels: also hand the MoE layers, norms and decode attention to
+    the C++ CPU kernels (kernels/cpu_ext.py) when they can be built here; the MoE weights are then packed in the
+    kernel's layout instead of oneDNN's."""
+    from ..model.layers import MLP, Linear, RMSNorm
     from ..model.mla import MLA
-    from ..model.moe import Experts
+    from ..model.moe import MoE, CpuMoE, Experts
 
     dtype = model.model.embed_tokens.weight.dtype
     if model.model.embed_tokens.weight.device.type != "cpu" or not available(dtype):
@@ -57,7 +59,29 @@ def prepack_for_cpu(model: nn.Module) -> bool:
     if any(getattr(m, "weight", None) is not None and m.weight.dtype not in PACKABLE_DTYPES
            for m in model.modules() if isinstance(m, Linear)):
         return False
+    ops = None
+    if kernels:
+        from . import cpu_ext
+
+        ops = cpu_ext.load()
+    handled: set[int] = set()  # modules whose weights the C++ MoE kernel owns
+    if ops is not None:
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.cpu = CpuMoE(ops, m, model.cfg)
+                owned = [m.gate, m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
+                if m.shared_experts is not None:
+                    owned += [m.shared_experts.gate_proj, m.shared_experts.up_proj, m.shared_experts.down_proj]
+                    handled.add(id(m.shared_experts))
+                handled.add(id(m.experts))
+                for lin in owned:
+                    _drop(lin)
+                    handled.add(id(lin))
+            elif isinstance(m, (RMSNorm, MLA)):
+                m.cpu_ops = ops
     for m in model.modules():
+        if id(m) in handled:
+            continue
         if isinstance(m, MLA):
             if hasattr(m, "q_a_proj"):
                 m.packed_qkv_a = _pack(torch.cat([m.q_a_proj.weight, m.kv_a_proj_with_mqa.weight]))
@@ -79,9 +103,12 @@ def prepack_for_cpu(model: nn.Module) -> bool:
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
                 _drop(lin)
     for name, m in model.named_modules():  # the rest (lm_head, MTP eh_proj); kv_b_proj is split per head instead
-        if isinstance(m, Linear) and m.packed is None and m.weight.numel() and not name.endswith("kv_b_proj"):
+        if (isinstance(m, Linear) and id(m) not in handled and m.packed is None and m.weight.numel()
+                and not name.endswith("kv_b_proj")):
             m.packed = _pack(m.weight)
             _drop(m)
     model.prepacked = True
-    log.info("packed the model's projections for oneDNN CPU matmuls")
+    model.cpu_kernels = ops is not None
+    log.info("packed the model's projections for oneDNN CPU matmuls%s",
+             "; MoE layers, norms and decode attention on the C++ CPU kernels" if ops is not None else "")
     return True

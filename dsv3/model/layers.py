@@ -18,8 +18,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.cpu_ops = None  # torch.ops.dsv3_cpu for bf16 CPU inference (kernels/cpu_ext.py), same rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_ops is not None and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16:
+            return self.cpu_ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         # Statistics in float32 whatever the activation dtype; scaled in the input dtype like the reference.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -59,6 +59,7 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.rank, H * (self.nope + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
         self.packed_qkv_a: torch.Tensor | None = None  # [q_a; kv_a] packed for CPU inference
+        self.cpu_ops = None  # torch.ops.dsv3_cpu when the C++ CPU kernels run this layer (kernels/cpu_ext.py)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,12 +83,31 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 impl: str = "naive") -> torch.Tensor:
+        if self.cpu_ops is not None and getattr(cache, "cpu_kernels", False):
+            return self._forward_projected(x, cos, sin, cache)
         q_nope, q_pe, c_kv, k_pe = self.latents(x, cos, sin)
         if cache is None:
             o = self.attend(impl, q_nope, q_pe, c_kv, k_pe, None)
         else:
             o = cache.attend(self, q_nope, q_pe, c_kv, k_pe, impl)
         return self.o_proj(o.flatten(-2))  # [B, S, H*V] -> [B, S, D]
+
+    def _forward_projected(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+        """The CPU-kernel path: the projections here, rotary + latent norm + cache write + attention in the
+        cache's attend_projected (two kernel calls). x [1, T, D] -> [1, T, D]"""
+        B, T, _ = x.shape
+        x2 = x.reshape(B * T, -1)
+        if self.packed_qkv_a is not None:
+            qkv = packed_linear(x2, self.packed_qkv_a)  # [T, q_lora + C + R]
+            q_lora = self.q_b_proj.in_features
+            q = self.q_b_proj(self.q_a_layernorm(qkv[:, :q_lora]))
+            kv_a = qkv[:, q_lora:]
+        else:
+            q = self.q_proj(x2) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x2)))
+            kv_a = self.kv_a_proj_with_mqa(x2)
+        q = q.view(B * T, self.n_heads, self.nope + self.rope)
+        o = cache.attend_projected(self, q, kv_a, cos.reshape(B * T, -1), sin.reshape(B * T, -1))  # [T, H, V]
+        return self.o_proj(o.view(B, T, -1))
 
     def attend(self, impl: str, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """q_nope [B, S, H, N], q_pe [B, S, H, R], context c_kv [B, L, C] and k_pe [B, L, R], mask [B, S, L] bool

@@ -145,6 +145,37 @@ class Experts(nn.Module):
         return torch.cat(parts) if parts else xs.new_zeros(0, xs.shape[1])
 
 
+class CpuMoE:
+    """Router, routed and shared experts of one MoE layer as a single call of the C++ CPU kernel
+    (kernels/csrc/cpu_kernels.cpp), with its weights in the kernel's packed layout. Inference only, bf16."""
+
+    GROUP_RULES = {"noaux_tc": 1, "group_limited_greedy": 2}
+
+    def __init__(self, ops, moe: "MoE", cfg: ModelConfig):
+        e = moe.experts
+        self.ops = ops
+        g = moe.gate.weight.detach()  # float32 (as loaded) stays float32; bf16 is packed like the experts
+        self.gate = g.float().contiguous() if g.dtype != torch.bfloat16 else ops.pack(g)
+        bias = moe.gate.e_score_correction_bias
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.w13 = ops.pack(torch.cat([e.gate_proj.weight, e.up_proj.weight], dim=1).detach())  # [E][2I, D]
+        self.w2 = ops.pack(e.down_proj.weight.detach())  # [E][D, I]
+        self.inter = cfg.moe_intermediate_size
+        s = moe.shared_experts
+        self.shared = None if s is None else (ops.pack(torch.cat([s.gate_proj.weight, s.up_proj.weight]).detach()),
+                                              ops.pack(s.down_proj.weight.detach()))
+        self.shared_inter = cfg.shared_intermediate_size if s is not None else 0
+        self.args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+                     self.GROUP_RULES.get(cfg.topk_method, 0) if cfg.uses_group_routing else 0,
+                     cfg.scoring_func == "softmax", cfg.norm_topk_prob, cfg.routed_scaling_factor)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] bf16 -> [T, D]"""
+        sw13, sw2 = self.shared if self.shared is not None else (None, None)
+        return self.ops.moe(x.contiguous(), self.gate, self.bias, *self.args, self.w13, self.w2, self.inter, sw13,
+                            sw2, self.shared_inter)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,10 +185,13 @@ class MoE(nn.Module):
         # Training reads these after each forward (per-expert counts and scores for balancing); off by default.
         self.record_routing = False
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cpu: CpuMoE | None = None  # set by kernels/cpu_pack.py: the whole layer as one C++ call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
+        if self.cpu is not None:
+            return self.cpu(x).view(shape)
         weights, indices, scores = self.gate(x)
         if self.record_routing:
             self.last_routing = (indices, scores)

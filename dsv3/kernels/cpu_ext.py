@@ -1,0 +1,97 @@
+"""The C++ CPU kernels (csrc/cpu_kernels.cpp): built on first use, then loaded from a cache directory.
+
+`load()` returns the `torch.ops.dsv3_cpu` namespace, or None when the kernels cannot be used here; callers then keep
+the pure PyTorch path, which stays the reference. The reason for None is logged once: disabled by
+DSV3_CPU_KERNELS=0, a CPU without AVX-512 (F, BW and VL; the kernels are written for it), no C++ compiler, or a
+failed build.
+
+The build (`torch.utils.cpp_extension`, -O3 -march=native for the machine it runs on) takes ~15 s once; the shared
+library is cached under $DSV3_KERNEL_CACHE (default ~/.cache/dsv3/kernels) in a directory named by the hash of the
+source, the flags and the torch/Python versions, so an edit rebuilds it and a stale library is never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def unsupported_reason() -> str | None:
+    """Why the kernels cannot be built on this machine, or None."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"they need an x86-64 CPU with AVX-512, this is {platform.machine()}"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler on PATH (install g++ or set CXX)"
+    return None
+
+
+def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = ()) -> object:
+    """Compile (or reuse the cached build) and return torch.ops.<namespace>. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    flags = CFLAGS + list(extra_cflags) + [f"-DDSV3_NS={namespace}"]
+    with open(SOURCE, "rb") as f:
+        key = f.read() + " ".join(flags + [torch.__version__, sys.version]).encode()
+    root = os.environ.get("DSV3_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv3", "kernels")
+    build_dir = os.path.join(root, f"{namespace}-{hashlib.sha256(key).hexdigest()[:16]}")
+    os.makedirs(build_dir, exist_ok=True)
+    if not any(name.endswith(".so") for name in os.listdir(build_dir)):
+        log.warning("building the dsv3 CPU kernels (once, ~15 s) in %s", build_dir)
+    cpp_extension.load(name=f"{namespace}_kernels", sources=[SOURCE], build_directory=build_dir,
+                       extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    return getattr(torch.ops, namespace)
+
+
+def load() -> object | None:
+    """The op namespace (building it on first use), or None with the reason logged once."""
+    with _lock:
+        if "ops" not in _state:
+            why = "disabled by DSV3_CPU_KERNELS=0" if os.environ.get("DSV3_CPU_KERNELS", "1") == "0" else \
+                unsupported_reason()
+            ops = None
+            if why is None:
+                try:
+                    ops = build()
+                except Exception as e:  # a failed build: keep the PyTorch path
+                    lines = str(e).strip().splitlines()
+                    why = f"the build failed: {lines[-1] if lines else type(e).__name__}"
+            _state["ops"], _state["why"] = ops, why
+            if ops is None:
+                log.warning("dsv3 CPU kernels not used (%s); running the PyTorch path", why)
+        return _state["ops"]
+
+
+def status() -> str:
+    """One line for logs and benchmarks: which kernels run, or why none do."""
+    ops = load()
+    return f"C++ CPU kernels ({ops.capability()})" if ops is not None else f"PyTorch path ({_state['why']})"

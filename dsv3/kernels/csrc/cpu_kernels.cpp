@@ -1,0 +1,657 @@
+// dsv3 CPU kernels for bf16 inference: the decode-critical pieces of a layer as single calls.
+//
+// Compiled on first use by dsv3/kernels/cpu_ext.py (torch.utils.cpp_extension, -O3 -march=native, AVX-512 CPUs) and
+// registered as torch.ops.dsv3_cpu.*. Each op replaces a chain of small PyTorch ops whose dispatch cost, not arithmetic,
+// dominates a decode step on the CPU:
+//   rms_norm     RMSNorm with the reference rounding (statistics in float32, scaled in bf16);
+//   mla_prepare  rotary on the queries (in place), kv_a_layernorm + rotary on the new latent, written to the cache;
+//   mla_decode   absorbed MLA attention of query rows straight from the latent cache through slot tables
+//                (online softmax, no gathered context, no per-head expansion);
+//   moe          router (sigmoid/softmax, bias for selection only, group-limited top-k) + routed and shared experts
+//                as bf16 dot products over only the experts hit, weights read once per call.
+// Dimension letters: T tokens, D hidden, E experts, K experts per token, I expert intermediate, H heads,
+// N/R/V head dims (nope, rope, value), C kv_lora_rank, W = C + R, Q query rows, B sequences, Lm context slots.
+// The Python implementations in dsv3/model/ stay the oracle: tests/test_cpu_kernels.py checks every op against them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+#error "the dsv3 CPU kernels need AVX-512 (F, BW, VL); cpu_ext.py keeps the PyTorch path on other CPUs"
+#endif
+#include <immintrin.h>
+
+// The op namespace; test builds of other instruction-set variants register under their own name.
+#ifndef DSV3_NS
+#define DSV3_NS dsv3_cpu
+#endif
+#define DSV3_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+namespace {
+
+using bf16_t = uint16_t;
+
+inline float bf2f(bf16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline bf16_t f2bf(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+const bf16_t* bf_ptr(const at::Tensor& t) { return reinterpret_cast<const bf16_t*>(t.data_ptr<at::BFloat16>()); }
+bf16_t* bf_mut(at::Tensor& t) { return reinterpret_cast<bf16_t*>(t.data_ptr<at::BFloat16>()); }
+
+void check_bf16(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension");
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == dim && t.is_contiguous(), name,
+              " must be a contiguous CPU int64 tensor with ", dim, " dimension(s), got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Matrix-vector products against weights in a packed layout (built once by `pack`): a [R, D] matrix is stored as
+// [ceil(R/16), ceil(D/2), 16, 2], i.e. for each block of 16 output rows, the pairs (w[r, d], w[r, d+1]) of all 16
+// rows side by side. One 64-byte load then feeds one bf16 pair-dot instruction for 16 outputs against a broadcast
+// pair of the input; the outputs stay in vector registers (no horizontal sums) and every weight is read once per
+// tile of up to 6 input rows. Padding rows/columns are zero.
+
+constexpr int64_t kRows = 16;  // output rows per packed block
+
+struct Packed {  // one packed matrix
+  const bf16_t* p;
+  int64_t R, D;  // logical shape
+  int64_t pairs() const { return (D + 1) / 2; }
+  int64_t blocks() const { return (R + kRows - 1) / kRows; }
+  const bf16_t* block(int64_t rb) const { return p + rb * pairs() * 2 * kRows; }
+};
+
+inline __m512 load16(const bf16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline uint32_t input_pair(const bf16_t* x, int64_t p, int64_t D) {  // (x[2p], x[2p+1]) as one 32-bit word
+  if (2 * p + 1 < D) {
+    uint32_t v;
+    std::memcpy(&v, x + 2 * p, 4);
+    return v;
+  }
+  return static_cast<uint32_t>(x[2 * p]);  // odd D: the last pair is (x[D-1], 0)
+}
+
+// acc rows [rb0*16, (rb0+RB)*16) for TB inputs: y[t * ldy + r] = sum_d w[r, d] x[t][d], rows >= R dropped.
+template <int RB, int TB>
+void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, float* y, int64_t ldy) {
+  const int64_t P = m.pairs();
+  const bf16_t* w = m.block(rb0);
+  const int64_t bstride = P * 2 * kRows;
+  __m512 acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+#if defined(__AVX512BF16__)
+    __m512i wv[RB];
+    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w + r * bstride + p * 2 * kRows);
+    for (int t = 0; t < TB; ++t) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(input_pair(x[t], p, m.D)));
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xb);
+    }
+#else
+    __m512 we[RB], wo[RB];
+    for (int r = 0; r < RB; ++r) {
+      const __m512i v = _mm512_loadu_si512(w + r * bstride + p * 2 * kRows);
+      we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    }
+    for (int t = 0; t < TB; ++t) {
+      const uint32_t pr = input_pair(x[t], p, m.D);
+      const __m512 x0 = _mm512_set1_ps(bf2f(static_cast<bf16_t>(pr & 0xffffu)));
+      const __m512 x1 = _mm512_set1_ps(bf2f(static_cast<bf16_t>(pr >> 16)));
+      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wo[r], x1, _mm512_fmadd_ps(we[r], x0, acc[r][t]));
+    }
+#endif
+  }
+  for (int r = 0; r < RB; ++r) {
+    const int64_t row0 = (rb0 + r) * kRows, valid = std::min<int64_t>(kRows, m.R - row0);
+    const __mmask16 mask = valid >= kRows ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+    for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[r][t]);
+  }
+}
+
+template <int RB>
+void ptile_rows(const Packed& m, int64_t rb0, const bf16_t* const* x, int tb, float* y, int64_t ldy) {
+  switch (tb) {
+    case 1: ptile<RB, 1>(m, rb0, x, y, ldy); break;
+    case 2: ptile<RB, 2>(m, rb0, x, y, ldy); break;
+    case 3: ptile<RB, 3>(m, rb0, x, y, ldy); break;
+    case 4: ptile<RB, 4>(m, rb0, x, y, ldy); break;
+    case 5: ptile<RB, 5>(m, rb0, x, y, ldy); break;
+    default: ptile<RB, 6>(m, rb0, x, y, ldy); break;
+  }
+}
+
+constexpr int kTokens = 6;  // input rows per tile
+
+// Row blocks [rb0, rb1) of m against n input rows x[0..n): y[t * ldy + r] in float32.
+void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* const* x, int64_t n, float* y,
+                   int64_t ldy) {
+  for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
+    const int tb = static_cast<int>(std::min<int64_t>(kTokens, n - t0));
+    int64_t rb = rb0;
+    for (; rb + 4 <= rb1; rb += 4) ptile_rows<4>(m, rb, x + t0, tb, y + t0 * ldy, ldy);
+    switch (rb1 - rb) {
+      case 3: ptile_rows<3>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
+      case 2: ptile_rows<2>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
+      case 1: ptile_rows<1>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
+      default: break;
+    }
+  }
+}
+
+// w [..., R, D] -> [..., ceil(R/16), ceil(D/2), 16, 2] (zero padded), the layout the products above read.
+at::Tensor pack(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() >= 2,
+              "pack: expects a bfloat16 CPU tensor [..., R, D], got ", w.scalar_type(), " ", w.sizes());
+  const at::Tensor c = w.contiguous();
+  const int64_t R = c.size(-2), D = c.size(-1), RB = (R + kRows - 1) / kRows, P = (D + 1) / 2;
+  const int64_t M = c.numel() / std::max<int64_t>(1, R * D);
+  std::vector<int64_t> shape(c.sizes().begin(), c.sizes().end() - 2);
+  shape.insert(shape.end(), {RB, P, kRows, 2});
+  at::Tensor out = at::zeros(shape, c.options());
+  const bf16_t* src = bf_ptr(c);
+  bf16_t* dst = bf_mut(out);
+  at::parallel_for(0, M * RB, 1, [&](int64_t a, int64_t b) {
+    for (int64_t mb = a; mb < b; ++mb) {
+      const int64_t mi = mb / RB, rb = mb % RB;
+      const bf16_t* s = src + mi * R * D;
+      bf16_t* d = dst + (mi * RB + rb) * P * 2 * kRows;
+      for (int64_t i = 0; i < kRows && rb * kRows + i < R; ++i)
+        for (int64_t k = 0; k < D; ++k) d[((k / 2) * kRows + i) * 2 + (k % 2)] = s[(rb * kRows + i) * D + k];
+    }
+  });
+  return out;
+}
+
+Packed packed_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name, int64_t index = -1) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
+              " must be a contiguous bfloat16 CPU tensor made by pack()");
+  const int64_t RB = (R + kRows - 1) / kRows, P = (D + 1) / 2;
+  TORCH_CHECK(t.size(-1) == 2 && t.size(-2) == kRows && t.size(-3) == P && t.size(-4) == RB, name, " ", t.sizes(),
+              " is not a packed [", R, ", ", D, "] matrix");
+  const bf16_t* base = bf_ptr(t);
+  return {index < 0 ? base : base + index * RB * P * 2 * kRows, R, D};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small float32 vector helpers for the attention (lengths C, R, V: any size).
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
+  const __m512 a = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+inline void bf_to_f32(const bf16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = bf2f(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm with the reference rounding: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), statistics in float32.
+
+void rms_norm_row(const bf16_t* x, const bf16_t* w, double eps, int64_t D, bf16_t* y) {
+  float ss = 0.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = bf2f(x[d]);
+    ss += v * v;
+  }
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (int64_t d = 0; d < D; ++d) y[d] = f2bf(bf2f(w[d]) * round_bf(bf2f(x[d]) * r));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_bf16(x, "rms_norm: x", 2);
+  check_bf16(weight, "rms_norm: weight", 1);
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(weight.size(0) == D, "rms_norm: weight has ", weight.size(0), " elements for rows of ", D);
+  at::Tensor y = at::empty({T, D}, x.options());
+  const bf16_t* xp = bf_ptr(x);
+  const bf16_t* wp = bf_ptr(weight);
+  bf16_t* yp = bf_mut(y);
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) rms_norm_row(xp + t * ldx, wp, eps, D, yp + t * D);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MLA: rotary on interleaved pairs (x0, x1), (x2, x3), ... with cos/sin [T, R/2] float32.
+
+inline void rope_row(bf16_t* x, const float* cos, const float* sin, int64_t R) {
+  for (int64_t i = 0; i < R / 2; ++i) {
+    const float x1 = bf2f(x[2 * i]), x2 = bf2f(x[2 * i + 1]);
+    x[2 * i] = f2bf(x1 * cos[i] - x2 * sin[i]);
+    x[2 * i + 1] = f2bf(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+// q [T, H, N+R]: rotate the last R of every head in place. kv_a [T, C+R] (rows may be strided): the new latents,
+// normalised (c_kv) and rotated (k_pe), written to cache[slot_mapping[t]] (cache [S, C+R]).
+void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping, int64_t nope) {
+  check_bf16(q, "mla_prepare: q", 3);
+  check_bf16(kv_a, "mla_prepare: kv_a", 2);
+  check_bf16(norm_w, "mla_prepare: norm weight", 1);
+  check_bf16(cache, "mla_prepare: cache", 2);
+  check_index(slot_mapping, "mla_prepare: slot_mapping", 1);
+  TORCH_CHECK(q.is_contiguous() && cache.is_contiguous(), "mla_prepare: q and cache must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), R = q.size(2) - nope, C = norm_w.size(0), W = cache.size(1);
+  TORCH_CHECK(kv_a.size(0) == T && kv_a.size(1) == C + R && W == C + R, "mla_prepare: kv_a ", kv_a.sizes(),
+              " and cache ", cache.sizes(), " do not match C=", C, " R=", R);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == T * (R / 2) && sin.numel() == T * (R / 2),
+              "mla_prepare: cos/sin must be contiguous float32 [T, R/2]");
+  TORCH_CHECK(slot_mapping.size(0) == T, "mla_prepare: slot_mapping has ", slot_mapping.size(0), " slots for ", T,
+              " tokens");
+  bf16_t* qp = bf_mut(q);
+  const bf16_t* kp = bf_ptr(kv_a);
+  bf16_t* cp = bf_mut(cache);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t S = cache.size(0), ldk = kv_a.stride(0);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "mla_prepare: slot ", slots[t], " outside the cache of ", S);
+  at::parallel_for(0, T, 8, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      for (int64_t h = 0; h < H; ++h) rope_row(qp + (t * H + h) * (nope + R) + nope, cs + t * (R / 2), sn + t * (R / 2), R);
+      bf16_t* dst = cp + slots[t] * W;
+      rms_norm_row(kp + t * ldk, bf_ptr(norm_w), eps, C, dst);
+      std::memcpy(dst + C, kp + t * ldk + C, R * sizeof(bf16_t));
+      rope_row(dst + C, cs + t * (R / 2), sn + t * (R / 2), R);
+    }
+  });
+}
+
+// Absorbed attention for Q query rows. Query i is token tok[i] of q [T, H, N+R] (q_pe already rotated); it attends
+// to the first len[i] context positions of sequence seq[i], whose cache slots are slots[seq[i], :]. kv_b [H*(N+V), C]
+// is kv_b_proj's weight: per head W_uk [N, C] then W_uv [V, C]. Writes out[tok[i]] ([T, H, V]).
+constexpr int64_t kTile = 8;  // context positions per online-softmax step (their float32 rows stay in L1)
+
+void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok, const at::Tensor& seq,
+                const at::Tensor& len, const at::Tensor& slots, const at::Tensor& kv_b, int64_t v_dim, double scale,
+                at::Tensor out) {
+  check_bf16(q, "mla_decode: q", 3);
+  check_bf16(kv, "mla_decode: kv", 2);
+  check_bf16(kv_b, "mla_decode: kv_b", 2);
+  check_bf16(out, "mla_decode: out", 3);
+  check_index(tok, "mla_decode: tok", 1);
+  check_index(seq, "mla_decode: seq", 1);
+  check_index(len, "mla_decode: len", 1);
+  check_index(slots, "mla_decode: slots", 2);
+  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && kv_b.is_contiguous() && out.is_contiguous(),
+              "mla_decode: q, kv, kv_b and out must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), C = kv_b.size(1), W = kv.size(1), R = W - C, N = q.size(2) - R;
+  const int64_t V = v_dim, Q = tok.size(0), Lm = slots.size(1), S = kv.size(0);
+  TORCH_CHECK(N > 0 && kv_b.size(0) == H * (N + V), "mla_decode: kv_b ", kv_b.sizes(), " does not fit H=", H,
+              " N=", N, " V=", V);
+  TORCH_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == V, "mla_decode: out must be [T, H, V]");
+  TORCH_CHECK(seq.size(0) == Q && len.size(0) == Q, "mla_decode: tok, seq and len must have the same length");
+  const int64_t* tk = tok.data_ptr<int64_t>();
+  const int64_t* sq = seq.data_ptr<int64_t>();
+  const int64_t* ln = len.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < Q; ++i) {
+    TORCH_CHECK(tk[i] >= 0 && tk[i] < T && sq[i] >= 0 && sq[i] < slots.size(0) && ln[i] >= 1 && ln[i] <= Lm,
+                "mla_decode: query ", i, " has token ", tk[i], ", sequence ", sq[i], ", length ", ln[i],
+                " outside the step's tables");
+    for (int64_t j = 0; j < ln[i]; ++j)
+      TORCH_CHECK(sl[sq[i] * Lm + j] >= 0 && sl[sq[i] * Lm + j] < S, "mla_decode: slot outside the cache");
+  }
+  const bf16_t* qp = bf_ptr(q);
+  const bf16_t* kvp = bf_ptr(kv);
+  const bf16_t* wp = bf_ptr(kv_b);
+  bf16_t* op = bf_mut(out);
+  // Work items: (query, block of heads); enough items to keep every thread busy at batch 1.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + Q - 1) / Q));
+  const int64_t hb = (H + splits - 1) / splits;
+  const int64_t items = Q * ((H + hb - 1) / hb);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> qc(hb * W), acc(hb * C), rows(kTile * W), wrow(std::max(C, N + R)), s(hb * kTile);
+    std::vector<float> m(hb), l(hb);
+    for (int64_t it = a; it < b; ++it) {
+      const int64_t i = it / ((H + hb - 1) / hb), h0 = (it % ((H + hb - 1) / hb)) * hb, h1 = std::min(H, h0 + hb);
+      const int64_t nh = h1 - h0, L = ln[i];
+      const int64_t* ctx = sl + sq[i] * Lm;
+      // q_c = scale * q_nope W_uk (float32), then scale * q_pe: one W-wide query per head.
+      for (int64_t h = h0; h < h1; ++h) {
+        float* qh = qc.data() + (h - h0) * W;
+        std::fill(qh, qh + C, 0.f);
+        const bf16_t* qrow = qp + (tk[i] * H + h) * (N + R);
+        for (int64_t n = 0; n < N; ++n) {
+          bf_to_f32(wp + (h * (N + V) + n) * C, wrow.data(), C);
+          axpy_f32(sc * bf2f(qrow[n]), wrow.data(), qh, C);
+        }
+        for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
+      }
+      std::fill(acc.begin(), acc.begin() + nh * C, 0.f);
+      std::fill(m.begin(), m.begin() + nh, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + nh, 0.f);
+      for (int64_t j0 = 0; j0 < L; j0 += kTile) {
+        const int64_t nj = std::min(kTile, L - j0);
+        for (int64_t j = 0; j < nj; ++j) bf_to_f32(kvp + ctx[j0 + j] * W, rows.data() + j * W, W);
+        for (int64_t h = 0; h < nh; ++h) {
+          float* sh = s.data() + h * kTile;
+          float mx = m[h];
+          for (int64_t j = 0; j < nj; ++j) {
+            sh[j] = dot_f32(qc.data() + h * W, rows.data() + j * W, W);
+            mx = std::max(mx, sh[j]);
+          }
+          const float corr = std::exp(m[h] - mx);  // exp(-inf) = 0 on the first tile
+          float* ah = acc.data() + h * C;
+          if (corr != 1.f)
+            for (int64_t c = 0; c < C; ++c) ah[c] *= corr;
+          float sum = l[h] * corr;
+          for (int64_t j = 0; j < nj; ++j) {
+            const float p = std::exp(sh[j] - mx);
+            sum += p;
+            axpy_f32(p, rows.data() + j * W, ah, C);
+          }
+          m[h] = mx;
+          l[h] = sum;
+        }
+      }
+      // o = (acc / l) W_uv^T per head, rounded once to bf16.
+      for (int64_t h = h0; h < h1; ++h) {
+        float* ah = acc.data() + (h - h0) * C;
+        const float inv = 1.f / l[h - h0];
+        for (int64_t c = 0; c < C; ++c) ah[c] *= inv;
+        bf16_t* orow = op + (tk[i] * H + h) * V;
+        for (int64_t v = 0; v < V; ++v) {
+          bf_to_f32(wp + (h * (N + V) + N + v) * C, wrow.data(), C);
+          orow[v] = f2bf(dot_f32(ah, wrow.data(), C));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MoE: router + routed experts + shared experts for T tokens in one call.
+
+struct Route {
+  std::vector<int64_t> idx;  // [T, K] chosen experts, best first
+  std::vector<float> wt;     // [T, K] their weights (normalised, scaled)
+};
+
+// Scores from the router logits, then the reference selection: optional bias for choosing only, optional group
+// limit (group score = sum of its two best, or its best), top-k, weights from the unbiased scores.
+void route_token(const float* logits, const float* bias, int64_t E, int64_t K, int64_t n_group, int64_t topk_group,
+                 int64_t group_rule, bool softmax, bool norm_topk, float scale, int64_t* idx, float* wt,
+                 std::vector<float>& scores, std::vector<float>& choice, std::vector<int64_t>& order) {
+  if (softmax) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(logits[e] - mx));
+    for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-logits[e]));
+  }
+  for (int64_t e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+  auto better = [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); };
+  if (group_rule != 0 && n_group > 1) {
+    const int64_t per = E / n_group;
+    std::vector<float> gs(n_group);
+    for (int64_t g = 0; g < n_group; ++g) {
+      float b1 = -std::numeric_limits<float>::infinity(), b2 = b1;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        if (choice[e] > b1) { b2 = b1; b1 = choice[e]; }
+        else if (choice[e] > b2) { b2 = choice[e]; }
+      }
+      gs[g] = group_rule == 1 ? b1 + b2 : b1;
+    }
+    std::vector<int64_t> go(n_group);
+    for (int64_t g = 0; g < n_group; ++g) go[g] = g;
+    std::partial_sort(go.begin(), go.begin() + topk_group, go.end(),
+                      [&](int64_t a, int64_t b) { return gs[a] > gs[b] || (gs[a] == gs[b] && a < b); });
+    std::vector<char> keep(n_group, 0);
+    for (int64_t g = 0; g < topk_group; ++g) keep[go[g]] = 1;
+    for (int64_t e = 0; e < E; ++e)
+      if (!keep[e / per]) choice[e] = -std::numeric_limits<float>::infinity();
+  }
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + K, order.end(), better);
+  float sum = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    idx[k] = order[k];
+    wt[k] = scores[order[k]];
+    sum += wt[k];
+  }
+  for (int64_t k = 0; k < K; ++k) wt[k] = (norm_topk ? wt[k] / (sum + 1e-20f) : wt[k]) * scale;
+}
+
+// silu(g) * u with the reference's bf16 rounding after each op.
+inline bf16_t swiglu(float g, float u) {
+  const float gb = round_bf(g);
+  const float sg = round_bf(gb / (1.f + std::exp(-gb)));
+  return f2bf(sg * round_bf(u));
+}
+
+struct Job {  // row blocks [rb0, rb1) of one packed matrix against its n input rows
+  Packed m;
+  int64_t rb0, rb1;
+  const bf16_t* const* x;
+  int64_t n;
+  float* y;
+  int64_t ldy;
+};
+
+void run_jobs(const std::vector<Job>& jobs) {
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) {
+      const Job& jb = jobs[j];
+      matvec_blocks(jb.m, jb.rb0, jb.rb1, jb.x, jb.n, jb.y, jb.ldy);
+    }
+  });
+}
+
+// Jobs for y[t * ldy + r] = m[r, :] . x[t]: chunks small enough to spread a batch-1 call over all threads, large
+// enough that each job streams a useful amount of weights.
+void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, int64_t n, float* y, int64_t ldy) {
+  const int64_t bytes_per_block = m.pairs() * 2 * kRows * 2;
+  const int64_t target = n <= 4 ? (32 << 10) : (128 << 10);
+  const int64_t chunk = std::max<int64_t>(1, target / bytes_per_block);
+  for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
+    jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x, n, y, ldy});
+}
+
+// x [T, D]; gate_w packed [E, D]; w13 packed [E][2I, D] ([gate; up] rows); w2 packed [E][D, I]; the shared expert
+// (optional) packed [2Is, D] and [D, Is]. Returns [T, D] bf16.
+at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optional<at::Tensor>& bias, int64_t K,
+               int64_t n_group, int64_t topk_group, int64_t group_rule, bool softmax, bool norm_topk, double scale,
+               const at::Tensor& w13, const at::Tensor& w2, int64_t I, const c10::optional<at::Tensor>& shared_w13,
+               const c10::optional<at::Tensor>& shared_w2, int64_t Is) {
+  check_bf16(x, "moe: x", 2);
+  TORCH_CHECK(x.is_contiguous(), "moe: x must be contiguous");
+  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0);
+  const bool gate_f32 = gate_w.scalar_type() == at::kFloat;
+  TORCH_CHECK(!gate_f32 || (gate_w.is_contiguous() && gate_w.dim() == 2 && gate_w.size(0) == E && gate_w.size(1) == D),
+              "moe: a float32 gate weight must be a contiguous [E, D] = [", E, ", ", D, "] tensor, got ", gate_w.sizes());
+  const Packed gate = gate_f32 ? Packed{nullptr, E, D} : packed_matrix(gate_w, E, D, "moe: gate weight");
+  for (int64_t e = 0; e < E; e += std::max<int64_t>(1, E - 1)) {  // shape checks on the first and last expert
+    packed_matrix(w13, 2 * I, D, "moe: w13", e);
+    packed_matrix(w2, D, I, "moe: w2", e);
+  }
+  TORCH_CHECK(w13.dim() == 5 && w2.dim() == 5 && w2.size(0) == E, "moe: w13 and w2 must be packed [E, ...] stacks");
+  TORCH_CHECK(K >= 1 && K <= E, "moe: top_k ", K, " outside [1, ", E, "]");
+  TORCH_CHECK(group_rule == 0 || (n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group),
+              "moe: ", E, " experts cannot form ", n_group, " groups with topk_group ", topk_group);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == E,
+                "moe: bias must be a contiguous float32 [E]");
+    bp = bias->data_ptr<float>();
+  }
+  const bool has_shared = shared_w13.has_value();
+  TORCH_CHECK(has_shared == shared_w2.has_value() && (!has_shared || Is > 0),
+              "moe: give both shared_w13 and shared_w2 (and their width Is > 0), or neither");
+  const Packed s13 = has_shared ? packed_matrix(*shared_w13, 2 * Is, D, "moe: shared_w13") : Packed{nullptr, 0, 0};
+  const Packed s2 = has_shared ? packed_matrix(*shared_w2, D, Is, "moe: shared_w2") : Packed{nullptr, 0, 0};
+  const bf16_t* xp = bf_ptr(x);
+  at::Tensor out = at::empty({T, D}, x.options());
+  if (T == 0) return out;
+
+  // 1. Router logits [T, E] in float32 (a float32 gate weight is used as is, like the reference).
+  std::vector<const bf16_t*> xrows(T);
+  for (int64_t t = 0; t < T; ++t) xrows[t] = xp + t * D;
+  std::vector<float> logits(T * E);
+  if (gate_f32) {
+    const float* gw = gate_w.data_ptr<float>();
+    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> xf(D);
+      for (int64_t t = a; t < b; ++t) {
+        bf_to_f32(xrows[t], xf.data(), D);
+        for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot_f32(xf.data(), gw + e * D, D);
+      }
+    });
+  } else {
+    std::vector<Job> jobs;
+    add_jobs(jobs, gate, xrows.data(), T, logits.data(), E);
+    run_jobs(jobs);
+  }
+  // 2. Routing, then the token-expert pairs grouped by expert (token order inside each expert).
+  Route rt{std::vector<int64_t>(T * K), std::vector<float>(T * K)};
+  {
+    std::vector<float> scores(E), choice(E);
+    std::vector<int64_t> order(E);
+    for (int64_t t = 0; t < T; ++t)
+      route_token(logits.data() + t * E, bp, E, K, n_group, topk_group, group_rule, softmax, norm_topk,
+                  static_cast<float>(scale), rt.idx.data() + t * K, rt.wt.data() + t * K, scores, choice, order);
+  }
+  const int64_t P = T * K;
+  std::vector<int64_t> count(E, 0), start(E + 1, 0), pair_of(P);
+  for (int64_t p = 0; p < P; ++p) ++count[rt.idx[p]];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<const bf16_t*> pair_x(P);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t p = fill[rt.idx[t * K + k]]++;
+        pair_of[t * K + k] = p;
+        pair_x[p] = xrows[t];
+      }
+  }
+  // 3. gate and up projections of every hit expert (and the shared expert on all tokens).
+  std::vector<float> h13(P * 2 * I), hs13(has_shared ? T * 2 * Is : 0);
+  {
+    std::vector<Job> jobs;
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e])
+        add_jobs(jobs, packed_matrix(w13, 2 * I, D, "moe: w13", e), pair_x.data() + start[e], count[e],
+                 h13.data() + start[e] * 2 * I, 2 * I);
+    if (has_shared) add_jobs(jobs, s13, xrows.data(), T, hs13.data(), 2 * Is);
+    run_jobs(jobs);
+  }
+  // 4. silu(gate) * up in bf16, the input of the down projections.
+  std::vector<bf16_t> act(P * I), acts(has_shared ? T * Is : 0);
+  at::parallel_for(0, P + (has_shared ? T : 0), 16, [&](int64_t a, int64_t b) {
+    for (int64_t p = a; p < b; ++p) {
+      if (p < P) {
+        const float* hp = h13.data() + p * 2 * I;
+        for (int64_t i = 0; i < I; ++i) act[p * I + i] = swiglu(hp[i], hp[I + i]);
+      } else {
+        const float* hp = hs13.data() + (p - P) * 2 * Is;
+        for (int64_t i = 0; i < Is; ++i) acts[(p - P) * Is + i] = swiglu(hp[i], hp[Is + i]);
+      }
+    }
+  });
+  // 5. down projections.
+  std::vector<const bf16_t*> act_rows(P), acts_rows(has_shared ? T : 0);
+  for (int64_t p = 0; p < P; ++p) act_rows[p] = act.data() + p * I;
+  for (int64_t t = 0; t < (has_shared ? T : 0); ++t) acts_rows[t] = acts.data() + t * Is;
+  std::vector<float> y(P * D), ys(has_shared ? T * D : 0);
+  {
+    std::vector<Job> jobs;
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e])
+        add_jobs(jobs, packed_matrix(w2, D, I, "moe: w2", e), act_rows.data() + start[e], count[e],
+                 y.data() + start[e] * D, D);
+    if (has_shared) add_jobs(jobs, s2, acts_rows.data(), T, ys.data(), D);
+    run_jobs(jobs);
+  }
+  // 6. out = bf16(sum_k w_k * bf16(y_k)) + bf16(shared), in bf16 like the reference.
+  bf16_t* op = bf_mut(out);
+  at::parallel_for(0, T, 4, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t d = 0; d < D; ++d) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += rt.wt[t * K + k] * round_bf(y[pair_of[t * K + k] * D + d]);
+        float v = round_bf(s);
+        if (has_shared) v = v + round_bf(ys[t * D + d]);
+        op[t * D + d] = f2bf(v);
+      }
+  });
+  return out;
+}
+
+std::string capability() {
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#else
+  return "avx512";
+#endif
+}
+
+}  // namespace
+
+DSV3_LIBRARY(DSV3_NS, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("mla_prepare(Tensor(a!) q, Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(b!) cache, "
+        "Tensor slot_mapping, int nope) -> ()", &mla_prepare);
+  m.def("mla_decode(Tensor q, Tensor kv, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor kv_b, int v_dim, "
+        "float scale, Tensor(a!) out) -> ()", &mla_decode);
+  m.def("pack(Tensor w) -> Tensor", &pack);
+  m.def("moe(Tensor x, Tensor gate_w, Tensor? bias, int top_k, int n_group, int topk_group, int group_rule, "
+        "bool softmax, bool norm_topk, float scale, Tensor w13, Tensor w2, int inter, Tensor? shared_w13, "
+        "Tensor? shared_w2, int shared_inter) -> Tensor", &moe);
+  m.def("capability() -> str", &capability);
+}

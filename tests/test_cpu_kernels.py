@@ -1,0 +1,246 @@
+"""The C++ CPU kernels (dsv3/kernels/csrc/cpu_kernels.cpp) against the PyTorch implementations they replace."""
+import copy
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig
+from dsv3.kernels import cpu_ext
+from dsv3.kernels.cpu_pack import prepack_for_cpu
+from dsv3.model import build_model
+from dsv3.model.layers import RMSNorm
+from dsv3.model.mla import MLA
+from dsv3.model.moe import MoE, CpuMoE
+from dsv3.model.rope import RotaryEmbedding
+from dsv3.model.transformer import init_weights
+from hf_ref import YARN, v2, v3
+
+OPS = cpu_ext.load()
+pytestmark = pytest.mark.skipif(OPS is None, reason=f"C++ CPU kernels unavailable: {cpu_ext.unsupported_reason()}")
+BF = torch.bfloat16
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_rms_norm_is_bit_identical_to_the_module():
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64)
+    norm = norm.to(BF)
+    x = torch.randn(9, 80).to(BF)[:, 3:67]  # strided rows, like a slice of a fused projection
+    want = norm(x)
+    norm.cpu_ops = OPS
+    assert torch.equal(norm(x), want)
+    assert torch.equal(norm(x[None]), want[None])  # leading dims are flattened and restored
+
+
+MOE_CASES = {
+    "v3 groups+bias": v3(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2),
+    "v3 odd sizes": v3(hidden_size=63, moe_intermediate_size=33, n_routed_experts=8),
+    "v2 softmax greedy": v2(n_routed_experts=16, num_experts_per_tok=3, n_shared_experts=2),
+    "v2 group-limited": v2(topk_method="group_limited_greedy", n_group=4, topk_group=2, n_routed_experts=16,
+                           num_experts_per_tok=3, norm_topk_prob=True, routed_scaling_factor=16.0),
+    "no shared experts": v3(n_shared_experts=None),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+@pytest.mark.parametrize("gate_dtype", [torch.float32, BF])
+def test_moe_matches_the_pytorch_layer(case, gate_dtype):
+    cfg = ModelConfig.from_dict(MOE_CASES[case])
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.05)
+    if moe.gate.e_score_correction_bias is not None:
+        moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    moe = moe.to(BF)
+    moe.gate.weight.data = moe.gate.weight.data.to(gate_dtype)
+    moe.gate.e_score_correction_bias = (None if moe.gate.e_score_correction_bias is None
+                                        else moe.gate.e_score_correction_bias.float())
+    kernel = CpuMoE(OPS, moe, cfg)
+    with torch.no_grad():
+        for T in (1, 4, 7, 33):  # one token, a full tile, a tile plus a remainder, several tiles
+            x = torch.randn(T, cfg.hidden_size).to(BF)
+            want = moe(x)
+            got = kernel(x)
+            assert got.dtype == BF and got.shape == want.shape
+            # Same routing and the same bf16 roundings; only the order of the float32 sums differs.
+            assert rel_err(got, want) < 4e-3, (case, T)
+
+
+def _mla_setup(q_lora):
+    cfg = ModelConfig.from_dict(v3(q_lora_rank=q_lora, rope_scaling=YARN))
+    mla = MLA(cfg, 0)
+    for p in mla.parameters():
+        p.data.normal_(0, 0.2)
+    for n in (getattr(mla, "q_a_layernorm", None), mla.kv_a_layernorm):
+        if n is not None:
+            n.weight.data = 1 + 0.1 * torch.randn_like(n.weight)
+    return cfg, mla.to(BF)
+
+
+@pytest.mark.parametrize("q_lora", [32, None])
+def test_mla_prepare_and_decode_match_the_reference_attention(q_lora):
+    cfg, mla = _mla_setup(q_lora)
+    rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+    W, S = cfg.kv_lora_rank + cfg.qk_rope_head_dim, 256
+    cache = (torch.randn(S, W) * 0.5).to(BF)
+    # Three sequences with cached contexts of 5, 17 and 40 tokens; they compute 1, 3 and 2 new tokens.
+    ctx_lens, new = [5, 17, 40], [1, 3, 2]
+    perm = torch.randperm(S)
+    tables, used = [], 0
+    for L, n in zip(ctx_lens, new):
+        tables.append(perm[used:used + L + n])
+        used += L + n
+    Lm = max(len(t) for t in tables)
+    slots = torch.zeros(len(tables), Lm, dtype=torch.long)
+    for i, t in enumerate(tables):
+        slots[i, :len(t)] = t
+    tok, seq, lens, pos, slot_map = [], [], [], [], []
+    for i, (L, n) in enumerate(zip(ctx_lens, new)):
+        for j in range(n):
+            tok.append(len(tok))
+            seq.append(i)
+            lens.append(L + j + 1)
+            pos.append(L + j)
+            slot_map.append(tables[i][L + j].item())
+    T = len(tok)
+    x = torch.randn(1, T, cfg.hidden_size).to(BF)
+    cos, sin = rotary.cos_sin(torch.tensor(pos)[None])
+    with torch.no_grad():
+        # Reference: the module's own latents, written to a copy of the cache, attended in float32 per query.
+        q_nope, q_pe, c_kv, k_pe = mla.latents(x, cos, sin)
+        ref_cache = cache.clone()
+        ref_cache[torch.tensor(slot_map)] = torch.cat([c_kv[0], k_pe[0]], dim=-1)
+        f32 = copy.deepcopy(mla).float()
+        want = []
+        for i in range(T):
+            ctx = ref_cache[slots[seq[i], :lens[i]]].float()[None]
+            want.append(f32.attend("naive", q_nope[:, i:i + 1].float(), q_pe[:, i:i + 1].float(),
+                                   ctx[..., :cfg.kv_lora_rank], ctx[..., cfg.kv_lora_rank:], None)[0, 0])
+        want = torch.stack(want)  # [T, H, V]
+        # Kernels: the same projections, then prepare (rotary, norm, cache write) and decode.
+        x2 = x[0]
+        q = mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x2))) if q_lora else mla.q_proj(x2)
+        q = q.view(T, cfg.num_attention_heads, -1).contiguous()
+        kv_a = mla.kv_a_proj_with_mqa(x2)
+        got_cache = cache.clone()
+        OPS.mla_prepare(q, kv_a, mla.kv_a_layernorm.weight, mla.kv_a_layernorm.eps, cos[0].contiguous(),
+                        sin[0].contiguous(), got_cache, torch.tensor(slot_map), mla.nope)
+        assert torch.equal(got_cache, ref_cache)  # same rounding as the module's norm and rotary
+        assert torch.equal(q[..., mla.nope:], q_pe[0])  # queries rotated in place
+        out = torch.empty(T, cfg.num_attention_heads, cfg.v_head_dim, dtype=BF)
+        OPS.mla_decode(q, got_cache, torch.tensor(tok), torch.tensor(seq), torch.tensor(lens), slots,
+                       mla.kv_b_proj.weight, cfg.v_head_dim, mla.softmax_scale, out)
+    assert rel_err(out, want) < 1e-2  # float32 inside, one bf16 rounding at the end
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(RuntimeError, match="pack: expects a bfloat16"):
+        OPS.pack(torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="rms_norm: x must be bfloat16"):
+        OPS.rms_norm(torch.randn(2, 8), torch.ones(8, dtype=BF), 1e-6)
+    cfg, mla = _mla_setup(32)
+    H, W = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    q = torch.zeros(1, H, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, dtype=BF)
+    out = torch.empty(1, H, cfg.v_head_dim, dtype=BF)
+    one = torch.tensor([0])
+    with pytest.raises(RuntimeError, match="slot outside the cache"):
+        OPS.mla_decode(q, torch.zeros(8, W, dtype=BF), one, one, torch.tensor([1]), torch.tensor([[99]]),
+                       mla.kv_b_proj.weight, cfg.v_head_dim, 1.0, out)
+    with pytest.raises(RuntimeError, match="moe: w13 .* is not a packed"):
+        OPS.moe(torch.zeros(1, 64, dtype=BF), torch.zeros(8, 64), None, 2, 1, 1, 0, False, True, 1.0,
+                torch.zeros(8, 3, 32, 16, 2, dtype=BF), torch.zeros(8, 4, 16, 16, 2, dtype=BF), 32, None, None, 0)
+
+
+def test_prepack_hands_moe_norms_and_attention_to_the_kernels_and_drops_plain_weights():
+    model = build_model(ModelConfig.from_dict(v3()), "cpu", BF).eval()
+    assert prepack_for_cpu(model)
+    assert model.cpu_kernels
+    moe = model.model.layers[1].mlp
+    assert isinstance(moe.cpu, CpuMoE)
+    for lin in (moe.gate, moe.experts.gate_proj, moe.experts.down_proj, moe.shared_experts.up_proj):
+        assert lin.weight.numel() == 0  # the kernel's packed copy is the only one
+    assert model.model.layers[0].self_attn.cpu_ops is OPS and model.model.norm.cpu_ops is OPS
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DSV3_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    assert cpu_ext.load() is None
+    assert "DSV3_CPU_KERNELS=0" in cpu_ext.status()
+    model = build_model(ModelConfig.from_dict(v3()), "cpu", BF).eval()
+    assert prepack_for_cpu(model)  # oneDNN packing still applies
+    assert not model.cpu_kernels and model.model.layers[1].mlp.cpu is None
+
+
+PROMPTS = ["def fibonacci(n):", "import os\n\nclass Config:", "for i in range(10):"]
+LONG_PROMPTS = ['def parse(path):\n    """Read the file at path and return its lines without comments."""\n    with open(path) as f:',
+                "import json\nimport os\n\n\ndef load_settings(name, default=None):\n    path = os.path.join(",
+                "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):"]
+
+
+def _generate(monkeypatch, kernels: bool, model=None, prompts=PROMPTS, **kw):
+    from dsv3 import LLM, SamplingParams
+
+    if not kernels:
+        monkeypatch.setenv("DSV3_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    llm = LLM(model, progress=False, **kw)
+    assert getattr(llm.model, "cpu_kernels", False) is kernels
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0, logprobs=2))
+    monkeypatch.delenv("DSV3_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    return outs
+
+
+def assert_same_greedy_run(want, got, margin: float = 0.1) -> int:
+    """Greedy outputs agree token for token up to the first step where the reference's two best tokens are closer
+    than `margin` nats (a near-tie may legitimately flip under another summation order), with logprobs within bf16
+    noise: the logits themselves are bf16 (a step of 0.0625 at |logit| ~ 10), so the PyTorch bf16 path differs from
+    float32 by up to ~0.17 nats (mean ~0.015) on these prompts. Returns how many steps were compared."""
+    errs = []
+    for w, g in zip(want, got):
+        for step, (tw, tg, lw, lg) in enumerate(zip(w.token_ids, g.token_ids, w.logprobs, g.logprobs)):
+            if lw.top[0][1] - lw.top[1][1] < margin:
+                break
+            assert tg == tw, f"step {step}: {tg} != {tw} (reference margin {lw.top[0][1] - lw.top[1][1]:.3f})"
+            errs.append(abs(lw.logprob - lg.logprob))
+    assert max(errs) < 0.25 and sum(errs) / len(errs) < 0.03, (max(errs), sum(errs) / len(errs))
+    return len(errs)
+
+
+@pytest.mark.parametrize("speculative", ["off", "mtp"])
+def test_engine_on_the_kernels_generates_what_the_pytorch_path_does(monkeypatch, speculative):
+    # The embedded trained model, batched prompts of different lengths, decode and (with MTP) verification rows,
+    # against the float32 PyTorch path (the bf16 PyTorch path is itself ~0.05 nats off: it rounds attention scores
+    # to bf16 where the kernel keeps float32).
+    want = _generate(monkeypatch, False, speculative=speculative, dtype="float32")
+    got = _generate(monkeypatch, True, speculative=speculative)
+    assert assert_same_greedy_run(want, got) >= 24
+
+
+def test_engine_on_the_kernels_with_chunked_prefill_and_mixed_steps(monkeypatch):
+    # A step budget of 24 tokens and prompts of 30-40: prompts are prefilled in chunks while other sequences
+    # decode, so steps mix prefill rows (> 16 tokens: PyTorch attention over the cache) and kernel rows.
+    kw = dict(max_num_batched_tokens=24, speculative="off", prompts=LONG_PROMPTS)
+    want = _generate(monkeypatch, False, dtype="float32", **kw)
+    got = _generate(monkeypatch, True, **kw)
+    assert assert_same_greedy_run(want, got) >= 24
+
+
+def test_avx512_build_without_bf16_instructions_agrees():
+    if "avx512_bf16" not in cpu_ext.cpu_flags():
+        pytest.skip("the default build already is the plain AVX-512 one")
+    ops = cpu_ext.build("dsv3_cpu_avx512", ("-mno-avx512bf16",))
+    assert ops.capability() == "avx512"
+    cfg = ModelConfig.from_dict(MOE_CASES["v3 odd sizes"])
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.05)
+    moe = moe.to(BF)
+    moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+    x = torch.randn(7, cfg.hidden_size).to(BF)
+    with torch.no_grad():
+        assert rel_err(CpuMoE(ops, moe, cfg)(x), moe(x)) < 4e-3
