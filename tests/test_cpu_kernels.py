@@ -12,7 +12,6 @@ from dsv3.model.layers import RMSNorm
 from dsv3.model.mla import MLA
 from dsv3.model.moe import MoE, CpuMoE
 from dsv3.model.rope import RotaryEmbedding
-from dsv3.model.transformer import init_weights
 from hf_ref import YARN, v2, v3
 
 OPS = cpu_ext.load()
@@ -33,6 +32,22 @@ def test_rms_norm_is_bit_identical_to_the_module():
     norm.cpu_ops = OPS
     assert torch.equal(norm(x), want)
     assert torch.equal(norm(x[None]), want[None])  # leading dims are flattened and restored
+
+
+@pytest.mark.parametrize("shape", [(352, 512), (40, 63), (17, 130)])  # fused projection, odd width, odd rows
+def test_linear_matches_torch(shape):
+    from dsv3.kernels.cpu_pack import KernelWeight
+
+    R, D = shape
+    w = (torch.randn(R, D) * 0.1).to(BF)
+    lin = KernelWeight(OPS, w)
+    for T in (1, 5, 6, 13, 50):  # tails of the 6-row tiles and of the 48-row token chunks
+        x = torch.randn(T, D + 3).to(BF)[:, 2:D + 2]  # strided rows
+        want = torch.nn.functional.linear(x.float(), w.float())
+        got = lin(x)
+        assert got.dtype == BF and got.shape == (T, R)
+        assert rel_err(got, want) < 4e-3  # float32 sums, one bf16 rounding
+        assert torch.equal(lin(x[None])[0], got)  # leading dims
 
 
 MOE_CASES = {

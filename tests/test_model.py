@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dsv3
 from dsv3 import ModelConfig
 from dsv3.model import build_model
 from dsv3.model.moe import route

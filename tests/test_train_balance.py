@@ -51,7 +51,7 @@ def test_balance_loss_matches_written_out_formula(n_seq):
 
 
 def test_balance_loss_is_one_when_perfectly_balanced_and_has_gradient():
-    E, K = 4, 2
+    E = 4  # experts; each token picks 2
     indices = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
     scores = torch.full((4, E), 0.3, requires_grad=True)  # equal normalised scores 1/E
     loss = balance_loss(indices, scores, 1)

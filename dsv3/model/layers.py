@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import dispatch, fp8
-from ..kernels.cpu_pack import packed_linear
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +37,7 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set by set_fp8 when the weight is kept in FP8
-        self.packed: torch.Tensor | None = None  # kernels/cpu_pack.py: oneDNN layout for CPU inference
+        self.packed = None  # kernels/cpu_pack.py: a packed copy for CPU inference, called as packed(x)
 
     def set_fp8(self, scale_inv: torch.Tensor) -> None:
         self.register_buffer("weight_scale_inv", scale_inv)
@@ -50,7 +49,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return packed_linear(x, self.packed)
+            return self.packed(x)
         y = dispatch.linear(x, self.weight, self.weight_scale_inv)  # FP8 weights on CUDA: kernels/triton_fp8.py
         if y is not None:
             return y
@@ -68,10 +67,10 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter)
         self.up_proj = Linear(dim, inter)
         self.down_proj = Linear(inter, dim)
-        self.packed_gate_up: torch.Tensor | None = None  # [gate; up] packed for CPU inference
+        self.packed_gate_up = None  # [gate; up] packed for CPU inference (kernels/cpu_pack.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_gate_up is not None:
-            g, u = packed_linear(x, self.packed_gate_up).chunk(2, dim=-1)
+            g, u = self.packed_gate_up(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.cpu_pack import packed_linear
 from .layers import Linear, RMSNorm
 from .rope import apply_rotary
 
@@ -58,7 +57,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.rank, H * (self.nope + self.v_dim))
         self.o_proj = Linear(H * self.v_dim, D)
-        self.packed_qkv_a: torch.Tensor | None = None  # [q_a; kv_a] packed for CPU inference
+        self.packed_qkv_a = None  # [q_a; kv_a] packed for CPU inference (kernels/cpu_pack.py)
         self.cpu_ops = None  # torch.ops.dsv3_cpu when the C++ CPU kernels run this layer (kernels/cpu_ext.py)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -66,7 +65,7 @@ class MLA(nn.Module):
         """x [B, S, D], cos/sin [B, S, P] -> q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated),
         c_kv [B, S, C] (normalised), k_pe [B, S, R] (rotated)."""
         if self.packed_qkv_a is not None:  # one matmul for the two projections of x
-            q_a, kv = packed_linear(x, self.packed_qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope],
+            q_a, kv = self.packed_qkv_a(x).split([self.q_b_proj.in_features, self.rank + self.rope],
                                                                 dim=-1)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
@@ -98,7 +97,7 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         x2 = x.reshape(B * T, -1)
         if self.packed_qkv_a is not None:
-            qkv = packed_linear(x2, self.packed_qkv_a)  # [T, q_lora + C + R]
+            qkv = self.packed_qkv_a(x2)  # [T, q_lora + C + R]
             q_lora = self.q_b_proj.in_features
             q = self.q_b_proj(self.q_a_layernorm(qkv[:, :q_lora]))
             kv_a = qkv[:, q_lora:]

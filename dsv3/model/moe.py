@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels import dispatch, fp8
-from ..kernels.cpu_pack import packed_linear
 from ..kernels.grouped import grouped_mm
 from .layers import MLP
 
@@ -89,7 +88,7 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(E, D, I)
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert ([gate; up], down), CPU
+        self.packed: list | None = None  # per expert ([gate; up], down) in oneDNN's layout (kernels/cpu_pack.py)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [T, D], weights [T, K], indices [T, K] -> sum_k weights[t, k] * expert_{indices[t, k]}(x[t]) [T, D]"""
@@ -134,8 +133,8 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c and self.packed is not None:
                 gate_up, down = self.packed[e]
-                g, u = packed_linear(xs[start:start + c], gate_up).chunk(2, dim=-1)
-                parts.append(packed_linear(F.silu(g) * u, down))
+                g, u = gate_up(xs[start:start + c]).chunk(2, dim=-1)
+                parts.append(down(F.silu(g) * u))
                 start += c
             elif c:
                 xe = xs[start:start + c]

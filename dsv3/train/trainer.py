@@ -370,7 +370,7 @@ def train(config: TrainConfig | dict) -> dict:
     result = {"step": step, "eval": last_eval, "out": cfg.out, "unigram_baseline": corpus.unigram_baseline()}
     if step >= cfg.steps and is_main:
         final = os.path.join(cfg.out, "final")
-        info = export_model(model, final, tok_dir, fp8=cfg.export_fp8)
+        export_model(model, final, tok_dir, fp8=cfg.export_fp8)
         result["final"] = final
         result["final_bytes"] = sum(os.path.getsize(os.path.join(final, f)) for f in os.listdir(final))
         log.info("final model: %s (%.1f MB)", final, result["final_bytes"] / 1e6)

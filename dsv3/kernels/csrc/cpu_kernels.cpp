@@ -93,79 +93,112 @@ inline __m512 load16(const bf16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-inline uint32_t input_pair(const bf16_t* x, int64_t p, int64_t D) {  // (x[2p], x[2p+1]) as one 32-bit word
-  if (2 * p + 1 < D) {
-    uint32_t v;
-    std::memcpy(&v, x + 2 * p, 4);
-    return v;
-  }
-  return static_cast<uint32_t>(x[2 * p]);  // odd D: the last pair is (x[D-1], 0)
+
+// Where products go: float32 rows, or bf16 rows (rounded to nearest even) when b is set. Row t starts at t * ld.
+struct Out {
+  float* f;
+  bf16_t* b;
+  int64_t ld;
+  Out at(int64_t t) const { return {f ? f + t * ld : nullptr, b ? b + t * ld : nullptr, ld}; }
+};
+
+inline __m256i to_bf16x16(__m512 v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
-// acc rows [rb0*16, (rb0+RB)*16) for TB inputs: y[t * ldy + r] = sum_d w[r, d] x[t][d], rows >= R dropped.
+typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;  // two bf16 inputs read as one 32-bit word
+
+// One pair step of a tile: acc[r][t] += w pairs of row block r (16 rows) x broadcast input pair t.
 template <int RB, int TB>
-void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, float* y, int64_t ldy) {
-  const int64_t P = m.pairs();
+inline void pair_step(__m512 (&acc)[RB][TB], const bf16_t* w, int64_t bstride, const uint32_t (&xs)[TB]) {
+#if defined(__AVX512BF16__)
+  __m512i wv[RB];
+  for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w + r * bstride);
+  for (int t = 0; t < TB; ++t) {
+    const __m512i xb = _mm512_set1_epi32(static_cast<int>(xs[t]));
+    for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xb);
+  }
+#else
+  __m512 we[RB], wo[RB];
+  for (int r = 0; r < RB; ++r) {
+    const __m512i v = _mm512_loadu_si512(w + r * bstride);
+    we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  for (int t = 0; t < TB; ++t) {
+    const __m512 x0 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(xs[t] << 16)));
+    const __m512 x1 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(xs[t] & 0xffff0000u)));
+    for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wo[r], x1, _mm512_fmadd_ps(we[r], x0, acc[r][t]));
+  }
+#endif
+}
+
+// Rows [rb0*16, (rb0+RB)*16) for TB inputs: out row t, column r = sum_d w[r, d] x[t][d], rows >= R dropped.
+template <int RB, int TB>
+void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, const Out& y) {
+  const int64_t P = m.pairs(), full = m.D / 2;
   const bf16_t* w = m.block(rb0);
   const int64_t bstride = P * 2 * kRows;
+  const pair_t* xp[TB];
+  for (int t = 0; t < TB; ++t) xp[t] = reinterpret_cast<const pair_t*>(x[t]);
   __m512 acc[RB][TB];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-#if defined(__AVX512BF16__)
-    __m512i wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w + r * bstride + p * 2 * kRows);
-    for (int t = 0; t < TB; ++t) {
-      const __m512i xb = _mm512_set1_epi32(static_cast<int>(input_pair(x[t], p, m.D)));
-      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xb);
-    }
-#else
-    __m512 we[RB], wo[RB];
-    for (int r = 0; r < RB; ++r) {
-      const __m512i v = _mm512_loadu_si512(w + r * bstride + p * 2 * kRows);
-      we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-    }
-    for (int t = 0; t < TB; ++t) {
-      const uint32_t pr = input_pair(x[t], p, m.D);
-      const __m512 x0 = _mm512_set1_ps(bf2f(static_cast<bf16_t>(pr & 0xffffu)));
-      const __m512 x1 = _mm512_set1_ps(bf2f(static_cast<bf16_t>(pr >> 16)));
-      for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wo[r], x1, _mm512_fmadd_ps(we[r], x0, acc[r][t]));
-    }
-#endif
+  uint32_t xs[TB];
+  for (int64_t p = 0; p < full; ++p) {
+    for (int t = 0; t < TB; ++t) xs[t] = static_cast<uint32_t>(xp[t][p]);
+    pair_step<RB, TB>(acc, w + p * 2 * kRows, bstride, xs);
+  }
+  if (full < P) {  // odd D: the last pair is (x[D-1], 0)
+    for (int t = 0; t < TB; ++t) xs[t] = x[t][m.D - 1];
+    pair_step<RB, TB>(acc, w + full * 2 * kRows, bstride, xs);
   }
   for (int r = 0; r < RB; ++r) {
     const int64_t row0 = (rb0 + r) * kRows, valid = std::min<int64_t>(kRows, m.R - row0);
     const __mmask16 mask = valid >= kRows ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
-    for (int t = 0; t < TB; ++t) _mm512_mask_storeu_ps(y + t * ldy + row0, mask, acc[r][t]);
+    for (int t = 0; t < TB; ++t) {
+      if (y.b)
+        _mm256_mask_storeu_epi16(y.b + t * y.ld + row0, mask, to_bf16x16(acc[r][t]));
+      else
+        _mm512_mask_storeu_ps(y.f + t * y.ld + row0, mask, acc[r][t]);
+    }
   }
 }
 
 template <int RB>
-void ptile_rows(const Packed& m, int64_t rb0, const bf16_t* const* x, int tb, float* y, int64_t ldy) {
+void ptile_rows(const Packed& m, int64_t rb0, const bf16_t* const* x, int tb, const Out& y) {
   switch (tb) {
-    case 1: ptile<RB, 1>(m, rb0, x, y, ldy); break;
-    case 2: ptile<RB, 2>(m, rb0, x, y, ldy); break;
-    case 3: ptile<RB, 3>(m, rb0, x, y, ldy); break;
-    case 4: ptile<RB, 4>(m, rb0, x, y, ldy); break;
-    case 5: ptile<RB, 5>(m, rb0, x, y, ldy); break;
-    default: ptile<RB, 6>(m, rb0, x, y, ldy); break;
+    case 1: ptile<RB, 1>(m, rb0, x, y); break;
+    case 2: ptile<RB, 2>(m, rb0, x, y); break;
+    case 3: ptile<RB, 3>(m, rb0, x, y); break;
+    case 4: ptile<RB, 4>(m, rb0, x, y); break;
+    case 5: ptile<RB, 5>(m, rb0, x, y); break;
+    default: ptile<RB, 6>(m, rb0, x, y); break;
   }
 }
 
 constexpr int kTokens = 6;  // input rows per tile
 
-// Row blocks [rb0, rb1) of m against n input rows x[0..n): y[t * ldy + r] in float32.
-void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* const* x, int64_t n, float* y,
-                   int64_t ldy) {
+// Row blocks [rb0, rb1) of m against n input rows x[0..n) into out rows 0..n.
+void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* const* x, int64_t n, const Out& y) {
   for (int64_t t0 = 0; t0 < n; t0 += kTokens) {
     const int tb = static_cast<int>(std::min<int64_t>(kTokens, n - t0));
+    const Out yt = y.at(t0);
     int64_t rb = rb0;
-    for (; rb + 4 <= rb1; rb += 4) ptile_rows<4>(m, rb, x + t0, tb, y + t0 * ldy, ldy);
+    for (; rb + 4 <= rb1; rb += 4) ptile_rows<4>(m, rb, x + t0, tb, yt);
     switch (rb1 - rb) {
-      case 3: ptile_rows<3>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
-      case 2: ptile_rows<2>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
-      case 1: ptile_rows<1>(m, rb, x + t0, tb, y + t0 * ldy, ldy); break;
+      case 3: ptile_rows<3>(m, rb, x + t0, tb, yt); break;
+      case 2: ptile_rows<2>(m, rb, x + t0, tb, yt); break;
+      case 1: ptile_rows<1>(m, rb, x + t0, tb, yt); break;
       default: break;
     }
   }
@@ -475,32 +508,34 @@ inline bf16_t swiglu(float g, float u) {
   return f2bf(sg * round_bf(u));
 }
 
-struct Job {  // row blocks [rb0, rb1) of one packed matrix against its n input rows
+struct Job {  // row blocks [rb0, rb1) of one packed matrix against n input rows
   Packed m;
   int64_t rb0, rb1;
   const bf16_t* const* x;
   int64_t n;
-  float* y;
-  int64_t ldy;
+  Out y;
 };
 
 void run_jobs(const std::vector<Job>& jobs) {
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t a, int64_t b) {
-    for (int64_t j = a; j < b; ++j) {
-      const Job& jb = jobs[j];
-      matvec_blocks(jb.m, jb.rb0, jb.rb1, jb.x, jb.n, jb.y, jb.ldy);
-    }
+    for (int64_t j = a; j < b; ++j) matvec_blocks(jobs[j].m, jobs[j].rb0, jobs[j].rb1, jobs[j].x, jobs[j].n, jobs[j].y);
   });
 }
 
-// Jobs for y[t * ldy + r] = m[r, :] . x[t]: chunks small enough to spread a batch-1 call over all threads, large
-// enough that each job streams a useful amount of weights.
-void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, int64_t n, float* y, int64_t ldy) {
+// Jobs for out[t, r] = m[r, :] . x[t]. Each job streams a useful amount of weights (32 KiB for a few input rows,
+// 128 KiB for more) over at most 48 input rows; a large product is cut into at least 4 jobs per thread so the
+// threads finish together.
+void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, int64_t n, const Out& y) {
   const int64_t bytes_per_block = m.pairs() * 2 * kRows * 2;
-  const int64_t target = n <= 4 ? (32 << 10) : (128 << 10);
-  const int64_t chunk = std::max<int64_t>(1, target / bytes_per_block);
-  for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
-    jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x, n, y, ldy});
+  const int64_t tchunk = n <= 8 * kTokens ? n : 8 * kTokens;
+  const int64_t tjobs = (n + tchunk - 1) / tchunk;
+  int64_t chunk = std::max<int64_t>(1, (n <= 4 ? (32 << 10) : (128 << 10)) / bytes_per_block);
+  const int64_t min_jobs = 4 * at::get_num_threads();
+  if (m.blocks() * tjobs < min_jobs * chunk)
+    chunk = std::max<int64_t>(1, (m.blocks() * tjobs + min_jobs - 1) / min_jobs);
+  for (int64_t t0 = 0; t0 < n; t0 += tchunk)
+    for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
+      jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x + t0, std::min(tchunk, n - t0), y.at(t0)});
 }
 
 // x [T, D]; gate_w packed [E, D]; w13 packed [E][2I, D] ([gate; up] rows); w2 packed [E][D, I]; the shared expert
@@ -554,7 +589,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     });
   } else {
     std::vector<Job> jobs;
-    add_jobs(jobs, gate, xrows.data(), T, logits.data(), E);
+    add_jobs(jobs, gate, xrows.data(), T, Out{logits.data(), nullptr, E});
     run_jobs(jobs);
   }
   // 2. Routing, then the token-expert pairs grouped by expert (token order inside each expert).
@@ -587,8 +622,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
         add_jobs(jobs, packed_matrix(w13, 2 * I, D, "moe: w13", e), pair_x.data() + start[e], count[e],
-                 h13.data() + start[e] * 2 * I, 2 * I);
-    if (has_shared) add_jobs(jobs, s13, xrows.data(), T, hs13.data(), 2 * Is);
+                 Out{h13.data() + start[e] * 2 * I, nullptr, 2 * I});
+    if (has_shared) add_jobs(jobs, s13, xrows.data(), T, Out{hs13.data(), nullptr, 2 * Is});
     run_jobs(jobs);
   }
   // 4. silu(gate) * up in bf16, the input of the down projections.
@@ -614,8 +649,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
         add_jobs(jobs, packed_matrix(w2, D, I, "moe: w2", e), act_rows.data() + start[e], count[e],
-                 y.data() + start[e] * D, D);
-    if (has_shared) add_jobs(jobs, s2, acts_rows.data(), T, ys.data(), D);
+                 Out{y.data() + start[e] * D, nullptr, D});
+    if (has_shared) add_jobs(jobs, s2, acts_rows.data(), T, Out{ys.data(), nullptr, D});
     run_jobs(jobs);
   }
   // 6. out = bf16(sum_k w_k * bf16(y_k)) + bf16(shared), in bf16 like the reference.
@@ -630,6 +665,21 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
         op[t * D + d] = f2bf(v);
       }
   });
+  return out;
+}
+
+// y = x W^T for a packed W [R, D]: x [T, D] bf16 (rows may be strided) -> [T, R] bf16.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R) {
+  check_bf16(x, "linear: x", 2);
+  const int64_t T = x.size(0), D = x.size(1), ldx = x.stride(0);
+  const Packed m = packed_matrix(w, R, D, "linear: weight");
+  at::Tensor out = at::empty({T, R}, x.options());
+  if (T == 0) return out;
+  std::vector<const bf16_t*> rows(T);
+  for (int64_t t = 0; t < T; ++t) rows[t] = bf_ptr(x) + t * ldx;
+  std::vector<Job> jobs;
+  add_jobs(jobs, m, rows.data(), T, Out{nullptr, bf_mut(out), R});
+  run_jobs(jobs);
   return out;
 }
 
@@ -650,6 +700,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("mla_decode(Tensor q, Tensor kv, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor kv_b, int v_dim, "
         "float scale, Tensor(a!) out) -> ()", &mla_decode);
   m.def("pack(Tensor w) -> Tensor", &pack);
+  m.def("linear(Tensor x, Tensor w, int out_features) -> Tensor", &linear);
   m.def("moe(Tensor x, Tensor gate_w, Tensor? bias, int top_k, int n_group, int topk_group, int group_rule, "
         "bool softmax, bool norm_topk, float scale, Tensor w13, Tensor w2, int inter, Tensor? shared_w13, "
         "Tensor? shared_w2, int shared_inter) -> Tensor", &moe);
