@@ -174,7 +174,7 @@ def test_prepack_hands_moe_norms_and_attention_to_the_kernels_and_drops_plain_we
     assert prepack_for_cpu(model)
     assert model.cpu_kernels
     moe = model.model.layers[1].mlp
-    assert isinstance(moe.cpu, CpuMoE)
+    assert isinstance(moe.cpu_moe, CpuMoE)
     for lin in (moe.gate, moe.experts.gate_proj, moe.experts.down_proj, moe.shared_experts.up_proj):
         assert lin.weight.numel() == 0  # the kernel's packed copy is the only one
     assert model.model.layers[0].self_attn.cpu_ops is OPS and model.model.norm.cpu_ops is OPS
@@ -187,7 +187,7 @@ def test_disabled_by_environment(monkeypatch):
     assert "DSV3_CPU_KERNELS=0" in cpu_ext.status()
     model = build_model(ModelConfig.from_dict(v3()), "cpu", BF).eval()
     assert prepack_for_cpu(model)  # oneDNN packing still applies
-    assert not model.cpu_kernels and model.model.layers[1].mlp.cpu is None
+    assert not model.cpu_kernels and model.model.layers[1].mlp.cpu_moe is None
 
 
 PROMPTS = ["def fibonacci(n):", "import os\n\nclass Config:", "for i in range(10):"]

@@ -137,3 +137,52 @@ def test_speculation_flags(tiny_ckpt, tmp_path):
         LLMEngine(model, config=EngineConfig(speculative="eagle", num_blocks=8))
     with pytest.raises(ValueError, match="num_draft_tokens"):
         LLMEngine(model, config=EngineConfig(num_draft_tokens=0, num_blocks=8))
+
+
+def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
+    # bf16 on the C++ kernels, one draft: greedy steps draft in the verification step's own context (engine
+    # _greedy_targets_and_drafts). Output must equal plain decoding (the kernels are batch invariant), including
+    # max_tokens and a stop token landing inside an accepted run.
+    from dsv3.kernels import cpu_ext
+    from dsv3.kernels.cpu_pack import prepack_for_cpu
+
+    if cpu_ext.load() is None:
+        pytest.skip("C++ CPU kernels unavailable")
+    fused = []
+
+    def counted(eng):
+        f = eng._greedy_targets_and_drafts
+
+        def wrapper(*a):
+            r = f(*a)
+            fused.append(r is not None)
+            return r
+        monkeypatch.setattr(eng, "_greedy_targets_and_drafts", wrapper)
+        return eng
+
+    for perfect in (False, True):
+        model = dsv3.load_model(tiny_ckpt, dtype=torch.bfloat16)
+        if perfect:
+            make_perfect_mtp(model)
+        assert prepack_for_cpu(model) and model.cpu_kernels
+        prompts = prompts_for(model.cfg.vocab_size, n=4)
+        cfg = dict(num_blocks=128, block_size=8)
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", **cfg)), prompts, params)
+        eng = counted(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)))
+        spec = run_all(eng, prompts, params)
+        assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+        assert any(fused) and eng.cache.allocator.num_used == 0
+        if perfect:
+            assert eng.spec_stats()["acceptance_rate"] > 0.9
+            want = plain[0].token_ids
+            for max_tokens in (1, 2, 5):
+                out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)),
+                              [prompts[0]], SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                           ignore_eos=True))[0]
+                assert out.token_ids == want[:max_tokens] and out.finish_reason == "length"
+            stop_at = want[4]
+            out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)),
+                          [prompts[0]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                       stop_token_ids=[stop_at]))[0]
+            assert out.token_ids == want[:want.index(stop_at) + 1] and out.finish_reason == "stop"

@@ -199,6 +199,23 @@ class LLMEngine:
         for r in rows:
             offsets.append(offsets[-1] + len(r))
         results = {}
+        fused = self._greedy_targets_and_drafts(batch, n_known, logits, hidden)
+        if fused is not None:  # greedy: the targets are the argmaxes, the drafts already computed
+            targets, mtp_next = fused
+            for i, seq in enumerate(batch.seqs):
+                r = targets[offsets[i]:offsets[i + 1]]
+                d = seq.draft
+                a = 0
+                while a < len(d) and d[a] == r[a]:
+                    a += 1
+                new_tokens[i] = d[:a] + [r[a]]
+                if d:
+                    seq.extra["spec"][0] += len(d)
+                    seq.extra["spec"][1] += a
+                    self.stats["spec_drafted"] += len(d)
+                    self.stats["spec_accepted"] += a
+                    self.stats["spec_verify_steps"] += 1
+            plain = []
         if plain:
             res = self.sampler.sample(logits[[offsets[i] for i in plain]],
                                       [batch.seqs[i].extra["sampling"] for i in plain])
@@ -206,7 +223,7 @@ class LLMEngine:
                 new_tokens[i] = [tok]
                 results[i] = (res, j)
         for i, r in enumerate(rows):
-            if len(r) > 1:
+            if len(r) > 1 and fused is None:
                 seq = batch.seqs[i]
                 new_tokens[i] = verify(logits[offsets[i]:offsets[i + 1]], seq.draft, seq.extra["draft_q"],
                                        seq.extra["sampling"])
@@ -237,9 +254,38 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.is_finished:
                 self.scheduler.finish(seq)
-        if self.num_draft:
+        if fused is not None:
+            for i, seq in enumerate(batch.seqs):
+                room = min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
+                           self.max_model_len - seq.num_tokens - 1)
+                if not seq.is_finished and room > 0:  # MTP at the last verified row predicts the next token
+                    seq.draft, seq.extra["draft_q"] = [mtp_next[offsets[i] + len(new_tokens[i]) - 1]], [None]
+        elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
+
+    @torch.inference_mode()
+    def _greedy_targets_and_drafts(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor
+                                   ) -> tuple[list[int], list[int]] | None:
+        """Greedy decode/verification steps with one draft token: every row's next token is its argmax, known
+        before any host sync, so the MTP module runs over all rows in the same step context right away (rows after
+        a rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them).
+        Returns (main argmax per row, MTP argmax per row) with a single host sync, or None when the step does not
+        qualify (sampling, logprobs, prompts, several drafts, a step with prefill rows)."""
+        if self.num_draft != 1 or self.sync_tokens is not None:
+            return None
+        for seq, k in zip(batch.seqs, n_known):
+            if k != 1 or not seq.extra["speculate"] or not seq.params.greedy:
+                return None
+        reuse = self.runner.reuse_context(torch.arange(hidden.shape[0]))
+        if reuse is None or logits.shape[0] != hidden.shape[0]:
+            return None
+        positions, ctx = reuse
+        targets = logits.argmax(dim=-1)  # [T]
+        h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
+        drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
+        both = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
+        return both[0], both[1]
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -260,8 +306,14 @@ class LLMEngine:
             t += n
         if not seqs:
             return
-        h = hidden[torch.cat(rows)][None]  # [1, T', D]
-        ids, positions, ctx = self.runner.build_context(seqs, pos0, counts, toks)
+        keep = torch.cat(rows)
+        h = hidden[keep][None]  # [1, T', D]
+        reuse = self.runner.reuse_context(keep)  # same positions and slots as the verification step
+        if reuse is not None:
+            positions, ctx = reuse
+            ids = torch.tensor([t for ts in toks for t in ts])[None]
+        else:
+            ids, positions, ctx = self.runner.build_context(seqs, pos0, counts, toks)
         h_out = self.model.mtp_hidden(1, h, ids, positions, cache=ctx)[0]  # [T', D]
         last = (torch.tensor(counts).cumsum(0) - 1).tolist()
         drafting = []  # (seq, how many drafts it may take)

@@ -76,6 +76,19 @@ class StepContext:
         # and short rows are attended by one kernel call straight from the cache.
         self.cpu_kernels = cpu_kernels
         self.kernel_rows = kernel_rows
+        # Every row goes through the kernel tables: packed blocks may run as single C++ calls (CpuLayer).
+        self.kernel_only = cpu_kernels and kernel_rows is not None and not multi
+
+    def subset(self, rows: torch.Tensor) -> StepContext:
+        """This kernel-only step's context for packed rows `rows` [T'] (in order) only: the MTP drafting pass runs
+        over the verified rows of the step it follows, at the same positions and cache slots."""
+        assert self.kernel_only
+        k = self.kernel_rows
+        if rows.numel() == k.tok.numel():  # every row, in order
+            return self
+        kr = _KernelRows(torch.arange(rows.numel()), k.seq[rows], k.len[rows], k.slots)
+        return StepContext(self.cache, self.slot_mapping[rows], None, None, None, [], layer_offset=self.layer_offset,
+                           prefill_impl=self.prefill_impl, kernel_rows=kr, cpu_kernels=True)
 
     def _attend(self, mla: MLA, q_nope, q_pe, ctx, mask) -> torch.Tensor:
         """Decode-style rows against gathered context ctx [B, Lm, W] (the cache layout, c_kv then k_pe)."""
@@ -154,6 +167,7 @@ class ModelRunner:
         self.device = cache.kv.device
         self.prefill_impl = prefill_impl
         self.graphs = None  # graphs.DecodeGraphs once enable_decode_graphs() is called
+        self.last: tuple[StepContext, torch.Tensor] | None = None  # the last run's (context, positions [1, T])
         # The C++ CPU kernels attend decode and short rows when the model was packed with them (cpu_pack.py) and
         # the cache is a bf16 CPU tensor.
         self.cpu_kernels = (getattr(model, "cpu_kernels", False) and self.device.type == "cpu"
@@ -258,6 +272,14 @@ class ModelRunner:
         dev = self.device
         return _ShortRows(rows.to(dev), valid.to(dev), slots.to(dev), mask.to(dev))
 
+    def reuse_context(self, rows: torch.Tensor) -> tuple[torch.Tensor, StepContext] | None:
+        """(positions [1, T'], context) of the last run restricted to packed rows `rows`, when that run was a
+        kernel-only step (decode and verification rows on the CPU kernels); else None (build a fresh context)."""
+        if self.last is None or not self.last[0].kernel_only:
+            return None
+        ctx, positions = self.last
+        return positions[:, rows], ctx.subset(rows)
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the batch's new tokens (a sequence's known tokens, then its draft tokens). logits_rows[i]:
@@ -270,6 +292,7 @@ class ModelRunner:
         toks = [(s.tokens[a:] + s.draft)[:n] if s.draft else s.tokens[a:a + n]
                 for s, a, n in zip(seqs, starts, batch.num_new)]
         input_ids, positions, ctx = self.build_context(seqs, starts, batch.num_new, toks)
+        self.last = (ctx, positions)
         h = self.model.hidden_states(input_ids, positions, cache=ctx)[0]  # [T, D]
         picks, t = [], 0
         for n, rows in zip(batch.num_new, logits_rows):

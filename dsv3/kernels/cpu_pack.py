@@ -55,6 +55,44 @@ def available(dtype: torch.dtype) -> bool:
         return False
 
 
+class CpuLayer:
+    """A packed decoder block run as one C++ call (decode_layer in kernels/csrc/cpu_kernels.cpp) in steps whose
+    every query row goes through the kernel's attention tables; Block.forward hands over to it."""
+
+    def __init__(self, ops, block: nn.Module, cfg):
+        a = block.self_attn
+        empty = torch.empty(0, dtype=torch.bfloat16)
+        q_lora = cfg.q_lora_rank or 0
+        if q_lora:
+            proj = [a.packed_qkv_a.t, empty, a.q_a_layernorm.weight, a.q_b_proj.packed.t]
+        else:
+            proj = [a.q_proj.packed.t, a.kv_a_proj_with_mqa.packed.t, empty, empty]
+        w = [block.input_layernorm.weight, *proj, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.packed.t,
+             block.post_attention_layernorm.weight]
+        mlp = block.mlp
+        moe = getattr(mlp, "cpu_moe", None)
+        if moe is not None:
+            shared = moe.shared or (empty, empty)
+            w += [moe.gate, moe.bias if moe.bias is not None else torch.empty(0), moe.w13, moe.w2, *shared]
+            k, n_group, topk_group, rule, softmax, norm_topk, scaling = moe.args
+            ffn = [1, k, n_group, topk_group, rule, int(softmax), int(norm_topk), moe.inter, moe.shared_inter]
+        else:
+            w += [mlp.packed_gate_up.t, mlp.down_proj.packed.t]
+            ffn, scaling = [0, 0, 0, 0, 0, 0, 0, mlp.down_proj.in_features, 0], 1.0
+        self.ops, self.layer_idx, self.w = ops, block.layer_idx, w
+        self.dims = [a.n_heads, a.nope, a.rope, a.v_dim, a.rank, q_lora, *ffn]
+        self.scal = [block.input_layernorm.eps, a.kv_a_layernorm.eps, a.softmax_scale, scaling]
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+        """x [1, T, D], cos/sin [1, T, P], ctx: the engine's StepContext -> [1, T, D]"""
+        k = ctx.kernel_rows
+        T = x.shape[1]
+        y = self.ops.decode_layer(x.reshape(T, -1), self.w, self.dims, self.scal,
+                                  ctx.cache.kv[self.layer_idx - ctx.layer_offset], ctx.slot_mapping, k.tok, k.seq,
+                                  k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1))
+        return y.view(x.shape)
+
+
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:
     p = getattr(param_owner, name)
     setattr(param_owner, name, nn.Parameter(p.new_empty(0), requires_grad=False))
@@ -85,7 +123,7 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     if ops is not None:
         for m in model.modules():
             if isinstance(m, MoE):
-                m.cpu = CpuMoE(ops, m, model.cfg)
+                m.cpu_moe = CpuMoE(ops, m, model.cfg)
                 owned = [m.gate, m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj]
                 if m.shared_experts is not None:
                     owned += [m.shared_experts.gate_proj, m.shared_experts.up_proj, m.shared_experts.down_proj]
@@ -124,6 +162,12 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
                 and not name.endswith("kv_b_proj")):
             m.packed = pack(m.weight)
             _drop(m)
+    if ops is not None:
+        from ..model.transformer import Block
+
+        for m in model.modules():
+            if isinstance(m, Block):
+                m.cpu_layer = CpuLayer(ops, m, model.cfg)
     model.prepacked = True
     model.cpu_kernels = ops is not None
     log.info("packed the model's projections for %s", "the C++ CPU kernels (projections, MoE layers, norms, decode "

@@ -184,13 +184,13 @@ class MoE(nn.Module):
         # Training reads these after each forward (per-expert counts and scores for balancing); off by default.
         self.record_routing = False
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.cpu: CpuMoE | None = None  # set by kernels/cpu_pack.py: the whole layer as one C++ call
+        self.cpu_moe: CpuMoE | None = None  # set by kernels/cpu_pack.py: the whole layer as one C++ call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
-        if self.cpu is not None:
-            return self.cpu(x).view(shape)
+        if self.cpu_moe is not None:
+            return self.cpu_moe(x).view(shape)
         weights, indices, scores = self.gate(x)
         if self.record_routing:
             self.last_routing = (indices, scores)

@@ -36,15 +36,26 @@ class RotaryEmbedding:
     def __init__(self, rope: RopeConfig, dim: int):
         self.rope, self.dim = rope, dim
         self._inv: dict[torch.device, torch.Tensor] = {}
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: cos/sin of positions 0..n-1
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [...] int -> cos, sin [..., P] float32 (YaRN's mscale ratio folded in)."""
+    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dev = positions.device
         if dev not in self._inv:
             self._inv[dev] = inv_frequencies(self.rope, self.dim).to(dev)
         angles = positions.to(torch.float32)[..., None] * self._inv[dev]
         s = self.rope.cos_sin_scale
         return angles.cos() * s, angles.sin() * s
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] int -> cos, sin [..., P] float32 (YaRN's mscale ratio folded in). On the CPU they are
+        looked up in a table that grows by doubling (two index operations per step instead of five)."""
+        if positions.device.type != "cpu" or positions.numel() == 0:
+            return self._compute(positions)
+        need = int(positions.max()) + 1
+        if self._table is None or self._table[0].shape[0] < need:
+            n = max(need, 4096, 2 * (0 if self._table is None else self._table[0].shape[0]))
+            self._table = self._compute(torch.arange(n))
+        return self._table[0][positions], self._table[1][positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

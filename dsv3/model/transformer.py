@@ -26,8 +26,11 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.cpu_layer = None  # kernels/cpu_pack.py: the whole block as one C++ call for decode-only steps
 
     def forward(self, x, cos, sin, cache: LatentCache | None = None, impl: str = "naive") -> torch.Tensor:
+        if self.cpu_layer is not None and getattr(cache, "kernel_only", False):
+            return self.cpu_layer(x, cos, sin, cache)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, impl)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -81,11 +84,11 @@ class Transformer(nn.Module):
 
     @property
     def main_layers(self) -> list[Block]:
-        return list(self.model.layers[: self.cfg.num_hidden_layers])
+        return list(self.model.layers)[: self.cfg.num_hidden_layers]  # (slicing a ModuleList builds a new module)
 
     @property
     def mtp_layers(self) -> list[MTPLayer]:
-        return list(self.model.layers[self.cfg.num_hidden_layers:])
+        return list(self.model.layers)[self.cfg.num_hidden_layers:]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., D] (after the final norm) -> [..., V]"""

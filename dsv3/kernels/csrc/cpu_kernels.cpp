@@ -143,33 +143,47 @@ inline void pair_step(__m512 (&acc)[RB][TB], const bf16_t* w, int64_t bstride, c
 }
 
 // Rows [rb0*16, (rb0+RB)*16) for TB inputs: out row t, column r = sum_d w[r, d] x[t][d], rows >= R dropped.
+// Every output sums its pairs in the same order (two interleaved partial sums, then their sum) whatever the tile
+// and job shapes: a token's result does not depend on which other tokens share the call (batch invariance: greedy
+// output is the same alone, batched, or verified with drafts).
 template <int RB, int TB>
 void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, const Out& y) {
+  constexpr int U = 2;
   const int64_t P = m.pairs(), full = m.D / 2;
   const bf16_t* w = m.block(rb0);
   const int64_t bstride = P * 2 * kRows;
   const pair_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = reinterpret_cast<const pair_t*>(x[t]);
-  __m512 acc[RB][TB];
-  for (int r = 0; r < RB; ++r)
-    for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
+  __m512 acc[U][RB][TB];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int t = 0; t < TB; ++t) acc[u][r][t] = _mm512_setzero_ps();
   uint32_t xs[TB];
-  for (int64_t p = 0; p < full; ++p) {
+  int64_t p = 0;
+  for (; p + U <= full; p += U)
+    for (int u = 0; u < U; ++u) {
+      for (int t = 0; t < TB; ++t) xs[t] = static_cast<uint32_t>(xp[t][p + u]);
+      pair_step<RB, TB>(acc[u], w + (p + u) * 2 * kRows, bstride, xs);
+    }
+  for (; p < full; ++p) {
     for (int t = 0; t < TB; ++t) xs[t] = static_cast<uint32_t>(xp[t][p]);
-    pair_step<RB, TB>(acc, w + p * 2 * kRows, bstride, xs);
+    pair_step<RB, TB>(acc[0], w + p * 2 * kRows, bstride, xs);
   }
   if (full < P) {  // odd D: the last pair is (x[D-1], 0)
     for (int t = 0; t < TB; ++t) xs[t] = x[t][m.D - 1];
-    pair_step<RB, TB>(acc, w + full * 2 * kRows, bstride, xs);
+    pair_step<RB, TB>(acc[0], w + full * 2 * kRows, bstride, xs);
   }
+  for (int u = 1; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int t = 0; t < TB; ++t) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
   for (int r = 0; r < RB; ++r) {
     const int64_t row0 = (rb0 + r) * kRows, valid = std::min<int64_t>(kRows, m.R - row0);
     const __mmask16 mask = valid >= kRows ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
     for (int t = 0; t < TB; ++t) {
       if (y.b)
-        _mm256_mask_storeu_epi16(y.b + t * y.ld + row0, mask, to_bf16x16(acc[r][t]));
+        _mm256_mask_storeu_epi16(y.b + t * y.ld + row0, mask, to_bf16x16(acc[0][r][t]));
       else
-        _mm512_mask_storeu_ps(y.f + t * y.ld + row0, mask, acc[r][t]);
+        _mm512_mask_storeu_ps(y.f + t * y.ld + row0, mask, acc[0][r][t]);
     }
   }
 }
@@ -179,14 +193,11 @@ void ptile_rows(const Packed& m, int64_t rb0, const bf16_t* const* x, int tb, co
   switch (tb) {
     case 1: ptile<RB, 1>(m, rb0, x, y); break;
     case 2: ptile<RB, 2>(m, rb0, x, y); break;
-    case 3: ptile<RB, 3>(m, rb0, x, y); break;
-    case 4: ptile<RB, 4>(m, rb0, x, y); break;
-    case 5: ptile<RB, 5>(m, rb0, x, y); break;
-    default: ptile<RB, 6>(m, rb0, x, y); break;
+    default: ptile<RB, 3>(m, rb0, x, y); break;
   }
 }
 
-constexpr int kTokens = 6;  // input rows per tile
+constexpr int kTokens = 3;  // input rows per tile (2 x 4 x 3 accumulators fit the 32 vector registers)
 
 // Row blocks [rb0, rb1) of m against n input rows x[0..n) into out rows 0..n.
 void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* const* x, int64_t n, const Out& y) {
@@ -533,6 +544,7 @@ void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, i
   const int64_t min_jobs = 4 * at::get_num_threads();
   if (m.blocks() * tjobs < min_jobs * chunk)
     chunk = std::max<int64_t>(1, (m.blocks() * tjobs + min_jobs - 1) / min_jobs);
+  chunk = std::min(m.blocks(), (chunk + 3) / 4 * 4);  // whole 4-block tiles: enough accumulation chains
   for (int64_t t0 = 0; t0 < n; t0 += tchunk)
     for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
       jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x + t0, std::min(tchunk, n - t0), y.at(t0)});
@@ -683,6 +695,78 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R) {
   return out;
 }
 
+// SwiGLU MLP (dense layers): down(silu(gate(x)) * up(x)) with gate_up packed [2I, D] and down packed [D, I].
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t I) {
+  const int64_t T = x.size(0), D = x.size(1);
+  const at::Tensor h = linear(x, gate_up, 2 * I);  // [T, 2I] bf16, like the reference's two projections
+  at::Tensor act = at::empty({T, I}, x.options());
+  const bf16_t* hp = bf_ptr(h);
+  bf16_t* ap = bf_mut(act);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i) ap[t * I + i] = swiglu(bf2f(hp[t * 2 * I + i]), bf2f(hp[t * 2 * I + I + i]));
+  return linear(act, down, D);
+}
+
+// a + b in bf16 (the residual adds), a new tensor.
+at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty_like(a);
+  const bf16_t* ap = bf_ptr(a);
+  const bf16_t* bp = bf_ptr(b);
+  bf16_t* op = bf_mut(out);
+  for (int64_t i = 0; i < a.numel(); ++i) op[i] = f2bf(bf2f(ap[i]) + bf2f(bp[i]));
+  return out;
+}
+
+// One decoder block for a step whose every query row attends through the kernel tables (decode, verification and
+// drafting steps): x [T, D] -> x + attn(norm(x)) + ffn(norm(...)), the same sequence of operations as Block.forward
+// with the ops above, in one call. The layer's tensors come in `w` in this order:
+//   0 input_layernorm, 1 [q_a; kv_a] packed (or q_proj packed when q_lora = 0), 2 kv_a packed (q_lora = 0 only),
+//   3 q_a_layernorm, 4 q_b packed, 5 kv_a_layernorm, 6 kv_b_proj (plain), 7 o_proj packed, 8 post_attention_layernorm,
+//   MoE: 9 gate, 10 bias (or empty), 11 w13, 12 w2, 13 shared w13 (or empty), 14 shared w2 (or empty);
+//   dense: 9 gate_up packed, 10 down packed.
+// dims: H, N, R, V, C, q_lora, is_moe, top_k, n_group, topk_group, group_rule, softmax, norm_topk, inter,
+// shared_inter. scal: rms eps, latent eps, softmax scale, routed scaling factor.
+at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
+                        const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
+                        const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
+                        const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(dims.size() == 15 && scal.size() == 4, "decode_layer: expects 15 dims and 4 scalars");
+  const int64_t H = dims[0], N = dims[1], R = dims[2], V = dims[3], C = dims[4], q_lora = dims[5];
+  const bool is_moe = dims[6] != 0;
+  TORCH_CHECK(w.size() == (is_moe ? 15u : 11u), "decode_layer: expects ", is_moe ? 15 : 11, " tensors, got ",
+              w.size());
+  check_bf16(x, "decode_layer: x", 2);
+  TORCH_CHECK(x.is_contiguous(), "decode_layer: x must be contiguous");
+  const int64_t T = x.size(0), D = x.size(1);
+  // Attention.
+  const at::Tensor h = rms_norm(x, w[0], scal[0]);
+  at::Tensor q, kv_a;
+  if (q_lora > 0) {
+    const at::Tensor qkv = linear(h, w[1], q_lora + C + R);
+    q = linear(rms_norm(qkv.narrow(1, 0, q_lora), w[3], scal[1]), w[4], H * (N + R));
+    kv_a = qkv.narrow(1, q_lora, C + R);
+  } else {
+    q = linear(h, w[1], H * (N + R));
+    kv_a = linear(h, w[2], C + R);
+  }
+  q = q.view({T, H, N + R});
+  mla_prepare(q, kv_a, w[5], scal[1], cos, sin, cache, slot_mapping, N);
+  at::Tensor o = at::empty({T, H, V}, x.options());
+  mla_decode(q, cache, tok, seq, len, slots, w[6], V, scal[2], o);
+  const at::Tensor x1 = add_bf16(x, linear(o.view({T, H * V}), w[7], D));
+  // Feed-forward.
+  const at::Tensor h2 = rms_norm(x1, w[8], scal[0]);
+  at::Tensor f;
+  if (is_moe) {
+    const auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    f = moe(h2, w[9], opt(w[10]), dims[7], dims[8], dims[9], dims[10], dims[11] != 0, dims[12] != 0, scal[3], w[11],
+            w[12], dims[13], opt(w[13]), opt(w[14]), dims[14]);
+  } else {
+    f = mlp(h2, w[9], w[10], dims[13]);
+  }
+  return add_bf16(x1, f);
+}
+
 std::string capability() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
@@ -704,5 +788,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("moe(Tensor x, Tensor gate_w, Tensor? bias, int top_k, int n_group, int topk_group, int group_rule, "
         "bool softmax, bool norm_topk, float scale, Tensor w13, Tensor w2, int inter, Tensor? shared_w13, "
         "Tensor? shared_w2, int shared_inter) -> Tensor", &moe);
+  m.def("decode_layer(Tensor x, Tensor[] w, int[] dims, float[] scal, Tensor(a!) cache, Tensor slot_mapping, "
+        "Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor", &decode_layer);
   m.def("capability() -> str", &capability);
 }
