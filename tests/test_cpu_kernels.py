@@ -259,3 +259,37 @@ def test_avx512_build_without_bf16_instructions_agrees():
     x = torch.randn(7, cfg.hidden_size).to(BF)
     with torch.no_grad():
         assert rel_err(CpuMoE(ops, moe, cfg)(x), moe(x)) < 4e-3
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call():
+    # Batch invariance, which keeps greedy output identical alone, batched and under speculative verification:
+    # a whole block (projections, attention, MoE) run for one query row or for that row among others gives the
+    # same bits for it.
+    from dsv3.kernels.cpu_pack import CpuLayer
+
+    cfg = ModelConfig.from_dict(v3(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2))
+    model = build_model(cfg, "cpu", BF).eval()
+    assert prepack_for_cpu(model)
+    layer = model.model.layers[1]
+    assert isinstance(layer.cpu_layer, CpuLayer)
+    W, D = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.hidden_size
+    rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+    cache = (torch.randn(512, W) * 0.5).to(BF)
+    slots = torch.randperm(512)[:300].reshape(3, 100)
+    x = torch.randn(7, D).to(BF)
+    # Rows: sequence 0 at positions 40..42 (verification of two drafts), sequence 1 at 70, sequence 2 at 90..92.
+    seq = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    pos = torch.tensor([40, 41, 42, 70, 90, 91, 92])
+    lay = layer.cpu_layer
+
+    def run(rows):
+        kv = cache.clone()
+        cos, sin = rotary.cos_sin(pos[rows])
+        return OPS.decode_layer(x[rows].contiguous(), lay.w, lay.dims, lay.scal, kv, slots[seq[rows], pos[rows]],
+                                torch.arange(len(rows)), seq[rows], pos[rows] + 1, slots, cos, sin)
+
+    with torch.no_grad():
+        everything = run(torch.arange(7))
+        for rows in ([3], [0, 1, 2], [4, 5, 6], [3, 4, 5, 6], [0, 1, 2, 4, 5, 6]):
+            # (Each subset keeps a sequence's rows together: a query reads the cache entries its earlier rows write.)
+            assert torch.equal(run(torch.tensor(rows)), everything[rows]), rows
