@@ -180,11 +180,15 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len, capture=capture)
 
     def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Cache slots [end - start] of positions start..end-1."""
+        """Cache slots [end - start] of positions start..end-1 (a view of a per-sequence table that is rebuilt only
+        when the block table changes)."""
         bs = self.cache.block_size
-        first, last = start // bs, -(-end // bs)
-        bt = torch.tensor(seq.block_table[first:last], dtype=torch.long)
-        return (bt[:, None] * bs + torch.arange(bs)).flatten()[start - first * bs:end - first * bs]
+        cached = seq.extra.get("slot_table")
+        if cached is None or cached[0] != seq.block_table:
+            bt = torch.tensor(seq.block_table, dtype=torch.long)
+            cached = (list(seq.block_table), (bt[:, None] * bs + torch.arange(bs)).flatten())
+            seq.extra["slot_table"] = cached
+        return cached[1][start:end]
 
     def build_context(self, seqs: list[Sequence], starts: list[int], counts: list[int], tokens: list[list[int]]
                       ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
@@ -239,11 +243,9 @@ class ModelRunner:
     @staticmethod
     def _kernel_rows(short: list[tuple[int, int, int, torch.Tensor]]) -> _KernelRows:
         """(packed start, new tokens, first position, context slots) per sequence -> the CPU kernel's tables."""
-        Lm = max(len(c) for _, _, _, c in short)
-        slots = torch.zeros(len(short), Lm, dtype=torch.long)
+        slots = torch.nn.utils.rnn.pad_sequence([c for _, _, _, c in short], batch_first=True)  # [B, Lm]
         tok, seq, lens = [], [], []
         for i, (t, n, start, c) in enumerate(short):
-            slots[i, :len(c)] = c
             tok.extend(range(t, t + n))
             seq.extend([i] * n)
             lens.extend(range(start + 1, start + n + 1))

@@ -3,12 +3,17 @@
 // Compiled on first use by dsv3/kernels/cpu_ext.py (torch.utils.cpp_extension, -O3 -march=native, AVX-512 CPUs) and
 // registered as torch.ops.dsv3_cpu.*. Each op replaces a chain of small PyTorch ops whose dispatch cost, not arithmetic,
 // dominates a decode step on the CPU:
+//   pack/linear  bf16 products against weights packed once in a pair-interleaved layout (decode shapes stream the
+//                weights at memory bandwidth);
 //   rms_norm     RMSNorm with the reference rounding (statistics in float32, scaled in bf16);
 //   mla_prepare  rotary on the queries (in place), kv_a_layernorm + rotary on the new latent, written to the cache;
 //   mla_decode   absorbed MLA attention of query rows straight from the latent cache through slot tables
 //                (online softmax, no gathered context, no per-head expansion);
 //   moe          router (sigmoid/softmax, bias for selection only, group-limited top-k) + routed and shared experts
-//                as bf16 dot products over only the experts hit, weights read once per call.
+//                as bf16 dot products over only the experts hit, weights read once per call;
+//   decode_layer a whole decoder block (the ops above in Block.forward's order) for steps made only of decode and
+//                verification rows.
+// Every output is computed in an order that does not depend on the other rows of the call (batch invariance).
 // Dimension letters: T tokens, D hidden, E experts, K experts per token, I expert intermediate, H heads,
 // N/R/V head dims (nope, rope, value), C kv_lora_rank, W = C + R, Q query rows, B sequences, Lm context slots.
 // The Python implementations in dsv3/model/ stay the oracle: tests/test_cpu_kernels.py checks every op against them.
@@ -77,7 +82,7 @@ void check_index(const at::Tensor& t, const char* name, int64_t dim) {
 // [ceil(R/16), ceil(D/2), 16, 2], i.e. for each block of 16 output rows, the pairs (w[r, d], w[r, d+1]) of all 16
 // rows side by side. One 64-byte load then feeds one bf16 pair-dot instruction for 16 outputs against a broadcast
 // pair of the input; the outputs stay in vector registers (no horizontal sums) and every weight is read once per
-// tile of up to 6 input rows. Padding rows/columns are zero.
+// tile of up to 3 input rows. Padding rows/columns are zero.
 
 constexpr int64_t kRows = 16;  // output rows per packed block
 
@@ -357,6 +362,58 @@ void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w,
 // is kv_b_proj's weight: per head W_uk [N, C] then W_uv [V, C]. Writes out[tok[i]] ([T, H, V]).
 constexpr int64_t kTile = 8;  // context positions per online-softmax step (their float32 rows stay in L1)
 
+// exp(x) for 16 lanes (Cephes' single-precision polynomial, ~1 ulp).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// s[j] = q . rows[j] (W wide) for the nj <= kTile rows of a tile: one accumulator per row, so the rows' sums run
+// side by side instead of waiting on each other.
+inline void tile_scores(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
+  __m512 a[kTile];
+  for (int64_t j = 0; j < kTile; ++j) a[j] = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + j * W + w), a[j]);
+  }
+  if (w < W) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (W - w)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(mk, q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
+  }
+  for (int64_t j = 0; j < nj; ++j) s[j] = _mm512_reduce_add_ps(a[j]);
+}
+
+// acc = acc * corr + sum_j p[j] * rows[j][:C], each 16-wide piece of acc loaded and stored once per tile.
+inline void tile_accumulate(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
+                            int64_t C) {
+  const __m512 cv = _mm512_set1_ps(corr);
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + c), cv);
+    for (int64_t j = 0; j < nj; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(rows + j * W + c), o);
+    _mm512_storeu_ps(acc + c, o);
+  }
+  for (; c < C; ++c) {
+    float o = acc[c] * corr;
+    for (int64_t j = 0; j < nj; ++j) o += p[j] * rows[j * W + c];
+    acc[c] = o;
+  }
+}
+
 void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok, const at::Tensor& seq,
                 const at::Tensor& len, const at::Tensor& slots, const at::Tensor& kv_b, int64_t v_dim, double scale,
                 at::Tensor out) {
@@ -398,7 +455,7 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   const int64_t items = Q * ((H + hb - 1) / hb);
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qc(hb * W), acc(hb * C), rows(kTile * W), wrow(std::max(C, N + R)), s(hb * kTile);
+    std::vector<float> qc(hb * W), acc(hb * C), rows(kTile * W), wrow(std::max(C, N + R)), s(hb * 16);
     std::vector<float> m(hb), l(hb);
     for (int64_t it = a; it < b; ++it) {
       const int64_t i = it / ((H + hb - 1) / hb), h0 = (it % ((H + hb - 1) / hb)) * hb, h1 = std::min(H, h0 + hb);
@@ -422,24 +479,17 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
         const int64_t nj = std::min(kTile, L - j0);
         for (int64_t j = 0; j < nj; ++j) bf_to_f32(kvp + ctx[j0 + j] * W, rows.data() + j * W, W);
         for (int64_t h = 0; h < nh; ++h) {
-          float* sh = s.data() + h * kTile;
+          float* sh = s.data() + h * 16;
+          tile_scores(qc.data() + h * W, rows.data(), W, nj, sh);
           float mx = m[h];
-          for (int64_t j = 0; j < nj; ++j) {
-            sh[j] = dot_f32(qc.data() + h * W, rows.data() + j * W, W);
-            mx = std::max(mx, sh[j]);
-          }
+          for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, sh[j]);
           const float corr = std::exp(m[h] - mx);  // exp(-inf) = 0 on the first tile
-          float* ah = acc.data() + h * C;
-          if (corr != 1.f)
-            for (int64_t c = 0; c < C; ++c) ah[c] *= corr;
-          float sum = l[h] * corr;
-          for (int64_t j = 0; j < nj; ++j) {
-            const float p = std::exp(sh[j] - mx);
-            sum += p;
-            axpy_f32(p, rows.data() + j * W, ah, C);
-          }
+          const __mmask16 live = static_cast<__mmask16>((1u << nj) - 1);
+          const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh), _mm512_set1_ps(mx))));
+          _mm512_storeu_ps(sh, p);  // sh now holds the tile's probabilities (s has room for 16 per head)
+          l[h] = l[h] * corr + _mm512_reduce_add_ps(p);
           m[h] = mx;
-          l[h] = sum;
+          tile_accumulate(acc.data() + h * C, corr, sh, rows.data(), W, nj, C);
         }
       }
       // o = (acc / l) W_uv^T per head, rounded once to bf16.
