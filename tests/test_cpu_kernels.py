@@ -196,6 +196,21 @@ LONG_PROMPTS = ['def parse(path):\n    """Read the file at path and return its l
                 "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):"]
 
 
+def test_a_failed_build_falls_back_to_pytorch_with_the_reason(monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension 'dsv3_cpu_kernels'\ncpu_kernels.cpp:1: error: something")
+
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "unsupported_reason", lambda: None)
+    monkeypatch.setattr(cpu_ext, "build", broken)
+    with caplog.at_level("WARNING"):
+        assert cpu_ext.load() is None
+    assert "the build failed: cpu_kernels.cpp:1: error: something" in cpu_ext.status()
+    assert "running the PyTorch path" in caplog.text
+    model = build_model(ModelConfig.from_dict(v3()), "cpu", BF).eval()
+    assert prepack_for_cpu(model) and not model.cpu_kernels
+
+
 def _generate(monkeypatch, kernels: bool, model=None, prompts=PROMPTS, **kw):
     from dsv3 import LLM, SamplingParams
 
