@@ -6,7 +6,7 @@ import torch
 
 from dsv3 import ModelConfig
 from dsv3.kernels import cpu_ext
-from dsv3.kernels.cpu_pack import prepack_for_cpu
+from dsv3.kernels.cpu_pack import CpuBlocks, prepack_for_cpu
 from dsv3.model import build_model
 from dsv3.model.layers import RMSNorm
 from dsv3.model.mla import MLA
@@ -280,13 +280,11 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call():
     # Batch invariance, which keeps greedy output identical alone, batched and under speculative verification:
     # a whole block (projections, attention, MoE) run for one query row or for that row among others gives the
     # same bits for it.
-    from dsv3.kernels.cpu_pack import CpuLayer
 
     cfg = ModelConfig.from_dict(v3(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2))
     model = build_model(cfg, "cpu", BF).eval()
     assert prepack_for_cpu(model)
     layer = model.model.layers[1]
-    assert isinstance(layer.cpu_layer, CpuLayer)
     W, D = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.hidden_size
     rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
     cache = (torch.randn(512, W) * 0.5).to(BF)
@@ -295,12 +293,12 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call():
     # Rows: sequence 0 at positions 40..42 (verification of two drafts), sequence 1 at 70, sequence 2 at 90..92.
     seq = torch.tensor([0, 0, 0, 1, 2, 2, 2])
     pos = torch.tensor([40, 41, 42, 70, 90, 91, 92])
-    lay = layer.cpu_layer
+    w, dims, scal = CpuBlocks._describe(layer, cfg)
 
     def run(rows):
         kv = cache.clone()
         cos, sin = rotary.cos_sin(pos[rows])
-        return OPS.decode_layer(x[rows].contiguous(), lay.w, lay.dims, lay.scal, kv, slots[seq[rows], pos[rows]],
+        return OPS.decode_layer(x[rows].contiguous(), w, dims, scal, kv, slots[seq[rows], pos[rows]],
                                 torch.arange(len(rows)), seq[rows], pos[rows] + 1, slots, cos, sin)
 
     with torch.no_grad():

@@ -303,13 +303,13 @@ class Sampler:
     def sample(self, logits: torch.Tensor,
                batch: SamplingBatch | Sequence[SequenceSamplingState]) -> SamplerOutput:
         if not isinstance(batch, SamplingBatch):
-            batch = SamplingBatch(batch, self.device if self.device is not None else logits.device)
-        if logits.dim() != 2 or logits.shape[0] != batch.size:
-            raise ValueError(f"logits must be [B, V] with B = {batch.size} rows of the batch, got "
-                             f"{tuple(logits.shape)}")
-        if self.vocab_size is not None and logits.shape[1] != self.vocab_size:
-            raise ValueError(f"logits have {logits.shape[1]} columns but the vocabulary has {self.vocab_size} "
-                             "tokens")
+            states = list(batch)
+            if all(s.params.greedy and not s.params.uses_penalties and s.params.logprobs is None for s in states):
+                # Plain greedy rows need none of the per-row parameter tensors: skip building them.
+                self._check(logits, len(states))
+                return SamplerOutput(logits.argmax(dim=-1), num_logprobs=[None] * len(states))
+            batch = SamplingBatch(states, self.device if self.device is not None else logits.device)
+        self._check(logits, batch.size)
         if batch.all_greedy and not batch.penalty_rows:
             token_ids = logits.argmax(dim=-1)
         else:
@@ -323,6 +323,13 @@ class Sampler:
             out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
             out.top_logprobs, out.top_token_ids = logprobs.topk(batch.num_top_logprobs, dim=-1)
         return out
+
+    def _check(self, logits: torch.Tensor, rows: int) -> None:
+        if logits.dim() != 2 or logits.shape[0] != rows:
+            raise ValueError(f"logits must be [B, V] with B = {rows} rows of the batch, got {tuple(logits.shape)}")
+        if self.vocab_size is not None and logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns but the vocabulary has {self.vocab_size} "
+                             "tokens")
 
     __call__ = sample
 

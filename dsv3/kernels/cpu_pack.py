@@ -55,11 +55,26 @@ def available(dtype: torch.dtype) -> bool:
         return False
 
 
-class CpuLayer:
-    """A packed decoder block run as one C++ call (decode_layer in kernels/csrc/cpu_kernels.cpp) in steps whose
-    every query row goes through the kernel's attention tables; Block.forward hands over to it."""
+class CpuBlocks:
+    """Packed decoder blocks run by one C++ call (run_blocks -> decode_layer in kernels/csrc/cpu_kernels.cpp) in
+    steps whose every query row goes through the kernel's attention tables: the main model's blocks (from
+    Transformer.hidden_states) or one MTP block (from Block.forward). Their tensors are handed to C++ once, here."""
 
-    def __init__(self, ops, block: nn.Module, cfg):
+    def __init__(self, ops, blocks: list[nn.Module], cfg):
+        w_flat, counts, dims, scal, cache_layers = [], [], [], [], []
+        for block in blocks:
+            w, d, sc = self._describe(block, cfg)
+            w_flat += w
+            counts.append(len(w))
+            dims += d
+            scal += sc
+            cache_layers.append(block.layer_idx)
+        self.ops = ops
+        self.handle = torch.classes.dsv3_cpu.Blocks(w_flat, counts, dims, scal, cache_layers)
+
+    @staticmethod
+    def _describe(block: nn.Module, cfg) -> tuple[list[torch.Tensor], list[int], list[float]]:
+        """One block's tensors, dims and scalars in decode_layer's order (see the C++ comment there)."""
         a = block.self_attn
         empty = torch.empty(0, dtype=torch.bfloat16)
         q_lora = cfg.q_lora_rank or 0
@@ -79,17 +94,16 @@ class CpuLayer:
         else:
             w += [mlp.packed_gate_up.t, mlp.down_proj.packed.t]
             ffn, scaling = [0, 0, 0, 0, 0, 0, 0, mlp.down_proj.in_features, 0], 1.0
-        self.ops, self.layer_idx, self.w = ops, block.layer_idx, w
-        self.dims = [a.n_heads, a.nope, a.rope, a.v_dim, a.rank, q_lora, *ffn]
-        self.scal = [block.input_layernorm.eps, a.kv_a_layernorm.eps, a.softmax_scale, scaling]
+        dims = [a.n_heads, a.nope, a.rope, a.v_dim, a.rank, q_lora, *ffn]
+        scal = [block.input_layernorm.eps, a.kv_a_layernorm.eps, a.softmax_scale, scaling]
+        return w, dims, scal
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
         """x [1, T, D], cos/sin [1, T, P], ctx: the engine's StepContext -> [1, T, D]"""
         k = ctx.kernel_rows
         T = x.shape[1]
-        y = self.ops.decode_layer(x.reshape(T, -1), self.w, self.dims, self.scal,
-                                  ctx.cache.kv[self.layer_idx - ctx.layer_offset], ctx.slot_mapping, k.tok, k.seq,
-                                  k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1))
+        y = self.ops.run_blocks(self.handle, x.reshape(T, -1), ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping,
+                                k.tok, k.seq, k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1))
         return y.view(x.shape)
 
 
@@ -163,11 +177,9 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
             m.packed = pack(m.weight)
             _drop(m)
     if ops is not None:
-        from ..model.transformer import Block
-
-        for m in model.modules():
-            if isinstance(m, Block):
-                m.cpu_layer = CpuLayer(ops, m, model.cfg)
+        model.cpu_blocks = CpuBlocks(ops, model.main_layers, model.cfg)
+        for m in model.mtp_layers:
+            m.cpu_layer = CpuBlocks(ops, [m], model.cfg)
     model.prepacked = True
     model.cpu_kernels = ops is not None
     log.info("packed the model's projections for %s", "the C++ CPU kernels (projections, MoE layers, norms, decode "

@@ -26,7 +26,7 @@ class Block(nn.Module):
         self.self_attn = MLA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.cpu_layer = None  # kernels/cpu_pack.py: the whole block as one C++ call for decode-only steps
+        self.cpu_layer = None  # kernels/cpu_pack.py (MTP blocks): the whole block as one C++ call, decode-only steps
 
     def forward(self, x, cos, sin, cache: LatentCache | None = None, impl: str = "naive") -> torch.Tensor:
         if self.cpu_layer is not None and getattr(cache, "kernel_only", False):
@@ -75,6 +75,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
         self.attn_impl = attn_impl
         self.set_attention(attn_impl)
+        self.cpu_blocks = None  # kernels/cpu_pack.py: all main blocks as one C++ call for decode-only steps
 
     # ------------------------------------------------------------------------------------------------------------
     def set_attention(self, impl: str) -> None:
@@ -106,6 +107,8 @@ class Transformer(nn.Module):
         """input_ids [B, S], positions [B, S] (default 0..S-1) -> final hidden states [B, S, D] after model.norm."""
         cos, sin = self.rotary.cos_sin(self._positions(input_ids, positions))  # [B, S, P]
         x = self.model.embed_tokens(input_ids)
+        if self.cpu_blocks is not None and getattr(cache, "kernel_only", False):
+            return self.model.norm(self.cpu_blocks(x, cos, sin, cache))
         impl = impl or self.attn_impl
         for layer in self.main_layers:
             x = layer(x, cos, sin, cache, impl)

@@ -20,7 +20,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
+
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -39,6 +42,8 @@
 #define DSV3_NS dsv3_cpu
 #endif
 #define DSV3_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define DSV3_STR2(x) #x
+#define DSV3_STR(x) DSV3_STR2(x)
 
 namespace {
 
@@ -220,6 +225,26 @@ void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* cons
   }
 }
 
+#ifndef DSV3_THP
+#define DSV3_THP 1
+#endif
+
+// A zeroed bf16 tensor for packed weights. From 2 MiB up it sits in 2 MiB-aligned memory advised for transparent
+// huge pages: the products stream weights with far fewer TLB misses, which matter most in virtual machines.
+at::Tensor weight_zeros(const std::vector<int64_t>& shape) {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  const size_t bytes = static_cast<size_t>(numel) * sizeof(bf16_t);
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (!DSV3_THP || bytes < kHuge) return at::zeros(shape, at::TensorOptions().dtype(at::kBFloat16));
+  const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, alloc);
+  TORCH_CHECK(p != nullptr, "pack: could not allocate ", alloc, " bytes");
+  madvise(p, alloc, MADV_HUGEPAGE);  // advice only: where THP is off this is ordinary memory
+  std::memset(p, 0, alloc);
+  return at::from_blob(p, shape, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kBFloat16));
+}
+
 // w [..., R, D] -> [..., ceil(R/16), ceil(D/2), 16, 2] (zero padded), the layout the products above read.
 at::Tensor pack(const at::Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() >= 2,
@@ -229,7 +254,7 @@ at::Tensor pack(const at::Tensor& w) {
   const int64_t M = c.numel() / std::max<int64_t>(1, R * D);
   std::vector<int64_t> shape(c.sizes().begin(), c.sizes().end() - 2);
   shape.insert(shape.end(), {RB, P, kRows, 2});
-  at::Tensor out = at::zeros(shape, c.options());
+  at::Tensor out = weight_zeros(shape);
   const bf16_t* src = bf_ptr(c);
   bf16_t* dst = bf_mut(out);
   at::parallel_for(0, M * RB, 1, [&](int64_t a, int64_t b) {
@@ -817,6 +842,49 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, c
   return add_bf16(x1, f);
 }
 
+// The packed blocks of a model (or of its MTP module) for run_blocks: each block's tensors, dims and scalars as
+// decode_layer takes them, and the cache layer it writes. Built once after packing (CpuBlocks in cpu_pack.py); the
+// per-step call then passes no per-layer arguments at all.
+struct Blocks : torch::CustomClassHolder {
+  std::vector<std::vector<at::Tensor>> w;
+  std::vector<std::vector<int64_t>> dims;
+  std::vector<std::vector<double>> scal;
+  std::vector<int64_t> cache_layer;
+
+  Blocks(std::vector<at::Tensor> w_flat, std::vector<int64_t> counts, std::vector<int64_t> dims_flat,
+         std::vector<double> scal_flat, std::vector<int64_t> cache_layers) {
+    const size_t L = counts.size();
+    TORCH_CHECK(dims_flat.size() == 15 * L && scal_flat.size() == 4 * L && cache_layers.size() == L,
+                "Blocks: ", L, " blocks need 15 dims, 4 scalars and a cache layer each");
+    size_t off = 0;
+    for (size_t i = 0; i < L; ++i) {
+      TORCH_CHECK(off + counts[i] <= w_flat.size(), "Blocks: the tensor counts exceed the tensors given");
+      w.emplace_back(w_flat.begin() + off, w_flat.begin() + off + counts[i]);
+      off += counts[i];
+      dims.emplace_back(dims_flat.begin() + 15 * i, dims_flat.begin() + 15 * (i + 1));
+      scal.emplace_back(scal_flat.begin() + 4 * i, scal_flat.begin() + 4 * (i + 1));
+      cache_layer.push_back(cache_layers[i]);
+    }
+  }
+};
+
+// Every block of `blocks` in turn on x [T, D]; kv_all [Y, S, W] is the whole latent cache, block i writing layer
+// cache_layer[i] - layer_offset of it.
+at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor& x, const at::Tensor& kv_all,
+                      int64_t layer_offset, const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
+                      const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(kv_all.dim() == 3, "run_blocks: the cache must be [layers, slots, width], got ", kv_all.sizes());
+  at::Tensor h = x;
+  for (size_t i = 0; i < blocks->w.size(); ++i) {
+    const int64_t c = blocks->cache_layer[i] - layer_offset;
+    TORCH_CHECK(c >= 0 && c < kv_all.size(0), "run_blocks: cache layer ", c, " outside the cache's ",
+                kv_all.size(0));
+    h = decode_layer(h, blocks->w[i], blocks->dims[i], blocks->scal[i], kv_all.select(0, c), slot_mapping, tok, seq,
+                     len, slots, cos, sin);
+  }
+  return h;
+}
+
 std::string capability() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
@@ -840,5 +908,10 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "Tensor? shared_w2, int shared_inter) -> Tensor", &moe);
   m.def("decode_layer(Tensor x, Tensor[] w, int[] dims, float[] scal, Tensor(a!) cache, Tensor slot_mapping, "
         "Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor", &decode_layer);
+  m.class_<Blocks>("Blocks").def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                                              std::vector<double>, std::vector<int64_t>>());
+  m.def("run_blocks(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks blocks, Tensor x, Tensor(a!) kv_all, "
+        "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor",
+        &run_blocks);
   m.def("capability() -> str", &capability);
 }
