@@ -7,7 +7,8 @@ failed build.
 
 The build (`torch.utils.cpp_extension`, -O3 -march=native for the machine it runs on) takes ~15 s once; the shared
 library is cached under $DSV3_KERNEL_CACHE (default ~/.cache/dsv3/kernels) in a directory named by the hash of the
-source, the flags and the torch/Python versions, so an edit rebuilds it and a stale library is never loaded.
+source, the flags, the torch/Python versions and the CPU's features, so an edit rebuilds it, a stale library is never
+loaded and a home directory shared by different machines never hands one a library built for another CPU.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = ()) -> ob
 
     flags = CFLAGS + list(extra_cflags) + [f"-DDSV3_NS={namespace}"]
     with open(SOURCE, "rb") as f:
-        key = f.read() + " ".join(flags + [torch.__version__, sys.version]).encode()
+        # -march=native: a library built on one CPU may not run on another, so the CPU's features are in the key.
+        key = f.read() + " ".join(flags + [torch.__version__, sys.version, *sorted(cpu_flags())]).encode()
     root = os.environ.get("DSV3_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv3", "kernels")
     build_dir = os.path.join(root, f"{namespace}-{hashlib.sha256(key).hexdigest()[:16]}")
     os.makedirs(build_dir, exist_ok=True)
