@@ -173,6 +173,15 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
         spec = run_all(eng, prompts, params)
         assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
         assert any(fused) and eng.cache.allocator.num_used == 0
+        # The one-call C++ MTP pass proposes exactly the drafts of the module-by-module one.
+        assert model.cpu_mtp_draft is not None
+        one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
+        eng2 = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+        spec2 = run_all(eng2, prompts, params)
+        model.cpu_mtp_draft = one_call
+        assert [o.token_ids for o in spec2] == [o.token_ids for o in spec]
+        assert eng2.spec_stats()["drafted"] == eng.spec_stats()["drafted"]
+        assert eng2.spec_stats()["accepted"] == eng.spec_stats()["accepted"]
         if perfect:
             assert eng.spec_stats()["acceptance_rate"] > 0.9
             want = plain[0].token_ids

@@ -282,8 +282,12 @@ class LLMEngine:
             return None
         positions, ctx = reuse
         targets = logits.argmax(dim=-1)  # [T]
-        h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
-        drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
+        fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
+        if fused_mtp is not None:
+            drafts = fused_mtp(hidden, targets, positions, ctx)
+        else:
+            h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
+            drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
         both = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
         return both[0], both[1]
 

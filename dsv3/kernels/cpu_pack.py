@@ -107,6 +107,25 @@ class CpuBlocks:
         return y.view(x.shape)
 
 
+class CpuMtpDraft:
+    """Greedy drafting with MTP module 1 as one C++ call (mtp_greedy_draft): embedding, the two input norms, eh_proj,
+    the MTP block, its head norm and the shared LM head, then the argmax of every row."""
+
+    def __init__(self, ops, model: nn.Module):
+        mtp = model.mtp_layers[0]
+        self.ops, self.rotary = ops, model.rotary
+        self.blocks = mtp.cpu_layer.handle
+        self.args = (model.model.embed_tokens.weight, mtp.enorm.weight, mtp.hnorm.weight, mtp.eh_proj.packed.t,
+                     mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
+
+    def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> draft ids [T]"""
+        k = ctx.kernel_rows
+        cos, sin = self.rotary.cos_sin(positions[0])
+        return self.ops.mtp_greedy_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(), ctx.cache.kv,
+                                         ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len, k.slots, cos, sin)
+
+
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:
     p = getattr(param_owner, name)
     setattr(param_owner, name, nn.Parameter(p.new_empty(0), requires_grad=False))
@@ -180,6 +199,8 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
         model.cpu_blocks = CpuBlocks(ops, model.main_layers, model.cfg)
         for m in model.mtp_layers:
             m.cpu_layer = CpuBlocks(ops, [m], model.cfg)
+        if model.mtp_layers and model.lm_head is not None:  # (a tied head stays a plain matrix)
+            model.cpu_mtp_draft = CpuMtpDraft(ops, model)
     model.prepacked = True
     model.cpu_kernels = ops is not None
     log.info("packed the model's projections for %s", "the C++ CPU kernels (projections, MoE layers, norms, decode "

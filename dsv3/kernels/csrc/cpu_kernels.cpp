@@ -885,6 +885,51 @@ at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor
   return h;
 }
 
+// Greedy drafting with an MTP module in one call: for each row t, the module's input is the main model's final
+// hidden state h[t] and the embedding of next_ids[t]; returns the argmax of the module's logits per row [T] (the
+// first maximum, as torch.argmax). Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation, the MTP block
+// (run_blocks), shared_head.norm, the shared LM head.
+at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
+                            const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
+                            const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
+                            const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
+                            const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
+                            const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+  check_bf16(embed, "mtp_greedy_draft: embed", 2);
+  check_bf16(h, "mtp_greedy_draft: h", 2);
+  check_index(next_ids, "mtp_greedy_draft: next_ids", 1);
+  TORCH_CHECK(embed.is_contiguous(), "mtp_greedy_draft: embed must be contiguous");
+  const int64_t T = h.size(0), D = h.size(1);
+  TORCH_CHECK(next_ids.size(0) == T && embed.size(1) == D, "mtp_greedy_draft: ", T, " rows of width ", D,
+              " need as many next ids and an embedding of that width");
+  at::Tensor cat = at::empty({T, 2 * D}, h.options());
+  const int64_t* ids = next_ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(ids[t] >= 0 && ids[t] < embed.size(0), "mtp_greedy_draft: token id ", ids[t], " outside the vocabulary");
+    rms_norm_row(bf_ptr(embed) + ids[t] * D, bf_ptr(enorm), eps, D, bf_mut(cat) + t * 2 * D);
+    rms_norm_row(bf_ptr(h) + t * h.stride(0), bf_ptr(hnorm), eps, D, bf_mut(cat) + t * 2 * D + D);
+  }
+  const at::Tensor x = run_blocks(mtp, linear(cat, eh_proj, D), kv_all, layer_offset, slot_mapping, tok, seq, len,
+                                  slots, cos, sin);
+  const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [T, V] bf16
+  at::Tensor out = at::empty({T}, next_ids.options());
+  const bf16_t* lp = bf_ptr(logits);
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t best = 0;
+    float bv = bf2f(lp[t * vocab]);
+    for (int64_t v = 1; v < vocab; ++v) {
+      const float f = bf2f(lp[t * vocab + v]);
+      if (f > bv || (std::isnan(f) && !std::isnan(bv))) {
+        bv = f;
+        best = v;
+      }
+    }
+    out.data_ptr<int64_t>()[t] = best;
+  }
+  return out;
+}
+
 std::string capability() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
@@ -913,5 +958,9 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("run_blocks(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks blocks, Tensor x, Tensor(a!) kv_all, "
         "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor",
         &run_blocks);
+  m.def("mtp_greedy_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
+        "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
+        "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
+        "Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor", &mtp_greedy_draft);
   m.def("capability() -> str", &capability);
 }
