@@ -14,6 +14,7 @@ median fraction is reported (the bandwidth of shared VMs drifts by up to 2x with
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -69,6 +70,8 @@ def time_dsv3(path: str, dtype: str, threads: int, steps: int, prefill: int, voc
     llm = LLM(path, dtype=dtype, max_num_seqs=16, max_num_batched_tokens=max(prefill, 16 * 128),
               num_blocks=(16 * (128 + steps + 16) + prefill) // 16 + 64, block_size=16, enable_prefix_caching=False,
               speculative="off", progress=False)
+    gc.collect()
+    gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
     eng = llm.engine
     g = torch.Generator().manual_seed(1)
     res = {}

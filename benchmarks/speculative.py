@@ -10,6 +10,7 @@ Default model: the embedded one (trained with an MTP module, see docs/training.m
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -67,12 +68,16 @@ def main() -> int:
     prompts = held_out_prompts(a.prompts)
     common = dict(dtype=a.dtype, progress=False, max_num_seqs=64, num_blocks=4096, enable_prefix_caching=False)
     plain = LLM(a.model, speculative="off", **common)
+    gc.collect()
+    gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
     rows, result = [], {"model": plain.path, "dtype": a.dtype, "threads": a.threads, "runs": []}
     for bs in [int(b) for b in a.batch_sizes.split(",")]:
         run(plain, prompts[:bs], 8, bs)  # warm-up
         base_tps, base_tokens = run(plain, prompts, a.max_tokens, bs)
         for k in [int(d) for d in a.draft.split(",")]:
             spec = LLM(a.model, speculative="mtp", num_draft_tokens=k, **common)
+            gc.collect()
+            gc.freeze()
             run(spec, prompts[:bs], 8, bs)
             s0 = dict(spec.engine.stats)
             tps, tokens = run(spec, prompts, a.max_tokens, bs)

@@ -1,7 +1,6 @@
 """LLM: the offline API. Load a checkpoint (the embedded model by default), then generate, chat or stream."""
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import fields
@@ -50,11 +49,6 @@ class LLM:
             prepack_for_cpu(self.model)
         self.tokenizer = _load_tokenizer(self.path)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_kwargs))
-        # The model, tokenizer and engine are long-lived: move them out of the cyclic garbage collector's view, so
-        # the collections that a step's small allocations trigger do not walk them again and again (that walk
-        # was ~10% of a CPU decode step).
-        gc.collect()
-        gc.freeze()
         if parallel is not None and parallel.world_size > 1:
             from .distributed import attach
 
