@@ -289,6 +289,7 @@ class ModelRunner:
         hidden states of every packed token [T, D] after the final norm)."""
         seqs = batch.seqs
         if self.graphs is not None and self.graphs.can_run(seqs, batch.num_new, logits_rows):
+            self.last = None  # no step context to reuse
             return self.graphs.run(seqs)
         starts = [s.num_computed for s in seqs]
         toks = [(s.tokens[a:] + s.draft)[:n] if s.draft else s.tokens[a:a + n]
