@@ -554,7 +554,10 @@ void route_token(const float* logits, const float* bias, int64_t E, int64_t K, i
   } else {
     for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-logits[e]));
   }
-  for (int64_t e = 0; e < E; ++e) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+  for (int64_t e = 0; e < E; ++e) {
+    choice[e] = bias ? scores[e] + bias[e] : scores[e];
+    if (std::isnan(choice[e])) choice[e] = -std::numeric_limits<float>::infinity();  // keeps the ordering strict
+  }
   auto better = [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); };
   if (group_rule != 0 && n_group > 1) {
     const int64_t per = E / n_group;
@@ -903,6 +906,9 @@ at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Ten
   const int64_t T = h.size(0), D = h.size(1);
   TORCH_CHECK(next_ids.size(0) == T && embed.size(1) == D, "mtp_greedy_draft: ", T, " rows of width ", D,
               " need as many next ids and an embedding of that width");
+  check_bf16(enorm, "mtp_greedy_draft: enorm", 1);
+  check_bf16(hnorm, "mtp_greedy_draft: hnorm", 1);
+  TORCH_CHECK(enorm.size(0) == D && hnorm.size(0) == D, "mtp_greedy_draft: enorm/hnorm must have ", D, " weights");
   at::Tensor cat = at::empty({T, 2 * D}, h.options());
   const int64_t* ids = next_ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
