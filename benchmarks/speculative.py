@@ -5,7 +5,7 @@ For batch 1 and batch 8 (default), greedy decoding of held-out prompts with spec
 speedup, draft acceptance rate and tokens per verification step. Greedy outputs are checked to be identical.
 Default model: the embedded one (trained with an MTP module, see docs/training.md).
 
-  python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2]
+  python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2] [--device cuda]
 """
 from __future__ import annotations
 
@@ -60,13 +60,15 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (issue 10's GPU target: >= 1.6x at batch 1)")
     ap.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from dsv3.engine.llm import LLM
 
     prompts = held_out_prompts(a.prompts)
-    common = dict(dtype=a.dtype, progress=False, max_num_seqs=64, num_blocks=4096, enable_prefix_caching=False)
+    common = dict(dtype=a.dtype, device=a.device, progress=False, max_num_seqs=64, num_blocks=4096,
+                  enable_prefix_caching=False)
     plain = LLM(a.model, speculative="off", **common)
     gc.collect()
     gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
@@ -90,7 +92,8 @@ def main() -> int:
                  "tokens_per_step": (acc + steps) / steps if steps else None, "identical_greedy_output": same}
             result["runs"].append(r)
             rows.append(r)
-    print(f"model {result['model']} ({a.dtype}, {a.threads} threads, {len(prompts)} prompts x {a.max_tokens} tokens)")
+    where = f"{a.threads} threads" if a.device == "cpu" else torch.cuda.get_device_name()
+    print(f"model {result['model']} ({a.dtype}, {where}, {len(prompts)} prompts x {a.max_tokens} tokens)")
     print(f"{'batch':>5} {'k':>3} {'plain tok/s':>12} {'mtp tok/s':>10} {'speedup':>8} {'accept':>7} "
           f"{'tok/step':>8} {'same':>5}")
     for r in rows:
