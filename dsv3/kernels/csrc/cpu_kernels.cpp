@@ -473,61 +473,77 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   const bf16_t* kvp = bf_ptr(kv);
   const bf16_t* wp = bf_ptr(kv_b);
   bf16_t* op = bf_mut(out);
-  // Work items: (query, block of heads); enough items to keep every thread busy at batch 1.
+  // Groups: runs of consecutive queries of one sequence (its decode row, or its verification rows) convert each
+  // context tile once for all of them. Work items: (group, block of heads), enough to keep every thread busy at
+  // batch 1. A query's arithmetic is the same whatever its group and head block (batch invariance).
+  std::vector<int64_t> gstart;
+  for (int64_t i = 0; i < Q; ++i)
+    if (i == 0 || sq[i] != sq[i - 1]) gstart.push_back(i);
+  gstart.push_back(Q);
+  const int64_t G = static_cast<int64_t>(gstart.size()) - 1;
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + Q - 1) / Q));
-  const int64_t hb = (H + splits - 1) / splits;
-  const int64_t items = Q * ((H + hb - 1) / hb);
+  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + G - 1) / G));
+  const int64_t hb = (H + splits - 1) / splits, nhb = (H + hb - 1) / hb;
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qc(hb * W), acc(hb * C), rows(kTile * W), wrow(std::max(C, N + R)), s(hb * 16);
-    std::vector<float> m(hb), l(hb);
+  at::parallel_for(0, G * nhb, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> qc, acc, m, l, rows(kTile * W), wrow(std::max(C, N + R)), s(16);
     for (int64_t it = a; it < b; ++it) {
-      const int64_t i = it / ((H + hb - 1) / hb), h0 = (it % ((H + hb - 1) / hb)) * hb, h1 = std::min(H, h0 + hb);
-      const int64_t nh = h1 - h0, L = ln[i];
-      const int64_t* ctx = sl + sq[i] * Lm;
-      // q_c = scale * q_nope W_uk (float32), then scale * q_pe: one W-wide query per head.
-      for (int64_t h = h0; h < h1; ++h) {
-        float* qh = qc.data() + (h - h0) * W;
-        std::fill(qh, qh + C, 0.f);
-        const bf16_t* qrow = qp + (tk[i] * H + h) * (N + R);
-        for (int64_t n = 0; n < N; ++n) {
-          bf_to_f32(wp + (h * (N + V) + n) * C, wrow.data(), C);
-          axpy_f32(sc * bf2f(qrow[n]), wrow.data(), qh, C);
+      const int64_t g = it / nhb, h0 = (it % nhb) * hb, h1 = std::min(H, h0 + hb), nh = h1 - h0;
+      const int64_t q0 = gstart[g], nq = gstart[g + 1] - q0;
+      const int64_t* ctx = sl + sq[q0] * Lm;
+      int64_t Lmax = 0;
+      for (int64_t qi = 0; qi < nq; ++qi) Lmax = std::max(Lmax, ln[q0 + qi]);
+      qc.assign(nq * nh * W, 0.f);
+      acc.assign(nq * nh * C, 0.f);
+      m.assign(nq * nh, -std::numeric_limits<float>::infinity());
+      l.assign(nq * nh, 0.f);
+      // q_c = scale * q_nope W_uk (float32), then scale * q_pe: one W-wide query per (query, head).
+      for (int64_t qi = 0; qi < nq; ++qi)
+        for (int64_t h = h0; h < h1; ++h) {
+          float* qh = qc.data() + (qi * nh + h - h0) * W;
+          const bf16_t* qrow = qp + (tk[q0 + qi] * H + h) * (N + R);
+          for (int64_t n = 0; n < N; ++n) {
+            bf_to_f32(wp + (h * (N + V) + n) * C, wrow.data(), C);
+            axpy_f32(sc * bf2f(qrow[n]), wrow.data(), qh, C);
+          }
+          for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
         }
-        for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
-      }
-      std::fill(acc.begin(), acc.begin() + nh * C, 0.f);
-      std::fill(m.begin(), m.begin() + nh, -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.begin() + nh, 0.f);
-      for (int64_t j0 = 0; j0 < L; j0 += kTile) {
-        const int64_t nj = std::min(kTile, L - j0);
-        for (int64_t j = 0; j < nj; ++j) bf_to_f32(kvp + ctx[j0 + j] * W, rows.data() + j * W, W);
-        for (int64_t h = 0; h < nh; ++h) {
-          float* sh = s.data() + h * 16;
-          tile_scores(qc.data() + h * W, rows.data(), W, nj, sh);
-          float mx = m[h];
-          for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, sh[j]);
-          const float corr = std::exp(m[h] - mx);  // exp(-inf) = 0 on the first tile
-          const __mmask16 live = static_cast<__mmask16>((1u << nj) - 1);
-          const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh), _mm512_set1_ps(mx))));
-          _mm512_storeu_ps(sh, p);  // sh now holds the tile's probabilities (s has room for 16 per head)
-          l[h] = l[h] * corr + _mm512_reduce_add_ps(p);
-          m[h] = mx;
-          tile_accumulate(acc.data() + h * C, corr, sh, rows.data(), W, nj, C);
-        }
-      }
-      // o = (acc / l) W_uv^T per head, rounded once to bf16.
-      for (int64_t h = h0; h < h1; ++h) {
-        float* ah = acc.data() + (h - h0) * C;
-        const float inv = 1.f / l[h - h0];
-        for (int64_t c = 0; c < C; ++c) ah[c] *= inv;
-        bf16_t* orow = op + (tk[i] * H + h) * V;
-        for (int64_t v = 0; v < V; ++v) {
-          bf_to_f32(wp + (h * (N + V) + N + v) * C, wrow.data(), C);
-          orow[v] = f2bf(dot_f32(ah, wrow.data(), C));
+      for (int64_t j0 = 0; j0 < Lmax; j0 += kTile) {
+        const int64_t tile = std::min(kTile, Lmax - j0);
+        for (int64_t j = 0; j < tile; ++j) bf_to_f32(kvp + ctx[j0 + j] * W, rows.data() + j * W, W);
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          if (j0 >= ln[q0 + qi]) continue;  // past this query's causal end
+          const int64_t nj = std::min(kTile, ln[q0 + qi] - j0);
+          for (int64_t h = 0; h < nh; ++h) {
+            const int64_t k = qi * nh + h;
+            float* sh = s.data();
+            tile_scores(qc.data() + k * W, rows.data(), W, nj, sh);
+            float mx = m[k];
+            for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, sh[j]);
+            const float corr = std::exp(m[k] - mx);  // exp(-inf) = 0 on the first tile
+            const __mmask16 live = static_cast<__mmask16>((1u << nj) - 1);
+            const __m512 p =
+                _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh), _mm512_set1_ps(mx))));
+            _mm512_storeu_ps(sh, p);  // the tile's probabilities
+            l[k] = l[k] * corr + _mm512_reduce_add_ps(p);
+            m[k] = mx;
+            tile_accumulate(acc.data() + k * C, corr, sh, rows.data(), W, nj, C);
+          }
         }
       }
+      // o = (acc / l) W_uv^T per (query, head), rounded once to bf16.
+      for (int64_t qi = 0; qi < nq; ++qi)
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t k = qi * nh + h - h0;
+          float* ah = acc.data() + k * C;
+          const float inv = 1.f / l[k];
+          for (int64_t c = 0; c < C; ++c) ah[c] *= inv;
+          bf16_t* orow = op + (tk[q0 + qi] * H + h) * V;
+          for (int64_t v = 0; v < V; ++v) {
+            bf_to_f32(wp + (h * (N + V) + N + v) * C, wrow.data(), C);
+            orow[v] = f2bf(dot_f32(ah, wrow.data(), C));
+          }
+        }
     }
   });
 }
