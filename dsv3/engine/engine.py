@@ -18,7 +18,7 @@ from ..model.transformer import Transformer
 from .kv_cache import LatentKVCache
 from .runner import ModelRunner
 from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState
-from .speculative import SPECULATIVE_METHODS, propose, supports_speculation, verify
+from .speculative import SPECULATIVE_METHODS, accept_greedy, propose, supports_speculation, verify
 from .scheduler import QueueFullError, Scheduler, Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
@@ -203,18 +203,9 @@ class LLMEngine:
         if fused is not None:  # greedy: the targets are the argmaxes, the drafts already computed
             targets, mtp_next = fused
             for i, seq in enumerate(batch.seqs):
-                r = targets[offsets[i]:offsets[i + 1]]
-                d = seq.draft
-                a = 0
-                while a < len(d) and d[a] == r[a]:
-                    a += 1
-                new_tokens[i] = d[:a] + [r[a]]
-                if d:
-                    seq.extra["spec"][0] += len(d)
-                    seq.extra["spec"][1] += a
-                    self.stats["spec_drafted"] += len(d)
-                    self.stats["spec_accepted"] += a
-                    self.stats["spec_verify_steps"] += 1
+                new_tokens[i] = accept_greedy(seq.draft, targets[offsets[i]:offsets[i + 1]])
+                if seq.draft:
+                    self._count_verified(seq, len(new_tokens[i]) - 1)
             plain = []
         if plain:
             res = self.sampler.sample(logits[[offsets[i] for i in plain]],
@@ -227,12 +218,7 @@ class LLMEngine:
                 seq = batch.seqs[i]
                 new_tokens[i] = verify(logits[offsets[i]:offsets[i + 1]], seq.draft, seq.extra["draft_q"],
                                        seq.extra["sampling"])
-                d, a = len(seq.draft), len(new_tokens[i]) - 1
-                seq.extra["spec"][0] += d
-                seq.extra["spec"][1] += a
-                self.stats["spec_drafted"] += d
-                self.stats["spec_accepted"] += a
-                self.stats["spec_verify_steps"] += 1
+                self._count_verified(seq, len(new_tokens[i]) - 1)
         if self.sync_tokens is not None:
             new_tokens = self.sync_tokens(new_tokens)
         outputs, computed = [], []
@@ -256,13 +242,26 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         if fused is not None:
             for i, seq in enumerate(batch.seqs):
-                room = min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
-                           self.max_model_len - seq.num_tokens - 1)
-                if not seq.is_finished and room > 0:  # MTP at the last verified row predicts the next token
+                if not seq.is_finished and self._draft_room(seq) > 0:  # MTP at the last verified row predicts it
                     seq.draft, seq.extra["draft_q"] = [mtp_next[offsets[i] + len(new_tokens[i]) - 1]], [None]
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
+
+    def _count_verified(self, seq: Sequence, accepted: int) -> None:
+        """Acceptance bookkeeping of one verified sequence (its drafts before they are cleared)."""
+        d = len(seq.draft)
+        seq.extra["spec"][0] += d
+        seq.extra["spec"][1] += accepted
+        self.stats["spec_drafted"] += d
+        self.stats["spec_accepted"] += accepted
+        self.stats["spec_verify_steps"] += 1
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """How many drafts seq may take now: up to num_draft, leaving room for the main model's own token within
+        max_tokens and the context."""
+        return min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
+                   self.max_model_len - seq.num_tokens - 1)
 
     @torch.inference_mode()
     def _greedy_targets_and_drafts(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor
@@ -322,8 +321,7 @@ class LLMEngine:
         last = (torch.tensor(counts).cumsum(0) - 1).tolist()
         drafting = []  # (seq, how many drafts it may take)
         for j, seq in enumerate(seqs):
-            room = min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
-                       self.max_model_len - seq.num_tokens - 1)
+            room = self._draft_room(seq)
             if want[j] and room > 0:
                 drafting.append((seq, room, last[j]))
         if not drafting:

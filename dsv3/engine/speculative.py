@@ -48,17 +48,22 @@ def propose(logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, to
     return draw(q, state.generator), q
 
 
+def accept_greedy(draft: list[int], target: list[int]) -> list[int]:
+    """target [d+1]: the main model's argmax at the last real token and at each draft -> the longest prefix of
+    drafts equal to it, then the main model's own token."""
+    a = 0
+    while a < len(draft) and draft[a] == target[a]:
+        a += 1
+    return draft[:a] + [target[a]]
+
+
 def verify(logits: torch.Tensor, draft: list[int], draft_q: list[torch.Tensor | None],
            state: SequenceSamplingState) -> list[int]:
     """logits [d+1, V] of the main model at the last real token and each draft -> the tokens to append: the
     accepted drafts followed by one token from the main model (so between 1 and d+1 tokens)."""
     d = len(draft)
     if state.params.greedy:
-        target = logits.argmax(dim=-1).tolist()
-        a = 0
-        while a < d and draft[a] == target[a]:
-            a += 1
-        return draft[:a] + [target[a]]
+        return accept_greedy(draft, logits.argmax(dim=-1).tolist())
     p = target_probs(logits.float(), state)  # [d+1, V]
     gen = state.generator
     for j in range(d):
