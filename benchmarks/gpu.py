@@ -155,6 +155,7 @@ def make_engine(model, max_batch: int, prefill: int, steps: int, graphs: bool, m
 
 def decode_logits(eng, prompts, steps):
     """Greedy decode with the runner's logits recorded per pure-decode step: (tokens per prompt, [logits [B, V]])."""
+    from dsv3.engine.engine import run_to_completion
     from dsv3.engine.sampling import SamplingParams
 
     seen = []
@@ -168,14 +169,11 @@ def decode_logits(eng, prompts, steps):
 
     eng.runner.run = spy
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-    ids = [eng.add_request(p, params) for p in prompts]
-    out = {}
-    while eng.has_unfinished():
-        for o in eng.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    eng.runner.run = orig
-    return [out[i] for i in ids], seen
+    try:
+        outs = run_to_completion(eng, prompts, [params] * len(prompts))
+    finally:
+        eng.runner.run = orig
+    return [o.token_ids for o in outs], seen
 
 
 def model_checks(model, vocab: int) -> list[dict]:

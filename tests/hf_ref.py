@@ -58,10 +58,6 @@ def hf_model(cfg: dict, seed: int = 0):
 
 def run_all(engine, prompts, params):
     """Drive an LLMEngine until every prompt finished; the final outputs in prompt order."""
-    ids = [engine.add_request(p, params) for p in prompts]
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-    return [final[i] for i in ids]
+    from dsv3.engine.engine import run_to_completion
+
+    return run_to_completion(engine, prompts, [params] * len(prompts))

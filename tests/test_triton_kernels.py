@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsv3 import ModelConfig
-from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
 from dsv3.engine.sampling import SamplingParams
 from dsv3.kernels import dispatch
 from dsv3.model import build_model
@@ -170,13 +170,7 @@ def test_paged_decode_matches_attend_absorbed(triton_on):
 # ---------------------------------------------------------------------------------------------------- engine
 def _generate(engine, prompts, steps):
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    out = {}
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-    return [out[i] for i in ids]
+    return [o.token_ids for o in run_to_completion(engine, prompts, [params] * len(prompts))]
 
 
 PROMPTS = [[5, 17, 42, 9, 100], [200, 1, 3, 4, 4, 4, 12, 7, 19, 30]]

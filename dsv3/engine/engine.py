@@ -60,6 +60,26 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
 
 
+def run_to_completion(engine, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
+    """Queue prompts[i] with params[i] on an engine (LLMEngine or its torchrun Driver), step until each has
+    finished, and return their final outputs in prompt order. If queueing or a step fails, the prompts' requests
+    are aborted (their cache freed) before the error propagates."""
+    ids = []
+    try:
+        for prompt, p in zip(prompts, params):
+            ids.append(engine.add_request(prompt, p))
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+    except BaseException:
+        for rid in ids:
+            engine.abort(rid)
+        raise
+    return [final[r] for r in ids]
+
+
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None):
         self.model = model

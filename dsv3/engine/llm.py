@@ -11,7 +11,7 @@ import torch
 from ..assets import resolve_model
 from ..kernels.cpu_pack import prepack_for_cpu
 from ..weights import load_model, parse_dtype
-from .engine import EngineConfig, LLMEngine, RequestOutput
+from .engine import EngineConfig, LLMEngine, RequestOutput, run_to_completion
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,7 @@ class LLM:
         plist = _params_list(params, len(batch))
         for p in plist:  # validate everything before queueing anything
             p.validate()
-        ids = []
-        try:
-            for prompt, p in zip(batch, plist):
-                ids.append(self.engine.add_request(prompt, p))
-        except Exception:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        final: dict[str, RequestOutput] = {}
-        try:
-            while len(final) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-        except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        return [final[r] for r in ids]
+        return run_to_completion(self.engine, batch, plist)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one RequestOutput per new token (new_text is the printable delta). Closing the generator early
