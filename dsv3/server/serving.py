@@ -284,12 +284,18 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     return JSONResponse(body.model_dump())
 
 
+def _stream_head(state: ServerState, obj: str, rid: str, created: int, include_usage: bool) -> dict:
+    """The fields every chunk of a stream repeats (usage: null until the final usage chunk, when asked for)."""
+    head = {"id": rid, "object": obj, "created": created, "model": state.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT}
+    if include_usage:
+        head["usage"] = None
+    return head
+
+
 async def _chat_stream(state: ServerState, req: ChatCompletionRequest, params: SamplingParams, group: RequestGroup,
                        rid: str, created: int, prompt_len: int) -> AsyncIterator[str]:
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-            "system_fingerprint": SYSTEM_FINGERPRINT}
-    if req.include_usage:
-        head["usage"] = None
+    head = _stream_head(state, "chat.completion.chunk", rid, created, req.include_usage)
 
     def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
         return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
@@ -379,10 +385,7 @@ def _prompt_text(state: ServerState, raw: str | list[int], ids: list[int]) -> st
 async def _completion_stream(state: ServerState, req: CompletionRequest, params: SamplingParams,
                              group: RequestGroup, rid: str, created: int, prompt_tokens: int,
                              echo: list[str]) -> AsyncIterator[str]:
-    head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-            "system_fingerprint": SYSTEM_FINGERPRINT}
-    if req.include_usage:
-        head["usage"] = None
+    head = _stream_head(state, "text_completion", rid, created, req.include_usage)
 
     def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
