@@ -306,3 +306,37 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call():
         for rows in ([3], [0, 1, 2], [4, 5, 6], [3, 4, 5, 6], [0, 1, 2, 4, 5, 6]):
             # (Each subset keeps a sequence's rows together: a query reads the cache entries its earlier rows write.)
             assert torch.equal(run(torch.tensor(rows)), everything[rows]), rows
+
+
+def test_kept_rows_store_every_latent_and_carry_on_only_the_kept_rows():
+    # An MTP block needs the output of the row it drafts from only; the other rows must still leave the latents a
+    # full pass writes, since later positions attend to them.
+    cfg = ModelConfig.from_dict(v3(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2))
+    model = build_model(cfg, "cpu", BF).eval()
+    assert prepack_for_cpu(model)
+    blocks = CpuBlocks(OPS, [model.model.layers[1]], cfg)
+    W, D = cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.hidden_size
+    rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+    cache = (torch.randn(2, 512, W) * 0.5).to(BF)
+    slots = torch.randperm(512)[:200].reshape(2, 100)
+    x = torch.randn(5, D).to(BF)
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    pos = torch.tensor([40, 41, 42, 70, 71])
+    cos, sin = rotary.cos_sin(pos)
+
+    def run(keep):
+        kv = cache.clone()
+        y = OPS.run_blocks(blocks.handle, x, kv, 0, slots[seq, pos], torch.arange(5), seq, pos + 1, slots, cos, sin,
+                           keep)
+        return y, kv
+
+    with torch.no_grad():
+        everything, kv_all = run(None)
+        assert not torch.equal(kv_all, cache)
+        for keep in ([2, 4], [0], [1, 3], []):
+            y, kv = run(torch.tensor(keep, dtype=torch.long))
+            assert torch.equal(y, everything[keep]), keep
+            assert torch.equal(kv, kv_all), keep
+        for bad in ([3, 1], [5]):
+            with pytest.raises(RuntimeError, match="keep: rows must be increasing"):
+                run(torch.tensor(bad))

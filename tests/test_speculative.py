@@ -141,7 +141,7 @@ def test_speculation_flags(tiny_ckpt, tmp_path):
 
 def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
     # bf16 on the C++ kernels, one draft: greedy steps draft in the verification step's own context (engine
-    # _greedy_targets_and_drafts). Output must equal plain decoding (the kernels are batch invariant), including
+    # _greedy_verify_and_draft). Output must equal plain decoding (the kernels are batch invariant), including
     # max_tokens and a stop token landing inside an accepted run.
     from dsv3.kernels import cpu_ext
     from dsv3.kernels.cpu_pack import prepack_for_cpu
@@ -151,13 +151,13 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
     fused = []
 
     def counted(eng):
-        f = eng._greedy_targets_and_drafts
+        f = eng._greedy_verify_and_draft
 
         def wrapper(*a):
             r = f(*a)
             fused.append(r is not None)
             return r
-        monkeypatch.setattr(eng, "_greedy_targets_and_drafts", wrapper)
+        monkeypatch.setattr(eng, "_greedy_verify_and_draft", wrapper)
         return eng
 
     for perfect in (False, True):
@@ -195,3 +195,32 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
                           [prompts[0]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
                                                        stop_token_ids=[stop_at]))[0]
             assert out.token_ids == want[:want.index(stop_at) + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("chunk", [64, 7])  # whole prompt in one step, or prefilled in chunks of 7
+def test_prompt_drafting_stores_every_mtp_latent_and_drafts_from_the_last_row(tiny_model, chunk):
+    # After a prompt, only its last row drafts: the other rows skip the MTP block's attention, FFN and head and only
+    # store their latents. Both must equal a full MTP pass over the whole prompt (no cache).
+    m = tiny_model
+    prompt = prompts_for(m.cfg.vocab_size, n=1, seed=3)[0] + [7] * 20  # 23..62 tokens
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=1, num_blocks=64, block_size=8,
+                                           max_num_batched_tokens=chunk))
+    eng.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while not eng.scheduler.running or not eng.scheduler.running[0].output_ids:
+        eng.step()
+    seq = eng.scheduler.running[0]
+    L = len(prompt)
+    first = seq.output_ids[0]
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        h = m.hidden_states(ids)  # [1, L, D]
+        assert int(m.logits(h[0, -1]).argmax()) == first
+        next_ids = torch.tensor([prompt[1:] + [first]])
+        logits, _ = m.mtp(1, h, next_ids)  # [1, L, V]
+        assert seq.draft == [int(logits[0, -1].argmax())]
+        layer = m.mtp_layers[0]
+        cos, sin = m.rotary.cos_sin(torch.arange(L)[None])
+        _, _, c_kv, k_pe = layer.self_attn.latents(layer.input_layernorm(m._mtp_input(layer, h, next_ids)), cos, sin)
+        want = torch.cat([c_kv, k_pe], dim=-1)[0]  # [L, C+R]
+        got = eng.cache.kv[layer.layer_idx][eng.runner.slots(seq, 0, L)]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

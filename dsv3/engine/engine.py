@@ -219,11 +219,10 @@ class LLMEngine:
         for r in rows:
             offsets.append(offsets[-1] + len(r))
         results = {}
-        fused = self._greedy_targets_and_drafts(batch, n_known, logits, hidden)
-        if fused is not None:  # greedy: the targets are the argmaxes, the drafts already computed
-            targets, mtp_next = fused
+        fused = self._greedy_verify_and_draft(batch, n_known, logits, hidden, offsets)
+        if fused is not None:  # greedy: accepted tokens from the argmaxes, next drafts already computed
+            new_tokens, next_drafts = fused
             for i, seq in enumerate(batch.seqs):
-                new_tokens[i] = accept_greedy(seq.draft, targets[offsets[i]:offsets[i + 1]])
                 if seq.draft:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
             plain = []
@@ -263,7 +262,7 @@ class LLMEngine:
         if fused is not None:
             for i, seq in enumerate(batch.seqs):
                 if not seq.is_finished and self._draft_room(seq) > 0:  # MTP at the last verified row predicts it
-                    seq.draft, seq.extra["draft_q"] = [mtp_next[offsets[i] + len(new_tokens[i]) - 1]], [None]
+                    seq.draft, seq.extra["draft_q"] = [next_drafts[i]], [None]
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
@@ -284,13 +283,16 @@ class LLMEngine:
                    self.max_model_len - seq.num_tokens - 1)
 
     @torch.inference_mode()
-    def _greedy_targets_and_drafts(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor
-                                   ) -> tuple[list[int], list[int]] | None:
-        """Greedy decode/verification steps with one draft token: every row's next token is its argmax, known
-        before any host sync, so the MTP module runs over all rows in the same step context right away (rows after
-        a rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them).
-        Returns (main argmax per row, MTP argmax per row) with a single host sync, or None when the step does not
-        qualify (sampling, logprobs, prompts, several drafts, a step with prefill rows)."""
+    def _greedy_verify_and_draft(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
+                                 offsets: list[int]) -> tuple[list[list[int]], list[int]] | None:
+        """Greedy decode/verification steps with one draft token: every row's next token is its argmax, so the
+        accepted tokens and the MTP pass follow right away in the same step context. Returns (accepted tokens per
+        sequence, the next draft per sequence: MTP's argmax at its last verified row), or None when the step does
+        not qualify (sampling, logprobs, prompts, several drafts, a step with prefill rows).
+        - C++ CPU kernels: the acceptance is known first (no device to wait for), so the MTP block stores the
+          latents of every row but goes on (attention, FFN, head) from each sequence's last verified row only;
+        - elsewhere: the MTP module runs over all rows before the host sync (rows after a rejected draft compute
+          throwaway values whose cache slots are rewritten before anyone reads them), one sync for both argmaxes."""
         if self.num_draft != 1 or self.sync_tokens is not None:
             return None
         for seq, k in zip(batch.seqs, n_known):
@@ -303,18 +305,23 @@ class LLMEngine:
         targets = logits.argmax(dim=-1)  # [T]
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
         if fused_mtp is not None:
-            drafts = fused_mtp(hidden, targets, positions, ctx)
-        else:
-            h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
-            drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
-        both = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
-        return both[0], both[1]
+            t = targets.tolist()
+            accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
+            last = torch.tensor([offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])
+            return accepted, fused_mtp(hidden, targets, positions, ctx, keep=last).tolist()
+        h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
+        drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
+        t, d = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
+        accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
+        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)]
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _draft(self, batch, starts: list[int], computed: list[int], hidden: torch.Tensor) -> None:
         """Run MTP over every verified position of the step (filling its cache layer) and propose drafts for the
-        sequences that just got a token."""
+        sequences that just got a token. Only a drafting row (each such sequence's last verified one) needs the MTP
+        block's output; every other row only needs its latents stored, which skips attention, FFN and head there
+        (for a prompt: one full MTP row instead of one per prompt token)."""
         seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
@@ -330,24 +337,37 @@ class LLMEngine:
         if not seqs:
             return
         keep = torch.cat(rows)
-        h = hidden[keep][None]  # [1, T', D]
-        reuse = self.runner.reuse_context(keep)  # same positions and slots as the verification step
-        if reuse is not None:
-            positions, ctx = reuse
-            ids = torch.tensor([t for ts in toks for t in ts])[None]
-        else:
-            ids, positions, ctx = self.runner.build_context(seqs, pos0, counts, toks)
-        h_out = self.model.mtp_hidden(1, h, ids, positions, cache=ctx)[0]  # [T', D]
+        h = hidden[keep]  # [T', D]
+        ids = torch.tensor([t for ts in toks for t in ts], device=h.device)  # [T']
         last = (torch.tensor(counts).cumsum(0) - 1).tolist()
-        drafting = []  # (seq, how many drafts it may take)
+        drafting = []  # (seq, how many drafts it may take, its row in keep)
         for j, seq in enumerate(seqs):
             room = self._draft_room(seq)
             if want[j] and room > 0:
                 drafting.append((seq, room, last[j]))
+        out_rows = torch.tensor([r for _, _, r in drafting], dtype=torch.long, device=h.device)
+        reuse = self.runner.reuse_context(keep)  # same positions and slots as the verification step
+        if reuse is not None:  # decode/verification rows on the C++ kernels: one call, latents-only rows inside
+            positions, ctx = reuse
+            h_last = self.model.mtp_hidden(1, h[None], ids[None], positions, cache=ctx, keep=out_rows)[0]  # [B', D]
+        else:  # a step with prompt chunks: latents of the other rows, then the drafting rows as decode rows
+            slot_map = torch.cat([self.runner.slots(s, p, p + c) for s, p, c in zip(seqs, pos0, counts)])
+            positions = torch.cat([torch.arange(p, p + c) for p, c in zip(pos0, counts)])
+            positions, slot_map = positions.to(h.device), slot_map.to(h.device)
+            fill = torch.ones(len(keep), dtype=torch.bool, device=h.device)
+            fill[out_rows] = False
+            if bool(fill.any()):
+                self.runner.store_mtp_latents(1, h[fill], ids[fill], positions[fill], slot_map[fill])
+            if not drafting:
+                return
+            # a drafting row is its sequence's last verified position: done - 1, whose next token is the last known
+            d_ids, d_pos, d_ctx = self.runner.build_context(
+                [s for s, _, _ in drafting], [s.num_tokens - 2 for s, _, _ in drafting], [1] * len(drafting),
+                [[s.tokens[-1]] for s, _, _ in drafting])
+            h_last = self.model.mtp_hidden(1, h[out_rows][None], d_ids, d_pos, cache=d_ctx)[0]  # [B', D]
         if not drafting:
             return
-        h_last = h_out[[r for _, _, r in drafting]]  # [B', D]: only these rows go through the head
-        logits = self.model.mtp_logits(1, h_last)
+        logits = self.model.mtp_logits(1, h_last)  # only the drafting rows go through the head
         for i, (seq, _, _) in enumerate(drafting):
             tok, q = self._propose(logits[i], seq.extra["sampling"])
             seq.draft, seq.extra["draft_q"] = [tok], [q]

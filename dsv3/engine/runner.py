@@ -274,6 +274,14 @@ class ModelRunner:
         dev = self.device
         return _ShortRows(rows.to(dev), valid.to(dev), slots.to(dev), mask.to(dev))
 
+    @torch.inference_mode()
+    def store_mtp_latents(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                          slots: torch.Tensor) -> None:
+        """MTP module k's latents of rows whose drafts are not wanted (h [T, D], next_ids [T], positions [T]) into
+        its cache layer at slots [T] (Transformer.mtp_store_latents)."""
+        layer = self.model.mtp_layers[k - 1]
+        self.model.mtp_store_latents(k, h, next_ids, positions, self.cache.kv[layer.layer_idx], slots)
+
     def reuse_context(self, rows: torch.Tensor) -> tuple[torch.Tensor, StepContext] | None:
         """(positions [1, T'], context) of the last run restricted to packed rows `rows`, when that run was a
         kernel-only step (decode and verification rows on the CPU kernels); else None (build a fresh context)."""

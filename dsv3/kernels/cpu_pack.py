@@ -56,7 +56,7 @@ def available(dtype: torch.dtype) -> bool:
 
 
 class CpuBlocks:
-    """Packed decoder blocks run by one C++ call (run_blocks -> decode_layer in kernels/csrc/cpu_kernels.cpp) in
+    """Packed decoder blocks run by one C++ call (run_blocks -> block_forward in kernels/csrc/cpu_kernels.cpp) in
     steps whose every query row goes through the kernel's attention tables: the main model's blocks (from
     Transformer.hidden_states) or one MTP block (from Block.forward). Their tensors are handed to C++ once, here."""
 
@@ -98,13 +98,15 @@ class CpuBlocks:
         scal = [block.input_layernorm.eps, a.kv_a_layernorm.eps, a.softmax_scale, scaling]
         return w, dims, scal
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
-        """x [1, T, D], cos/sin [1, T, P], ctx: the engine's StepContext -> [1, T, D]"""
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [1, T, D], cos/sin [1, T, P], ctx: the engine's StepContext -> [1, T, D]; with keep [K] (increasing
+        rows) every row's latents are stored but the last block goes on for the kept rows only -> [1, K, D]."""
         k = ctx.kernel_rows
         T = x.shape[1]
         y = self.ops.run_blocks(self.handle, x.reshape(T, -1), ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping,
-                                k.tok, k.seq, k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1))
-        return y.view(x.shape)
+                                k.tok, k.seq, k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1), keep)
+        return y[None]
 
 
 class CpuMtpDraft:
@@ -118,12 +120,16 @@ class CpuMtpDraft:
         self.args = (model.model.embed_tokens.weight, mtp.enorm.weight, mtp.hnorm.weight, mtp.eh_proj.packed.t,
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 
-    def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
-        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> draft ids [T]"""
+    def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> draft ids [T], or
+        [K] for the rows keep [K] (increasing) only: every row's MTP latents are stored, but attention, the block's
+        FFN and the head run for the kept rows alone."""
         k = ctx.kernel_rows
         cos, sin = self.rotary.cos_sin(positions[0])
         return self.ops.mtp_greedy_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(), ctx.cache.kv,
-                                         ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len, k.slots, cos, sin)
+                                         ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len, k.slots, cos, sin,
+                                         keep)
 
 
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:

@@ -60,6 +60,22 @@ class MLA(nn.Module):
         self.packed_qkv_a = None  # [q_a; kv_a] packed for CPU inference (kernels/cpu_pack.py)
         self.cpu_ops = None  # torch.ops.dsv3_cpu when the C++ CPU kernels run this layer (kernels/cpu_ext.py)
 
+    def store_latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+        """Only the cache half of the layer: x [T, D] (normalised input), cos/sin [T, P] -> the latents (c_kv
+        normalised, k_pe rotated) written to kv[slots] ([S, C+R] cache layer), bit for bit what a full pass over
+        these rows stores (the C++ kernel's rounding when this layer runs on it)."""
+        if self.packed_qkv_a is not None:
+            kv_a = self.packed_qkv_a(x)[:, self.q_b_proj.in_features:]
+        else:
+            kv_a = self.kv_a_proj_with_mqa(x)
+        if self.cpu_ops is not None and kv.dtype == torch.bfloat16:
+            self.cpu_ops.store_latents(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos.contiguous(),
+                                       sin.contiguous(), kv, slots)
+            return
+        c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
+        kv[slots] = torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)], dim=-1).to(kv.dtype)
+
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, S, D], cos/sin [B, S, P] -> q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated),

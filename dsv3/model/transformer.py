@@ -134,13 +134,34 @@ class Transformer(nn.Module):
         return mtp[k - 1]
 
     def mtp_hidden(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache: LatentCache | None = None, impl: str | None = None) -> torch.Tensor:
-        """The MTP block's output h' [B, S, D] without the head (drafting needs logits of a few rows only)."""
+                   cache: LatentCache | None = None, impl: str | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The MTP block's output h' [B, S, D] without the head (drafting needs logits of a few rows only).
+        keep [K] (B = 1, increasing rows): only those rows' outputs are wanted -> [1, K, D]; on the C++ kernels the
+        other rows then only store their latents (what later positions attend to)."""
         layer = self._mtp_layer(k)
         cos, sin = self.rotary.cos_sin(self._positions(next_ids, positions))
+        x = self._mtp_input(layer, h, next_ids)
+        if keep is None:
+            return layer(x, cos, sin, cache, impl or self.attn_impl)
+        if layer.cpu_layer is not None and getattr(cache, "kernel_only", False):
+            return layer.cpu_layer(x, cos, sin, cache, keep)
+        return layer(x, cos, sin, cache, impl or self.attn_impl)[:, keep]
+
+    def _mtp_input(self, layer: MTPLayer, h: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """h [..., D], next_ids [...] -> eh_proj([enorm(embed(next_ids)), hnorm(h)]) [..., D]"""
         e = layer.enorm(self.model.embed_tokens(next_ids))
-        x = layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))  # [B, S, 2D] -> [B, S, D]
-        return layer(x, cos, sin, cache, impl or self.attn_impl)
+        return layer.eh_proj(torch.cat([e, layer.hnorm(h)], dim=-1))  # [..., 2D] -> [..., D]
+
+    def mtp_store_latents(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                          kv: torch.Tensor, slots: torch.Tensor) -> None:
+        """The part of MTP module k that later positions attend to, for rows whose own draft is not needed: h [T, D],
+        next_ids [T], positions [T] -> the module's latents of those rows in its cache layer kv [S, C+R] at slots
+        [T]. The module's attention output, FFN and head are skipped; the stored values equal a full pass's."""
+        layer = self._mtp_layer(k)
+        cos, sin = self.rotary.cos_sin(positions)  # [T, P]
+        x = layer.input_layernorm(self._mtp_input(layer, h, next_ids))
+        layer.self_attn.store_latents(x, cos, sin, kv, slots)
 
     def mtp_logits(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """h' [..., D] of MTP module k -> logits [..., V] through its shared_head norm and the shared head."""

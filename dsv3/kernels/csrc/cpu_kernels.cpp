@@ -344,25 +344,23 @@ inline void rope_row(bf16_t* x, const float* cos, const float* sin, int64_t R) {
   }
 }
 
-// q [T, H, N+R]: rotate the last R of every head in place. kv_a [T, C+R] (rows may be strided): the new latents,
-// normalised (c_kv) and rotated (k_pe), written to cache[slot_mapping[t]] (cache [S, C+R]).
-void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
-                 const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping, int64_t nope) {
-  check_bf16(q, "mla_prepare: q", 3);
-  check_bf16(kv_a, "mla_prepare: kv_a", 2);
-  check_bf16(norm_w, "mla_prepare: norm weight", 1);
-  check_bf16(cache, "mla_prepare: cache", 2);
-  check_index(slot_mapping, "mla_prepare: slot_mapping", 1);
-  TORCH_CHECK(q.is_contiguous() && cache.is_contiguous(), "mla_prepare: q and cache must be contiguous");
-  const int64_t T = q.size(0), H = q.size(1), R = q.size(2) - nope, C = norm_w.size(0), W = cache.size(1);
-  TORCH_CHECK(kv_a.size(0) == T && kv_a.size(1) == C + R && W == C + R, "mla_prepare: kv_a ", kv_a.sizes(),
-              " and cache ", cache.sizes(), " do not match C=", C, " R=", R);
+// kv_a [T, C+R] (rows may be strided): the new latents, normalised (c_kv) and rotated (k_pe), written to
+// cache[slot_mapping[t]] (cache [S, C+R]). cos/sin [T, R/2].
+void store_latents_impl(const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor& cache, const at::Tensor& slot_mapping) {
+  check_bf16(kv_a, "store_latents: kv_a", 2);
+  check_bf16(norm_w, "store_latents: norm weight", 1);
+  check_bf16(cache, "store_latents: cache", 2);
+  check_index(slot_mapping, "store_latents: slot_mapping", 1);
+  TORCH_CHECK(cache.is_contiguous(), "store_latents: the cache must be contiguous");
+  const int64_t T = kv_a.size(0), C = norm_w.size(0), W = cache.size(1), R = W - C;
+  TORCH_CHECK(R > 0 && kv_a.size(1) == W, "store_latents: kv_a ", kv_a.sizes(), " and cache ", cache.sizes(),
+              " do not match C=", C);
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous() && cos.numel() == T * (R / 2) && sin.numel() == T * (R / 2),
-              "mla_prepare: cos/sin must be contiguous float32 [T, R/2]");
-  TORCH_CHECK(slot_mapping.size(0) == T, "mla_prepare: slot_mapping has ", slot_mapping.size(0), " slots for ", T,
+              "store_latents: cos/sin must be contiguous float32 [T, R/2]");
+  TORCH_CHECK(slot_mapping.size(0) == T, "store_latents: slot_mapping has ", slot_mapping.size(0), " slots for ", T,
               " tokens");
-  bf16_t* qp = bf_mut(q);
   const bf16_t* kp = bf_ptr(kv_a);
   bf16_t* cp = bf_mut(cache);
   const float* cs = cos.data_ptr<float>();
@@ -370,16 +368,47 @@ void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w,
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   const int64_t S = cache.size(0), ldk = kv_a.stride(0);
   for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "mla_prepare: slot ", slots[t], " outside the cache of ", S);
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "store_latents: slot ", slots[t], " outside the cache of ", S);
   at::parallel_for(0, T, 8, [&](int64_t a, int64_t b) {
     for (int64_t t = a; t < b; ++t) {
-      for (int64_t h = 0; h < H; ++h) rope_row(qp + (t * H + h) * (nope + R) + nope, cs + t * (R / 2), sn + t * (R / 2), R);
       bf16_t* dst = cp + slots[t] * W;
       rms_norm_row(kp + t * ldk, bf_ptr(norm_w), eps, C, dst);
       std::memcpy(dst + C, kp + t * ldk + C, R * sizeof(bf16_t));
       rope_row(dst + C, cs + t * (R / 2), sn + t * (R / 2), R);
     }
   });
+}
+
+void store_latents(const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                   const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping) {
+  store_latents_impl(kv_a, norm_w, eps, cos, sin, cache, slot_mapping);
+}
+
+// q [T, H, N+R]: rotate the last R of every head in place with cos/sin [T, R/2].
+void rope_q(at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, int64_t nope) {
+  check_bf16(q, "rope_q: q", 3);
+  TORCH_CHECK(q.is_contiguous(), "rope_q: q must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), R = q.size(2) - nope;
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == T * (R / 2) && sin.numel() == T * (R / 2),
+              "rope_q: cos/sin must be contiguous float32 [T, R/2]");
+  bf16_t* qp = bf_mut(q);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t h = 0; h < H; ++h) rope_row(qp + (t * H + h) * (nope + R) + nope, cs + t * (R / 2), sn + t * (R / 2), R);
+  });
+}
+
+// q [T, H, N+R]: rotate the last R of every head in place. kv_a [T, C+R]: stored as store_latents does.
+void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping, int64_t nope) {
+  TORCH_CHECK(q.size(0) == kv_a.size(0), "mla_prepare: q has ", q.size(0), " rows and kv_a ", kv_a.size(0));
+  TORCH_CHECK(q.size(2) - nope == cache.size(1) - norm_w.size(0), "mla_prepare: q's rope width ", q.size(2) - nope,
+              " differs from the cache's ", cache.size(1) - norm_w.size(0));
+  store_latents_impl(kv_a, norm_w, eps, cos, sin, cache, slot_mapping);
+  rope_q(q, cos, sin, nope);
 }
 
 // Absorbed attention for Q query rows. Query i is token tok[i] of q [T, H, N+R] (q_pe already rotated); it attends
@@ -811,19 +840,56 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// The query tables of mla_decode restricted to the tokens in keep [K] (increasing token indices of x), renumbered
+// to 0..K-1: the queries of kept tokens only, in their order.
+struct KeptQueries {
+  at::Tensor tok, seq, len;
+};
+
+KeptQueries kept_queries(const at::Tensor& keep, int64_t T, const at::Tensor& tok, const at::Tensor& seq,
+                         const at::Tensor& len) {
+  check_index(keep, "keep", 1);
+  const int64_t K = keep.size(0);
+  const int64_t* kp = keep.data_ptr<int64_t>();
+  std::vector<int64_t> where(T, -1);
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(kp[i] >= 0 && kp[i] < T && (i == 0 || kp[i] > kp[i - 1]), "keep: rows must be increasing and in [0, ",
+                T, "), got ", keep);
+    where[kp[i]] = i;
+  }
+  const int64_t Q = tok.size(0);
+  const int64_t* tk = tok.data_ptr<int64_t>();
+  std::vector<int64_t> t2, s2, l2;
+  for (int64_t i = 0; i < Q; ++i) {
+    TORCH_CHECK(tk[i] >= 0 && tk[i] < T, "keep: query ", i, " has token ", tk[i], " outside the step's ", T);
+    if (where[tk[i]] >= 0) {
+      t2.push_back(where[tk[i]]);
+      s2.push_back(seq.data_ptr<int64_t>()[i]);
+      l2.push_back(len.data_ptr<int64_t>()[i]);
+    }
+  }
+  const auto idx = [](const std::vector<int64_t>& v) {
+    return at::tensor(c10::ArrayRef<int64_t>(v), at::TensorOptions().dtype(at::kLong));
+  };
+  return {idx(t2), idx(s2), idx(l2)};
+}
+
 // One decoder block for a step whose every query row attends through the kernel tables (decode, verification and
 // drafting steps): x [T, D] -> x + attn(norm(x)) + ffn(norm(...)), the same sequence of operations as Block.forward
-// with the ops above, in one call. The layer's tensors come in `w` in this order:
+// with the ops above, in one call. keep (optional, [K] increasing rows): every row's latents go to the cache, but
+// only the kept rows are attended and go on through the block; returns [K, D] (an MTP block needs the output of the
+// row it drafts from only, while later steps attend to the latents of every verified row).
+// The layer's tensors come in `w` in this order:
 //   0 input_layernorm, 1 [q_a; kv_a] packed (or q_proj packed when q_lora = 0), 2 kv_a packed (q_lora = 0 only),
 //   3 q_a_layernorm, 4 q_b packed, 5 kv_a_layernorm, 6 kv_b_proj (plain), 7 o_proj packed, 8 post_attention_layernorm,
 //   MoE: 9 gate, 10 bias (or empty), 11 w13, 12 w2, 13 shared w13 (or empty), 14 shared w2 (or empty);
 //   dense: 9 gate_up packed, 10 down packed.
 // dims: H, N, R, V, C, q_lora, is_moe, top_k, n_group, topk_group, group_rule, softmax, norm_topk, inter,
 // shared_inter. scal: rms eps, latent eps, softmax scale, routed scaling factor.
-at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
-                        const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
-                        const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
-                        const at::Tensor& cos, const at::Tensor& sin) {
+at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
+                         const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
+                         const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
+                         const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& keep) {
   TORCH_CHECK(dims.size() == 15 && scal.size() == 4, "decode_layer: expects 15 dims and 4 scalars");
   const int64_t H = dims[0], N = dims[1], R = dims[2], V = dims[3], C = dims[4], q_lora = dims[5];
   const bool is_moe = dims[6] != 0;
@@ -832,22 +898,38 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, c
   check_bf16(x, "decode_layer: x", 2);
   TORCH_CHECK(x.is_contiguous(), "decode_layer: x must be contiguous");
   const int64_t T = x.size(0), D = x.size(1);
-  // Attention.
+  // Attention: every row's latents to the cache, queries of the kept rows.
   const at::Tensor h = rms_norm(x, w[0], scal[0]);
-  at::Tensor q, kv_a;
+  at::Tensor q_in, kv_a;  // q_in: what q comes from (q_a rows, or normalised x when q_lora = 0)
   if (q_lora > 0) {
     const at::Tensor qkv = linear(h, w[1], q_lora + C + R);
-    q = linear(rms_norm(qkv.narrow(1, 0, q_lora), w[3], scal[1]), w[4], H * (N + R));
+    q_in = qkv.narrow(1, 0, q_lora);
     kv_a = qkv.narrow(1, q_lora, C + R);
   } else {
-    q = linear(h, w[1], H * (N + R));
+    q_in = h;
     kv_a = linear(h, w[2], C + R);
   }
-  q = q.view({T, H, N + R});
-  mla_prepare(q, kv_a, w[5], scal[1], cos, sin, cache, slot_mapping, N);
-  at::Tensor o = at::empty({T, H, V}, x.options());
-  mla_decode(q, cache, tok, seq, len, slots, w[6], V, scal[2], o);
-  const at::Tensor x1 = add_bf16(x, linear(o.view({T, H * V}), w[7], D));
+  store_latents_impl(kv_a, w[5], scal[1], cos, sin, cache, slot_mapping);
+  at::Tensor xk = x, qcos = cos, qsin = sin, qtok = tok, qseq = seq, qlen = len;
+  if (keep.has_value()) {
+    const at::Tensor& kr = *keep;
+    const KeptQueries kq = kept_queries(kr, T, tok, seq, len);
+    qtok = kq.tok;
+    qseq = kq.seq;
+    qlen = kq.len;
+    xk = x.index_select(0, kr);
+    q_in = q_in.index_select(0, kr);
+    qcos = cos.reshape({T, -1}).index_select(0, kr);
+    qsin = sin.reshape({T, -1}).index_select(0, kr);
+  }
+  const int64_t K = xk.size(0);
+  if (K == 0) return xk;  // latents only
+  at::Tensor q = q_lora > 0 ? linear(rms_norm(q_in, w[3], scal[1]), w[4], H * (N + R)) : linear(q_in, w[1], H * (N + R));
+  q = q.view({K, H, N + R});
+  rope_q(q, qcos, qsin, N);
+  at::Tensor o = at::empty({K, H, V}, x.options());
+  mla_decode(q, cache, qtok, qseq, qlen, slots, w[6], V, scal[2], o);
+  const at::Tensor x1 = add_bf16(xk, linear(o.view({K, H * V}), w[7], D));
   // Feed-forward.
   const at::Tensor h2 = rms_norm(x1, w[8], scal[0]);
   at::Tensor f;
@@ -859,6 +941,13 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, c
     f = mlp(h2, w[9], w[10], dims[13]);
   }
   return add_bf16(x1, f);
+}
+
+at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
+                        const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
+                        const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
+                        const at::Tensor& cos, const at::Tensor& sin) {
+  return block_forward(x, w, dims, scal, cache, slot_mapping, tok, seq, len, slots, cos, sin, c10::nullopt);
 }
 
 // The packed blocks of a model (or of its MTP module) for run_blocks: each block's tensors, dims and scalars as
@@ -888,33 +977,37 @@ struct Blocks : torch::CustomClassHolder {
 };
 
 // Every block of `blocks` in turn on x [T, D]; kv_all [Y, S, W] is the whole latent cache, block i writing layer
-// cache_layer[i] - layer_offset of it.
+// cache_layer[i] - layer_offset of it. keep (optional): the rows the last block carries on (see block_forward).
 at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor& x, const at::Tensor& kv_all,
                       int64_t layer_offset, const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
-                      const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin) {
+                      const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin,
+                      const c10::optional<at::Tensor>& keep) {
   TORCH_CHECK(kv_all.dim() == 3, "run_blocks: the cache must be [layers, slots, width], got ", kv_all.sizes());
   at::Tensor h = x;
-  for (size_t i = 0; i < blocks->w.size(); ++i) {
+  const size_t L = blocks->w.size();
+  for (size_t i = 0; i < L; ++i) {
     const int64_t c = blocks->cache_layer[i] - layer_offset;
     TORCH_CHECK(c >= 0 && c < kv_all.size(0), "run_blocks: cache layer ", c, " outside the cache's ",
                 kv_all.size(0));
-    h = decode_layer(h, blocks->w[i], blocks->dims[i], blocks->scal[i], kv_all.select(0, c), slot_mapping, tok, seq,
-                     len, slots, cos, sin);
+    h = block_forward(h, blocks->w[i], blocks->dims[i], blocks->scal[i], kv_all.select(0, c), slot_mapping, tok, seq,
+                      len, slots, cos, sin, i + 1 == L ? keep : c10::nullopt);
   }
   return h;
 }
 
+
 // Greedy drafting with an MTP module in one call: for each row t, the module's input is the main model's final
 // hidden state h[t] and the embedding of next_ids[t]; returns the argmax of the module's logits per row [T] (the
 // first maximum, as torch.argmax). Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation, the MTP block
-// (run_blocks), shared_head.norm, the shared LM head.
+// (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's latents are
+// stored but only the kept rows go through attention, the block's FFN and the head: returns [K] drafts.
 at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
                             const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
                             const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
                             const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
                             const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
                             const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos,
-                            const at::Tensor& sin) {
+                            const at::Tensor& sin, const c10::optional<at::Tensor>& keep) {
   check_bf16(embed, "mtp_greedy_draft: embed", 2);
   check_bf16(h, "mtp_greedy_draft: h", 2);
   check_index(next_ids, "mtp_greedy_draft: next_ids", 1);
@@ -933,11 +1026,12 @@ at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Ten
     rms_norm_row(bf_ptr(h) + t * h.stride(0), bf_ptr(hnorm), eps, D, bf_mut(cat) + t * 2 * D + D);
   }
   const at::Tensor x = run_blocks(mtp, linear(cat, eh_proj, D), kv_all, layer_offset, slot_mapping, tok, seq, len,
-                                  slots, cos, sin);
-  const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [T, V] bf16
-  at::Tensor out = at::empty({T}, next_ids.options());
+                                  slots, cos, sin, keep);  // [K, D]
+  const int64_t K = x.size(0);
+  const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [K, V] bf16
+  at::Tensor out = at::empty({K}, next_ids.options());
   const bf16_t* lp = bf_ptr(logits);
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < K; ++t) {
     int64_t best = 0;
     float bv = bf2f(lp[t * vocab]);
     for (int64_t v = 1; v < vocab; ++v) {
@@ -978,11 +1072,14 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.class_<Blocks>("Blocks").def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                                               std::vector<double>, std::vector<int64_t>>());
   m.def("run_blocks(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks blocks, Tensor x, Tensor(a!) kv_all, "
-        "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor",
+        "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin, "
+        "Tensor? keep=None) -> Tensor",
         &run_blocks);
   m.def("mtp_greedy_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
-        "Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor", &mtp_greedy_draft);
+        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None) -> Tensor", &mtp_greedy_draft);
+  m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
+        "Tensor slot_mapping) -> ()", &store_latents);
   m.def("capability() -> str", &capability);
 }
