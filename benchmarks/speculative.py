@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """MTP speculative decoding vs plain decoding on the same model, in the same run.
 
-For batch 1 and batch 8 (default), greedy decoding of held-out prompts with speculation off and on: tokens/s,
-speedup, draft acceptance rate and tokens per verification step. Greedy outputs are checked to be identical.
+For batch 1 and batch 8 (default), decoding of held-out prompts with speculation off and on: tokens/s end to end
+(prompt included) and in the decode phase alone (after each request's first token: what speculation changes),
+speedups, draft acceptance rate and tokens per verification step. Greedy outputs are checked to be identical;
+--temperature adds seeded sampled runs (their outputs differ from plain decoding's draw by draw, not in
+distribution, which tests/test_speculative.py checks). Plain and speculative runs alternate --repeats times and the
+speedups are medians of the per-repeat ratios, so a drift of the machine's speed hits both sides alike.
 Default model: the embedded one (trained with an MTP module, see docs/training.md).
 
-  python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2] [--device cuda]
+  python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2] [--repeats 3]
+                                   [--temperature 0.8] [--device cuda]
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import gc
 import glob
 import json
 import os
+import statistics
 import sys
 import sysconfig
 import time
@@ -37,18 +43,25 @@ def held_out_prompts(n: int, chars: int = 300) -> list[str]:
     return out
 
 
-def run(llm, prompts, max_tokens: int, bs: int) -> tuple[float, list[list[int]]]:
+def run(llm, prompts, max_tokens: int, bs: int, temperature: float = 0.0) -> dict:
+    """Generate for all prompts, bs at a time: end-to-end and decode-phase tokens/s, the token ids."""
     from dsv3.engine.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    tokens, total, elapsed = [], 0, 0.0
+    tokens, total, elapsed, decode_tokens, decode_time = [], 0, 0.0, 0, 0.0
     for i in range(0, len(prompts), bs):
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=i + j)
+                  for j in range(len(prompts[i:i + bs]))]
         t = time.perf_counter()
         outs = llm.generate(prompts[i:i + bs], params)
         elapsed += time.perf_counter() - t
         tokens += [o.token_ids for o in outs]
         total += sum(len(o.token_ids) for o in outs)
-    return total / elapsed, tokens
+        # The decode phase of a batch: from its last first token to its end (every sequence decoding).
+        first = max(o.metrics["arrival_time"] + o.metrics["time_to_first_token"] for o in outs)
+        end = max(o.metrics["arrival_time"] + o.metrics["elapsed"] for o in outs)
+        decode_time += end - first
+        decode_tokens += sum(len(o.token_ids) - 1 for o in outs)
+    return {"tps": total / elapsed, "decode_tps": decode_tokens / decode_time, "tokens": tokens}
 
 
 def main() -> int:
@@ -59,52 +72,75 @@ def main() -> int:
     ap.add_argument("--draft", default="1", help="comma list of draft lengths to try")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating plain/speculative rounds (median ratio)")
+    ap.add_argument("--temperature", type=float, default=None, help="also measure seeded sampling at this temperature")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda (issue 10's GPU target: >= 1.6x at batch 1)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
     torch.set_num_threads(a.threads)
     from dsv3.engine.llm import LLM
 
     prompts = held_out_prompts(a.prompts)
     common = dict(dtype=a.dtype, device=a.device, progress=False, max_num_seqs=64, num_blocks=4096,
                   enable_prefix_caching=False)
-    plain = LLM(a.model, speculative="off", **common)
+    drafts = [int(d) for d in a.draft.split(",")]
+    engines = {0: LLM(a.model, speculative="off", **common)}
+    for k in drafts:
+        engines[k] = LLM(a.model, speculative="mtp", num_draft_tokens=k, **common)
     gc.collect()
     gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
-    rows, result = [], {"model": plain.path, "dtype": a.dtype, "threads": a.threads, "runs": []}
-    for bs in [int(b) for b in a.batch_sizes.split(",")]:
-        run(plain, prompts[:bs], 8, bs)  # warm-up
-        base_tps, base_tokens = run(plain, prompts, a.max_tokens, bs)
-        for k in [int(d) for d in a.draft.split(",")]:
-            spec = LLM(a.model, speculative="mtp", num_draft_tokens=k, **common)
-            gc.collect()
-            gc.freeze()
-            run(spec, prompts[:bs], 8, bs)
-            s0 = dict(spec.engine.stats)
-            tps, tokens = run(spec, prompts, a.max_tokens, bs)
-            d = spec.engine.stats["spec_drafted"] - s0["spec_drafted"]
-            acc = spec.engine.stats["spec_accepted"] - s0["spec_accepted"]
-            steps = spec.engine.stats["spec_verify_steps"] - s0["spec_verify_steps"]
-            same = tokens == base_tokens
-            r = {"batch": bs, "draft_tokens": k, "plain_tokens_per_s": base_tps, "spec_tokens_per_s": tps,
-                 "speedup": tps / base_tps, "acceptance": acc / d if d else None,
-                 "tokens_per_step": (acc + steps) / steps if steps else None, "identical_greedy_output": same}
-            result["runs"].append(r)
-            rows.append(r)
+    temps = [0.0] + ([a.temperature] if a.temperature else [])
+    rows, result = [], {"model": engines[0].path, "dtype": a.dtype, "threads": a.threads, "repeats": a.repeats,
+                        "runs": []}
+    for temp in temps:
+        for bs in [int(b) for b in a.batch_sizes.split(",")]:
+            for llm in engines.values():
+                run(llm, prompts[:bs], 8, bs, temp)  # warm-up
+            rounds = {k: [] for k in engines}
+            stats = {k: [] for k in drafts}
+            for _ in range(a.repeats):
+                for k, llm in engines.items():
+                    s0 = dict(llm.engine.stats)
+                    rounds[k].append(run(llm, prompts, a.max_tokens, bs, temp))
+                    if k:
+                        st = llm.engine.stats
+                        stats[k].append([st[f] - s0[f] for f in ("spec_drafted", "spec_accepted", "spec_verify_steps")])
+            base = rounds[0]
+            for k in drafts:
+                d, acc, steps = (sum(x[i] for x in stats[k]) for i in range(3))
+                spec = rounds[k]
+                r = {"temperature": temp, "batch": bs, "draft_tokens": k,
+                     "plain_tokens_per_s": statistics.median(x["tps"] for x in base),
+                     "spec_tokens_per_s": statistics.median(x["tps"] for x in spec),
+                     "speedup": statistics.median(s["tps"] / b["tps"] for s, b in zip(spec, base)),
+                     "plain_decode_tokens_per_s": statistics.median(x["decode_tps"] for x in base),
+                     "spec_decode_tokens_per_s": statistics.median(x["decode_tps"] for x in spec),
+                     "decode_speedup": statistics.median(s["decode_tps"] / b["decode_tps"] for s, b in zip(spec, base)),
+                     "acceptance": acc / d if d else None,
+                     "tokens_per_step": (acc + steps) / steps if steps else None,
+                     "identical_greedy_output": all(s["tokens"] == b["tokens"] for s, b in zip(spec, base))
+                     if temp == 0.0 else None}
+                result["runs"].append(r)
+                rows.append(r)
     where = f"{a.threads} threads" if a.device == "cpu" else torch.cuda.get_device_name()
-    print(f"model {result['model']} ({a.dtype}, {where}, {len(prompts)} prompts x {a.max_tokens} tokens)")
-    print(f"{'batch':>5} {'k':>3} {'plain tok/s':>12} {'mtp tok/s':>10} {'speedup':>8} {'accept':>7} "
-          f"{'tok/step':>8} {'same':>5}")
+    print(f"model {result['model']} ({a.dtype}, {where}, {len(prompts)} prompts x {a.max_tokens} tokens, "
+          f"median of {a.repeats} alternating rounds)")
+    print(f"{'temp':>4} {'batch':>5} {'k':>2} {'plain tok/s':>11} {'mtp tok/s':>9} {'speedup':>7} "
+          f"{'decode: plain':>13} {'mtp':>7} {'speedup':>7} {'accept':>6} {'tok/step':>8} {'same':>5}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['draft_tokens']:>3} {r['plain_tokens_per_s']:>12.1f} {r['spec_tokens_per_s']:>10.1f} "
-              f"{r['speedup']:>7.2f}x {r['acceptance'] or 0:>7.1%} {r['tokens_per_step'] or 0:>8.2f} "
-              f"{str(r['identical_greedy_output']):>5}")
+        same = "n/a" if r["identical_greedy_output"] is None else str(r["identical_greedy_output"])
+        print(f"{r['temperature']:>4.1f} {r['batch']:>5} {r['draft_tokens']:>2} {r['plain_tokens_per_s']:>11.1f} "
+              f"{r['spec_tokens_per_s']:>9.1f} {r['speedup']:>6.2f}x {r['plain_decode_tokens_per_s']:>13.1f} "
+              f"{r['spec_decode_tokens_per_s']:>7.1f} {r['decode_speedup']:>6.2f}x {r['acceptance'] or 0:>6.1%} "
+              f"{r['tokens_per_step'] or 0:>8.2f} {same:>5}")
     print(json.dumps(result))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)
-    return 0 if all(r["identical_greedy_output"] for r in rows) else 1
+    return 0 if all(r["identical_greedy_output"] is not False for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dsv3.engine import SamplingParams
-from dsv3.engine.sampling import (MAX_STOP_STRINGS, Sampler, SamplingBatch, SequenceSamplingState, process_logits,
-                                  sample_seed)
+from dsv3.engine.sampling import (MAX_STOP_STRINGS, Sampler, SamplingBatch, SequenceSamplingState, draw_inverse_cdf,
+                                  process_logits, sample_seed)
 
 # chi-square quantiles at p = 0.001 (the tests use fixed seeds, so this is a bound on the chance of a bad seed)
 CHI2_999 = {2: 13.816, 5: 20.515}
@@ -228,6 +228,22 @@ def test_temperature_sampling_matches_softmax():
     counts = Counter(sampler(logits.expand(total, 6), batch).token_ids.tolist())
     assert set(counts) == {0, 1, 2}
     assert _chi2(counts, torch.softmax(logits[:3].double(), -1).tolist(), total) < CHI2_999[2]
+
+
+def test_inverse_cdf_draw_never_picks_a_zero_mass_token():
+    # Masked tokens sit at both ends and in the middle; u at its extremes (0 and the largest double below 1) must
+    # still land on a token with mass, and unnormalised rows behave as their normalised selves.
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.5, 0.2, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 1e-30, 0.0],
+                          [0.0, 3.0, 0.0, 5.0, 2.0, 0.0, 0.0]])
+    for u in (0.0, 0.5, 1 - 2.0 ** -53):
+        ids = draw_inverse_cdf(probs, torch.full((3,), u, dtype=torch.float64)).tolist()
+        assert all(probs[i, t] > 0 for i, t in enumerate(ids)), (u, ids)
+    assert draw_inverse_cdf(probs, torch.tensor([0.0, 0.0, 0.0])).tolist() == [1, 5, 1]
+    u = torch.rand(30000, generator=torch.Generator().manual_seed(5))
+    counts = Counter(draw_inverse_cdf(probs[2].expand(30000, 7), u).tolist())
+    assert set(counts) == {1, 3, 4}
+    assert _chi2(Counter({0: counts[1], 1: counts[3], 2: counts[4]}), [0.3, 0.5, 0.2], 30000) < CHI2_999[2]
 
 
 def test_logprobs_are_the_raw_distribution():

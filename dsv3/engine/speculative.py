@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingBatch, SequenceSamplingState, process_logits
+from .sampling import SamplingBatch, SequenceSamplingState, draw_inverse_cdf, process_logits
 
 SPECULATIVE_METHODS = ("off", "mtp")
 
@@ -37,7 +37,9 @@ def target_probs(logits: torch.Tensor, state: SequenceSamplingState) -> torch.Te
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """probs [V] (unnormalised is fine) -> one token drawn from it with the sequence's generator."""
+    u = torch.rand(1, generator=generator, device=probs.device)
+    return int(draw_inverse_cdf(probs[None], u)[0])
 
 
 def propose(logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
