@@ -6,7 +6,7 @@ import torch
 import dsv3
 from dsv3.engine.engine import EngineConfig, LLMEngine
 from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
-from dsv3.engine.speculative import target_probs, verify
+from dsv3.engine.speculative import propose, propose_rows, target_probs, verify, verify_rows
 from hf_ref import run_all
 
 
@@ -224,3 +224,31 @@ def test_prompt_drafting_stores_every_mtp_latent_and_drafts_from_the_last_row(ti
         want = torch.cat([c_kv, k_pe], dim=-1)[0]  # [L, C+R]
         got = eng.cache.kv[layer.layer_idx][eng.runner.slots(seq, 0, L)]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_verification_and_drafting_draw_what_each_sequence_draws_alone():
+    # Seeded sequences with different settings (one greedy), 0-2 drafts each: one batched call gives every
+    # sequence exactly the tokens (and draft distributions) it gets alone, so seeded output does not depend on
+    # which other sequences share the step.
+    V = 40
+    g = torch.Generator().manual_seed(0)
+    params = [SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=1.3, top_k=8, seed=2), SamplingParams(temperature=0.7, top_p=0.8, seed=3)]
+    n_drafts = [2, 1, 0, 2]
+
+    def states():
+        return [SequenceSamplingState(p, [0], V) for p in params]
+
+    for trial in range(20):
+        mtp_logits = torch.randn(len(params), V, generator=g) * 2
+        alone = [propose(mtp_logits[i], st) for i, st in enumerate(states())]
+        toks, qs = propose_rows(mtp_logits, states())
+        assert toks == [t for t, _ in alone]
+        assert all((q is None and a is None) or torch.equal(q, a) for q, (_, a) in zip(qs, alone))
+        drafts = [torch.randint(0, V, (d,), generator=g).tolist() for d in n_drafts]
+        qs = [[torch.softmax(torch.randn(V, generator=g), -1) for _ in d] for d in drafts]
+        logits = [torch.randn(d + 1, V, generator=g) * 2 for d in n_drafts]
+        want = [verify(lg, d, q, st) for lg, d, q, st in zip(logits, drafts, qs, states())]
+        got = verify_rows(torch.cat(logits), drafts, qs, states())
+        assert got == want, trial
+        assert all(1 <= len(t) <= d + 1 for t, d in zip(got, n_drafts))

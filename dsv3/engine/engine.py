@@ -18,7 +18,7 @@ from ..model.transformer import Transformer
 from .kv_cache import LatentKVCache
 from .runner import ModelRunner
 from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState
-from .speculative import SPECULATIVE_METHODS, accept_greedy, propose, supports_speculation, verify
+from .speculative import SPECULATIVE_METHODS, accept_greedy, propose_rows, supports_speculation, verify_rows
 from .scheduler import QueueFullError, Scheduler, Sequence, SeqStatus
 
 log = logging.getLogger(__name__)
@@ -232,12 +232,15 @@ class LLMEngine:
             for j, (i, tok) in enumerate(zip(plain, res.token_ids.tolist())):  # the one host sync per step
                 new_tokens[i] = [tok]
                 results[i] = (res, j)
-        for i, r in enumerate(rows):
-            if len(r) > 1 and fused is None:
-                seq = batch.seqs[i]
-                new_tokens[i] = verify(logits[offsets[i]:offsets[i + 1]], seq.draft, seq.extra["draft_q"],
-                                       seq.extra["sampling"])
-                self._count_verified(seq, len(new_tokens[i]) - 1)
+        drafted = [i for i, r in enumerate(rows) if len(r) > 1] if fused is None else []
+        if drafted:  # every sequence with drafts verified in one batched call
+            seqs = [batch.seqs[i] for i in drafted]
+            picks = [r for i in drafted for r in range(offsets[i], offsets[i + 1])]
+            verified = verify_rows(logits[picks], [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                   [s.extra["sampling"] for s in seqs])
+            for i, seq, toks in zip(drafted, seqs, verified):
+                new_tokens[i] = toks
+                self._count_verified(seq, len(toks) - 1)
         if self.sync_tokens is not None:
             new_tokens = self.sync_tokens(new_tokens)
         outputs, computed = [], []
@@ -368,8 +371,8 @@ class LLMEngine:
         if not drafting:
             return
         logits = self.model.mtp_logits(1, h_last)  # only the drafting rows go through the head
-        for i, (seq, _, _) in enumerate(drafting):
-            tok, q = self._propose(logits[i], seq.extra["sampling"])
+        seqs = [seq for seq, _, _ in drafting]
+        for seq, tok, q in zip(seqs, *self._propose(logits, seqs)):
             seq.draft, seq.extra["draft_q"] = [tok], [q]
         self._draft_more([(seq, room) for seq, room, _ in drafting], h_last)
 
@@ -394,19 +397,19 @@ class LLMEngine:
             ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
             h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
             logits = self.model.mtp_logits(k, h_out)
-            for j, seq in enumerate(seqs):
-                tok, q = self._propose(logits[j], seq.extra["sampling"])
+            for seq, tok, q in zip(seqs, *self._propose(logits, seqs)):
                 seq.draft.append(tok)
                 seq.extra["draft_q"].append(q)
             h = h.clone()
             h[keep] = h_out
             rows = keep
 
-    def _propose(self, logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
-        tok, q = propose(logits, state)
-        if self.sync_tokens is not None:
-            tok = self.sync_tokens([[tok]])[0][0]
-        return tok, q
+    def _propose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """MTP logits [B, V] of the drafting sequences -> (their draft tokens, the draft distributions)."""
+        toks, qs = propose_rows(logits, [s.extra["sampling"] for s in seqs])
+        if self.sync_tokens is not None:  # every rank drafts what rank 0 drew
+            toks = [t[0] for t in self.sync_tokens([[t] for t in toks])]
+        return toks, qs
 
     def _append(self, seq: Sequence, tok: int, lp) -> RequestOutput:
         now = time.perf_counter()

@@ -29,25 +29,52 @@ def supports_speculation(state: SequenceSamplingState) -> bool:
     return not p.uses_penalties and p.logprobs is None
 
 
-def target_probs(logits: torch.Tensor, state: SequenceSamplingState) -> torch.Tensor:
-    """logits [n, V] -> the distribution p [n, V] this request samples from (temperature, top-k/p, min-p)."""
-    batch = SamplingBatch([state] * logits.shape[0], logits.device)
-    _, x = process_logits(logits, batch)
+def target_probs(logits: torch.Tensor, states: SequenceSamplingState | list[SequenceSamplingState]) -> torch.Tensor:
+    """logits [n, V] -> the distribution p [n, V] each row samples from (temperature, top-k/p, min-p): one state
+    for all rows, or one per row."""
+    if isinstance(states, SequenceSamplingState):
+        states = [states] * logits.shape[0]
+    _, x = process_logits(logits, SamplingBatch(states, logits.device))
     return x.softmax(dim=-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """probs [V] (unnormalised is fine) -> one token drawn from it with the sequence's generator."""
-    u = torch.rand(1, generator=generator, device=probs.device)
-    return int(draw_inverse_cdf(probs[None], u)[0])
+    return draw_rows([probs], [generator])[0]
+
+
+def draw_rows(probs: torch.Tensor | list[torch.Tensor], generators: list[torch.Generator | None]) -> list[int]:
+    """One token from each distribution probs[i] [V] (rows of a [B, V] tensor or a list; unnormalised is fine)
+    with generators[i], in one call."""
+    if not len(probs):
+        return []
+    probs = probs if isinstance(probs, torch.Tensor) else torch.stack(probs)
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    return draw_inverse_cdf(probs, u).tolist()
 
 
 def propose(logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
     """MTP logits [V] -> (draft token, its distribution q [V], None when greedy)."""
-    if state.params.greedy:
-        return int(logits.argmax()), None
-    q = target_probs(logits[None].float(), state)[0]
-    return draw(q, state.generator), q
+    toks, qs = propose_rows(logits[None], [state])
+    return toks[0], qs[0]
+
+
+def propose_rows(logits: torch.Tensor, states: list[SequenceSamplingState]
+                 ) -> tuple[list[int], list[torch.Tensor | None]]:
+    """MTP logits [B, V], one row per drafting sequence -> (draft tokens, their distributions q [V], None for
+    greedy rows): the greedy rows' argmax and the sampled rows' draws from q in one batched pass."""
+    toks: list[int] = [0] * len(states)
+    qs: list[torch.Tensor | None] = [None] * len(states)
+    greedy = [i for i, s in enumerate(states) if s.params.greedy]
+    sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            toks[i] = t
+    if sampled:
+        q = target_probs(logits[sampled].float(), [states[i] for i in sampled])  # [S, V]
+        for i, t, qi in zip(sampled, draw_rows(q, [states[i].generator for i in sampled]), q):
+            toks[i], qs[i] = t, qi
+    return toks, qs
 
 
 def accept_greedy(draft: list[int], target: list[int]) -> list[int]:
@@ -63,18 +90,64 @@ def verify(logits: torch.Tensor, draft: list[int], draft_q: list[torch.Tensor | 
            state: SequenceSamplingState) -> list[int]:
     """logits [d+1, V] of the main model at the last real token and each draft -> the tokens to append: the
     accepted drafts followed by one token from the main model (so between 1 and d+1 tokens)."""
-    d = len(draft)
-    if state.params.greedy:
-        return accept_greedy(draft, logits.argmax(dim=-1).tolist())
-    p = target_probs(logits.float(), state)  # [d+1, V]
-    gen = state.generator
-    for j in range(d):
-        x, q = draft[j], draft_q[j]
-        px, qx = float(p[j, x]), float(q[x])
-        if float(torch.rand((), generator=gen)) * qx < px:  # u < p/q without dividing by a tiny q
-            continue
-        residual = (p[j] - q).clamp_(min=0)
-        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
-            residual = p[j]
-        return draft[:j] + [draw(residual, gen)]
-    return draft + [draw(p[d], gen)]
+    return verify_rows(logits, [draft], [draft_q], [state])[0]
+
+
+def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[list[torch.Tensor | None]],
+                states: list[SequenceSamplingState]) -> list[list[int]]:
+    """Several sequences at once: logits [sum(d_i + 1), V], sequence i's d_i + 1 rows back to back -> the tokens
+    each appends (verify). The target distributions of all sampled rows are built in one pass and the values the
+    acceptance tests need reach the host in one copy; each sequence then draws from its own generator in the
+    same order as alone (the acceptance uniforms, then its final token), so seeded output does not depend on
+    the batch."""
+    offs = [0]
+    for d in drafts:
+        offs.append(offs[-1] + len(d) + 1)
+    out: list[list[int]] = [[] for _ in drafts]
+    greedy = [i for i, s in enumerate(states) if s.params.greedy]
+    sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+    if greedy:
+        rows = [r for i in greedy for r in range(offs[i], offs[i + 1])]
+        am = logits[rows].argmax(dim=-1).tolist()
+        k = 0
+        for i in greedy:
+            n = len(drafts[i]) + 1
+            out[i] = accept_greedy(drafts[i], am[k:k + n])
+            k += n
+    if not sampled:
+        return out
+    rows = [r for i in sampled for r in range(offs[i], offs[i + 1])]
+    p = target_probs(logits[rows].float(), [states[i] for i in sampled for _ in range(len(drafts[i]) + 1)])
+    base, d_rows, d_toks, qs = [], [], [], []  # p row of each sequence's first row; per draft: p row, token, q
+    b = 0
+    for i in sampled:
+        base.append(b)
+        for j, x in enumerate(drafts[i]):
+            d_rows.append(b + j)
+            d_toks.append(x)
+            qs.append(draft_qs[i][j])
+        b += len(drafts[i]) + 1
+    if qs:
+        q_all = torch.stack(qs)  # [D, V]
+        tok = torch.tensor(d_toks, device=p.device)
+        px, qx = torch.stack([p[d_rows, tok], q_all[torch.arange(len(qs), device=p.device), tok]]).tolist()
+    finals, gens = [], []
+    k = 0
+    for i, b0 in zip(sampled, base):
+        gen = states[i].generator
+        dist = p[b0 + len(drafts[i])]  # every draft kept: a bonus token from p at the last row
+        a = 0
+        for j in range(len(drafts[i])):
+            if float(torch.rand((), generator=gen)) * qx[k + j] < px[k + j]:  # u < p/q without dividing by a tiny q
+                a += 1
+                continue
+            residual = (p[b0 + j] - q_all[k + j]).clamp_(min=0)
+            dist = residual if float(residual.sum()) > 0 else p[b0 + j]  # p == q up to rounding: draw from p
+            break
+        k += len(drafts[i])
+        out[i] = drafts[i][:a]
+        finals.append(dist)
+        gens.append(gen)
+    for i, t in zip(sampled, draw_rows(finals, gens)):
+        out[i] = out[i] + [t]
+    return out
