@@ -160,7 +160,7 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
         monkeypatch.setattr(eng, "_greedy_verify_and_draft", wrapper)
         return eng
 
-    for perfect in (False, True):
+    for perfect, k in ((False, 1), (False, 3), (True, 1), (True, 2)):
         model = dsv3.load_model(tiny_ckpt, dtype=torch.bfloat16)
         if perfect:
             make_perfect_mtp(model)
@@ -169,14 +169,16 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
         cfg = dict(num_blocks=128, block_size=8)
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", **cfg)), prompts, params)
-        eng = counted(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)))
+        fused.clear()
+        eng = counted(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg)))
         spec = run_all(eng, prompts, params)
         assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
         assert any(fused) and eng.cache.allocator.num_used == 0
-        # The one-call C++ MTP pass proposes exactly the drafts of the module-by-module one.
+        # The one-call C++ MTP passes (kept rows, recurrent drafts) propose exactly the drafts of the
+        # module-by-module path (every row through the MTP block, logits in Python).
         assert model.cpu_mtp_draft is not None
         one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
-        eng2 = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+        eng2 = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
         spec2 = run_all(eng2, prompts, params)
         model.cpu_mtp_draft = one_call
         assert [o.token_ids for o in spec2] == [o.token_ids for o in spec]
@@ -200,10 +202,11 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
 @pytest.mark.parametrize("chunk", [64, 7])  # whole prompt in one step, or prefilled in chunks of 7
 def test_prompt_drafting_stores_every_mtp_latent_and_drafts_from_the_last_row(tiny_model, chunk):
     # After a prompt, only its last row drafts: the other rows skip the MTP block's attention, FFN and head and only
-    # store their latents. Both must equal a full MTP pass over the whole prompt (no cache).
+    # store their latents. Both must equal a full MTP pass over the whole prompt (no cache), and the recurrent
+    # second draft a pass that takes the first MTP output as the next position's hidden state.
     m = tiny_model
     prompt = prompts_for(m.cfg.vocab_size, n=1, seed=3)[0] + [7] * 20  # 23..62 tokens
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=1, num_blocks=64, block_size=8,
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=2, num_blocks=64, block_size=8,
                                            max_num_batched_tokens=chunk))
     eng.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     while not eng.scheduler.running or not eng.scheduler.running[0].output_ids:
@@ -216,14 +219,23 @@ def test_prompt_drafting_stores_every_mtp_latent_and_drafts_from_the_last_row(ti
         h = m.hidden_states(ids)  # [1, L, D]
         assert int(m.logits(h[0, -1]).argmax()) == first
         next_ids = torch.tensor([prompt[1:] + [first]])
-        logits, _ = m.mtp(1, h, next_ids)  # [1, L, V]
-        assert seq.draft == [int(logits[0, -1].argmax())]
+        logits, h_mtp = m.mtp(1, h, next_ids)  # [1, L, V], [1, L, D]
+        d1 = int(logits[0, -1].argmax())
+        # The second draft: MTP module 1 again, one position further, on its own output and the first draft.
+        logits2, _ = m.mtp(1, torch.cat([h, h_mtp[:, -1:]], dim=1), torch.tensor([prompt[1:] + [first, d1]]))
+        assert seq.draft == [d1, int(logits2[0, -1].argmax())]
         layer = m.mtp_layers[0]
         cos, sin = m.rotary.cos_sin(torch.arange(L)[None])
         _, _, c_kv, k_pe = layer.self_attn.latents(layer.input_layernorm(m._mtp_input(layer, h, next_ids)), cos, sin)
         want = torch.cat([c_kv, k_pe], dim=-1)[0]  # [L, C+R]
         got = eng.cache.kv[layer.layer_idx][eng.runner.slots(seq, 0, L)]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # The second draft's pass left its latents at position L (its own), from the first MTP output and d1.
+        cos, sin = m.rotary.cos_sin(torch.tensor([[L]]))
+        x2 = m._mtp_input(layer, h_mtp[:, -1:], torch.tensor([[d1]]))
+        _, _, c_kv, k_pe = layer.self_attn.latents(layer.input_layernorm(x2), cos, sin)
+        got = eng.cache.kv[layer.layer_idx][eng.runner.slots(seq, L, L + 1)]
+        torch.testing.assert_close(got, torch.cat([c_kv, k_pe], dim=-1)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_batched_verification_and_drafting_draw_what_each_sequence_draws_alone():

@@ -221,7 +221,7 @@ class LLMEngine:
         results = {}
         fused = self._greedy_verify_and_draft(batch, n_known, logits, hidden, offsets)
         if fused is not None:  # greedy: accepted tokens from the argmaxes, next drafts already computed
-            new_tokens, next_drafts = fused
+            new_tokens, next_drafts, mtp_out = fused
             for i, seq in enumerate(batch.seqs):
                 if seq.draft:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
@@ -263,9 +263,15 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
         if fused is not None:
+            more = []  # (sequence, draft room, its row in mtp_out) for recurrent drafts
             for i, seq in enumerate(batch.seqs):
-                if not seq.is_finished and self._draft_room(seq) > 0:  # MTP at the last verified row predicts it
+                room = 0 if seq.is_finished else self._draft_room(seq)
+                if room > 0:  # MTP at the last verified row predicts it
                     seq.draft, seq.extra["draft_q"] = [next_drafts[i]], [None]
+                    if room > 1:
+                        more.append((seq, room, i))
+            if more:
+                self._draft_more([(seq, room) for seq, room, _ in more], mtp_out[[i for _, _, i in more]])
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
@@ -287,16 +293,19 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _greedy_verify_and_draft(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
-                                 offsets: list[int]) -> tuple[list[list[int]], list[int]] | None:
-        """Greedy decode/verification steps with one draft token: every row's next token is its argmax, so the
-        accepted tokens and the MTP pass follow right away in the same step context. Returns (accepted tokens per
-        sequence, the next draft per sequence: MTP's argmax at its last verified row), or None when the step does
-        not qualify (sampling, logprobs, prompts, several drafts, a step with prefill rows).
+                                 offsets: list[int]) -> tuple[list[list[int]], list[int], torch.Tensor | None] | None:
+        """Greedy decode/verification steps: every row's next token is its argmax, so the accepted tokens and the
+        MTP pass follow right away in the same step context. Returns (accepted tokens per sequence, the next draft
+        per sequence: MTP's argmax at its last verified row, the MTP block's output there [B, D] for further drafts
+        or None), or None when the step does not qualify (sampling, logprobs, prompt rows).
         - C++ CPU kernels: the acceptance is known first (no device to wait for), so the MTP block stores the
           latents of every row but goes on (attention, FFN, head) from each sequence's last verified row only;
-        - elsewhere: the MTP module runs over all rows before the host sync (rows after a rejected draft compute
-          throwaway values whose cache slots are rewritten before anyone reads them), one sync for both argmaxes."""
-        if self.num_draft != 1 or self.sync_tokens is not None:
+          any number of drafts (the further ones are drafted recurrently after the step, _draft_more);
+        - elsewhere (one draft only): the MTP module runs over all rows before the host sync (rows after a
+          rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them), one
+          sync for both argmaxes."""
+        fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
+        if self.sync_tokens is not None or self.num_draft == 0 or (self.num_draft > 1 and fused_mtp is None):
             return None
         for seq, k in zip(batch.seqs, n_known):
             if k != 1 or not seq.extra["speculate"] or not seq.params.greedy:
@@ -306,17 +315,17 @@ class LLMEngine:
             return None
         positions, ctx = reuse
         targets = logits.argmax(dim=-1)  # [T]
-        fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
         if fused_mtp is not None:
             t = targets.tolist()
             accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
             last = torch.tensor([offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])
-            return accepted, fused_mtp(hidden, targets, positions, ctx, keep=last).tolist()
+            drafts, h_out = fused_mtp(hidden, targets, positions, ctx, keep=last)
+            return accepted, drafts.tolist(), h_out
         h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
         drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
         t, d = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
         accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
-        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)]
+        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -357,9 +366,10 @@ class LLMEngine:
             slot_map = torch.cat([self.runner.slots(s, p, p + c) for s, p, c in zip(seqs, pos0, counts)])
             positions = torch.cat([torch.arange(p, p + c) for p, c in zip(pos0, counts)])
             positions, slot_map = positions.to(h.device), slot_map.to(h.device)
-            fill = torch.ones(len(keep), dtype=torch.bool, device=h.device)
-            fill[out_rows] = False
-            if bool(fill.any()):
+            drafting_rows = {r for _, _, r in drafting}
+            fill = [r for r in range(len(keep)) if r not in drafting_rows]  # (host indices: no device sync)
+            if fill:
+                fill = torch.tensor(fill, device=h.device)
                 self.runner.store_mtp_latents(1, h[fill], ids[fill], positions[fill], slot_map[fill])
             if not drafting:
                 return
@@ -385,7 +395,7 @@ class LLMEngine:
             keep = []
             for i in rows:
                 seq, room = drafting[i]
-                pos = seq.num_tokens - 1 + len(seq.draft)  # position whose next token is the last draft
+                pos = seq.num_tokens - 2 + len(seq.draft)  # position whose next token is the last draft
                 if len(seq.draft) < room and self.scheduler.reserve_slots(seq, pos + 1):
                     keep.append(i)
             if not keep:
@@ -393,11 +403,17 @@ class LLMEngine:
             k = min(len(drafting[keep[0]][0].draft) + 1, n_mtp)
             # Sequences drafting their j-th token together share module k (all have the same draft count here).
             seqs = [drafting[i][0] for i in keep]
-            pos = [s.num_tokens - 1 + len(s.draft) for s in seqs]
+            pos = [s.num_tokens - 2 + len(s.draft) for s in seqs]
             ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
-            h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
-            logits = self.model.mtp_logits(k, h_out)
-            for seq, tok, q in zip(seqs, *self._propose(logits, seqs)):
+            fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # module 1 as one C++ call (greedy)
+            if (fused_mtp is not None and k == 1 and getattr(ctx, "kernel_only", False) and self.sync_tokens is None
+                    and all(s.params.greedy for s in seqs)):
+                toks, h_out = fused_mtp(h[keep], ids[0], positions, ctx)
+                toks, qs = toks.tolist(), [None] * len(seqs)
+            else:
+                h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
+                toks, qs = self._propose(self.model.mtp_logits(k, h_out), seqs)
+            for seq, tok, q in zip(seqs, toks, qs):
                 seq.draft.append(tok)
                 seq.extra["draft_q"].append(q)
             h = h.clone()

@@ -121,10 +121,10 @@ class CpuMtpDraft:
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 
     def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx,
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
-        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> draft ids [T], or
-        [K] for the rows keep [K] (increasing) only: every row's MTP latents are stored, but attention, the block's
-        FFN and the head run for the kept rows alone."""
+                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> (draft ids [T], the
+        MTP block's output [T, D]), or [K] / [K, D] for the rows keep [K] (increasing) only: every row's MTP
+        latents are stored, but attention, the block's FFN and the head run for the kept rows alone."""
         k = ctx.kernel_rows
         cos, sin = self.rotary.cos_sin(positions[0])
         return self.ops.mtp_greedy_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(), ctx.cache.kv,

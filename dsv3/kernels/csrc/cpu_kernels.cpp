@@ -1000,8 +1000,9 @@ at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor
 // hidden state h[t] and the embedding of next_ids[t]; returns the argmax of the module's logits per row [T] (the
 // first maximum, as torch.argmax). Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation, the MTP block
 // (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's latents are
-// stored but only the kept rows go through attention, the block's FFN and the head: returns [K] drafts.
-at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
+// stored but only the kept rows go through attention, the block's FFN and the head: returns [K] drafts. Also returns
+// the block's output of those rows [K, D] (what a further, recurrent draft starts from).
+std::tuple<at::Tensor, at::Tensor> mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
                             const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
                             const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
                             const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
@@ -1043,7 +1044,7 @@ at::Tensor mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Ten
     }
     out.data_ptr<int64_t>()[t] = best;
   }
-  return out;
+  return {out, x};
 }
 
 std::string capability() {
@@ -1078,7 +1079,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("mtp_greedy_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
-        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None) -> Tensor", &mtp_greedy_draft);
+        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None) -> (Tensor, Tensor)", &mtp_greedy_draft);
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("capability() -> str", &capability);
