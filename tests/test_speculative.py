@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
 from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
 from dsv3.engine.speculative import propose, propose_rows, target_probs, verify, verify_rows
 from hf_ref import run_all
@@ -140,8 +140,8 @@ def test_speculation_flags(tiny_ckpt, tmp_path):
 
 
 def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
-    # bf16 on the C++ kernels, one draft: greedy steps draft in the verification step's own context (engine
-    # _greedy_verify_and_draft). Output must equal plain decoding (the kernels are batch invariant), including
+    # bf16 on the C++ kernels: steps draft in the verification step's own context (engine
+    # _verify_and_draft_in_step). Output must equal plain decoding (the kernels are batch invariant), including
     # max_tokens and a stop token landing inside an accepted run.
     from dsv3.kernels import cpu_ext
     from dsv3.kernels.cpu_pack import prepack_for_cpu
@@ -151,13 +151,13 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
     fused = []
 
     def counted(eng):
-        f = eng._greedy_verify_and_draft
+        f = eng._verify_and_draft_in_step
 
         def wrapper(*a):
             r = f(*a)
             fused.append(r is not None)
             return r
-        monkeypatch.setattr(eng, "_greedy_verify_and_draft", wrapper)
+        monkeypatch.setattr(eng, "_verify_and_draft_in_step", wrapper)
         return eng
 
     for perfect, k in ((False, 1), (False, 3), (True, 1), (True, 2)):
@@ -264,3 +264,38 @@ def test_batched_verification_and_drafting_draw_what_each_sequence_draws_alone()
         got = verify_rows(torch.cat(logits), drafts, qs, states())
         assert got == want, trial
         assert all(1 <= len(t) <= d + 1 for t, d in zip(got, n_drafts))
+
+
+def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt, monkeypatch):
+    # Sampled (and mixed greedy/sampled) batches on the C++ kernels verify and draft in the step's own context,
+    # the MTP logits coming from the one-call C++ pass: with seeds, every token and every acceptance equals the
+    # module-by-module path's (same distributions, same draws from each sequence's generator).
+    from dsv3.kernels import cpu_ext
+    from dsv3.kernels.cpu_pack import prepack_for_cpu
+
+    if cpu_ext.load() is None:
+        pytest.skip("C++ CPU kernels unavailable")
+    model = dsv3.load_model(tiny_ckpt, dtype=torch.bfloat16)
+    assert prepack_for_cpu(model) and model.cpu_kernels
+    prompts = prompts_for(model.cfg.vocab_size, n=4, seed=5)
+    params = [SamplingParams(max_tokens=14, temperature=0.9, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=1.2, top_k=20, seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True)]
+    for k in (1, 2):
+        cfg = EngineConfig(speculative="mtp", num_draft_tokens=k, num_blocks=128, block_size=8)
+        eng = LLMEngine(model, config=cfg)
+        in_step = []
+        f = eng._verify_and_draft_in_step
+        monkeypatch.setattr(eng, "_verify_and_draft_in_step", lambda *a: in_step.append(f(*a)) or in_step[-1])
+        got = run_to_completion(eng, prompts, params)
+        assert any(r is not None for r in in_step)
+        one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
+        try:
+            ref_eng = LLMEngine(model, config=cfg)
+            want = run_to_completion(ref_eng, prompts, params)
+        finally:
+            model.cpu_mtp_draft = one_call
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert eng.spec_stats()["drafted"] == ref_eng.spec_stats()["drafted"] > 0
+        assert eng.spec_stats()["accepted"] == ref_eng.spec_stats()["accepted"]

@@ -219,9 +219,9 @@ class LLMEngine:
         for r in rows:
             offsets.append(offsets[-1] + len(r))
         results = {}
-        fused = self._greedy_verify_and_draft(batch, n_known, logits, hidden, offsets)
-        if fused is not None:  # greedy: accepted tokens from the argmaxes, next drafts already computed
-            new_tokens, next_drafts, mtp_out = fused
+        fused = self._verify_and_draft_in_step(batch, n_known, logits, hidden, offsets)
+        if fused is not None:  # accepted tokens and the MTP pass for the next drafts already computed
+            new_tokens, mtp_ids, mtp_logits, mtp_out = fused
             for i, seq in enumerate(batch.seqs):
                 if seq.draft:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
@@ -263,15 +263,21 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
         if fused is not None:
-            more = []  # (sequence, draft room, its row in mtp_out) for recurrent drafts
-            for i, seq in enumerate(batch.seqs):
-                room = 0 if seq.is_finished else self._draft_room(seq)
-                if room > 0:  # MTP at the last verified row predicts it
-                    seq.draft, seq.extra["draft_q"] = [next_drafts[i]], [None]
-                    if room > 1:
-                        more.append((seq, room, i))
-            if more:
-                self._draft_more([(seq, room) for seq, room, _ in more], mtp_out[[i for _, _, i in more]])
+            # MTP at each sequence's last verified row proposes its next draft (drawn only now, for the sequences
+            # that go on drafting, so a seeded sequence's generator advances exactly as on the module path).
+            drafting = [(i, seq, room) for i, seq in enumerate(batch.seqs)
+                        if not seq.is_finished and (room := self._draft_room(seq)) > 0]
+            if drafting:
+                seqs = [seq for _, seq, _ in drafting]
+                if mtp_logits is None:  # greedy: the argmaxes
+                    toks, qs = [mtp_ids[i] for i, _, _ in drafting], [None] * len(drafting)
+                else:
+                    toks, qs = self._propose(mtp_logits[[i for i, _, _ in drafting]], seqs)
+                for seq, tok, q in zip(seqs, toks, qs):
+                    seq.draft, seq.extra["draft_q"] = [tok], [q]
+                more = [(i, seq, room) for i, seq, room in drafting if room > 1]
+                if more:
+                    self._draft_more([(seq, room) for _, seq, room in more], mtp_out[[i for i, _, _ in more]])
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
@@ -292,40 +298,50 @@ class LLMEngine:
                    self.max_model_len - seq.num_tokens - 1)
 
     @torch.inference_mode()
-    def _greedy_verify_and_draft(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
-                                 offsets: list[int]) -> tuple[list[list[int]], list[int], torch.Tensor | None] | None:
-        """Greedy decode/verification steps: every row's next token is its argmax, so the accepted tokens and the
-        MTP pass follow right away in the same step context. Returns (accepted tokens per sequence, the next draft
-        per sequence: MTP's argmax at its last verified row, the MTP block's output there [B, D] for further drafts
-        or None), or None when the step does not qualify (sampling, logprobs, prompt rows).
-        - C++ CPU kernels: the acceptance is known first (no device to wait for), so the MTP block stores the
-          latents of every row but goes on (attention, FFN, head) from each sequence's last verified row only;
-          any number of drafts (the further ones are drafted recurrently after the step, _draft_more);
-        - elsewhere (one draft only): the MTP module runs over all rows before the host sync (rows after a
-          rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them), one
-          sync for both argmaxes."""
+    def _verify_and_draft_in_step(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
+                                  offsets: list[int]
+                                  ) -> tuple[list[list[int]], list[int], torch.Tensor | None,
+                                             torch.Tensor | None] | None:
+        """Decode/verification steps of speculating sequences, with the MTP pass in the step's own context right
+        after the main pass. Returns (accepted tokens per sequence; from MTP at its last verified row: the argmax,
+        the logits [B, V] when some sequence samples (else None), the MTP block's output [B, D] for further drafts
+        (None off the CPU kernels)), or None when the step does not qualify (prompt rows, requests that do not
+        speculate).
+        - C++ CPU kernels (greedy and sampled rows, any number of drafts): the acceptance is known first (no device
+          to wait for), so the MTP block stores the latents of every row but goes on (attention, FFN, head) from each
+          sequence's last verified row only, as one C++ call; further drafts follow after the step (_draft_more);
+        - elsewhere (greedy, one draft): the MTP module runs over all rows before the single host sync (rows past a
+          rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them)."""
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
         if self.sync_tokens is not None or self.num_draft == 0 or (self.num_draft > 1 and fused_mtp is None):
             return None
-        for seq, k in zip(batch.seqs, n_known):
-            if k != 1 or not seq.extra["speculate"] or not seq.params.greedy:
+        seqs = batch.seqs
+        for seq, k in zip(seqs, n_known):
+            if k != 1 or not seq.extra["speculate"] or (fused_mtp is None and not seq.params.greedy):
                 return None
         reuse = self.runner.reuse_context(torch.arange(hidden.shape[0]))
         if reuse is None or logits.shape[0] != hidden.shape[0]:
             return None
         positions, ctx = reuse
-        targets = logits.argmax(dim=-1)  # [T]
         if fused_mtp is not None:
-            t = targets.tolist()
-            accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
+            accepted = verify_rows(logits, [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                   [s.extra["sampling"] for s in seqs])
+            # Each verified row's next token is the one accepted after it; rows past the last verified one are
+            # throwaway (their latents are rewritten before anyone reads them).
+            next_ids = []
+            for i, a in enumerate(accepted):
+                next_ids += a + [a[-1]] * (offsets[i + 1] - offsets[i] - len(a))
             last = torch.tensor([offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])
-            drafts, h_out = fused_mtp(hidden, targets, positions, ctx, keep=last)
-            return accepted, drafts.tolist(), h_out
+            sampled = not all(s.params.greedy for s in seqs)
+            ids, mtp_logits, h_out = fused_mtp(hidden, torch.tensor(next_ids), positions, ctx, keep=last,
+                                               logits=sampled)
+            return accepted, ids.tolist(), mtp_logits, h_out
+        targets = logits.argmax(dim=-1)  # [T]
         h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
         drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
         t, d = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
-        accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(batch.seqs)]
-        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None
+        accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(seqs)]
+        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None, None
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -406,10 +422,10 @@ class LLMEngine:
             pos = [s.num_tokens - 2 + len(s.draft) for s in seqs]
             ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
             fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # module 1 as one C++ call (greedy)
-            if (fused_mtp is not None and k == 1 and getattr(ctx, "kernel_only", False) and self.sync_tokens is None
-                    and all(s.params.greedy for s in seqs)):
-                toks, h_out = fused_mtp(h[keep], ids[0], positions, ctx)
-                toks, qs = toks.tolist(), [None] * len(seqs)
+            if fused_mtp is not None and k == 1 and getattr(ctx, "kernel_only", False) and self.sync_tokens is None:
+                greedy = all(s.params.greedy for s in seqs)
+                toks, mtp_logits, h_out = fused_mtp(h[keep], ids[0], positions, ctx, logits=not greedy)
+                toks, qs = (toks.tolist(), [None] * len(seqs)) if greedy else self._propose(mtp_logits, seqs)
             else:
                 h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
                 toks, qs = self._propose(self.model.mtp_logits(k, h_out), seqs)

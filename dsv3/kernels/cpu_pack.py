@@ -110,8 +110,8 @@ class CpuBlocks:
 
 
 class CpuMtpDraft:
-    """Greedy drafting with MTP module 1 as one C++ call (mtp_greedy_draft): embedding, the two input norms, eh_proj,
-    the MTP block, its head norm and the shared LM head, then the argmax of every row."""
+    """Drafting with MTP module 1 as one C++ call (mtp_draft): embedding, the two input norms, eh_proj, the MTP
+    block, its head norm and the shared LM head, then the argmax of every row (and the logits, for sampling)."""
 
     def __init__(self, ops, model: nn.Module):
         mtp = model.mtp_layers[0]
@@ -121,15 +121,18 @@ class CpuMtpDraft:
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 
     def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx,
-                 keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> (draft ids [T], the
-        MTP block's output [T, D]), or [K] / [K, D] for the rows keep [K] (increasing) only: every row's MTP
-        latents are stored, but attention, the block's FFN and the head run for the kept rows alone."""
+                 keep: torch.Tensor | None = None, logits: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> (argmax ids [T], the
+        logits [T, V] bf16 when asked for, else None, the MTP block's output [T, D]); with keep [K] (increasing),
+        every row's MTP latents are stored but attention, the block's FFN and the head run for the kept rows
+        alone, and the outputs have K rows."""
         k = ctx.kernel_rows
         cos, sin = self.rotary.cos_sin(positions[0])
-        return self.ops.mtp_greedy_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(), ctx.cache.kv,
-                                         ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len, k.slots, cos, sin,
-                                         keep)
+        ids, lg, out = self.ops.mtp_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(),
+                                          ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len,
+                                          k.slots, cos, sin, keep, logits)
+        return ids, (lg if logits else None), out
 
 
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:

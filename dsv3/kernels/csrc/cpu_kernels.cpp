@@ -996,33 +996,34 @@ at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor
 }
 
 
-// Greedy drafting with an MTP module in one call: for each row t, the module's input is the main model's final
-// hidden state h[t] and the embedding of next_ids[t]; returns the argmax of the module's logits per row [T] (the
-// first maximum, as torch.argmax). Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation, the MTP block
-// (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's latents are
-// stored but only the kept rows go through attention, the block's FFN and the head: returns [K] drafts. Also returns
-// the block's output of those rows [K, D] (what a further, recurrent draft starts from).
-std::tuple<at::Tensor, at::Tensor> mtp_greedy_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
+// Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
+// state h[t] and the embedding of next_ids[t]. Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation,
+// the MTP block (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's
+// latents are stored but only the kept rows go through attention, the block's FFN and the head. Returns the argmax
+// of the module's logits per row [K] (the first maximum, as torch.argmax: greedy drafts), the logits themselves
+// [K, V] bf16 when return_logits (for sampled drafts; else an empty tensor) and the block's output [K, D] (what a
+// further, recurrent draft starts from).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
                             const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
                             const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
                             const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
                             const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
                             const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos,
-                            const at::Tensor& sin, const c10::optional<at::Tensor>& keep) {
-  check_bf16(embed, "mtp_greedy_draft: embed", 2);
-  check_bf16(h, "mtp_greedy_draft: h", 2);
-  check_index(next_ids, "mtp_greedy_draft: next_ids", 1);
-  TORCH_CHECK(embed.is_contiguous(), "mtp_greedy_draft: embed must be contiguous");
+                            const at::Tensor& sin, const c10::optional<at::Tensor>& keep, bool return_logits) {
+  check_bf16(embed, "mtp_draft: embed", 2);
+  check_bf16(h, "mtp_draft: h", 2);
+  check_index(next_ids, "mtp_draft: next_ids", 1);
+  TORCH_CHECK(embed.is_contiguous(), "mtp_draft: embed must be contiguous");
   const int64_t T = h.size(0), D = h.size(1);
-  TORCH_CHECK(next_ids.size(0) == T && embed.size(1) == D, "mtp_greedy_draft: ", T, " rows of width ", D,
+  TORCH_CHECK(next_ids.size(0) == T && embed.size(1) == D, "mtp_draft: ", T, " rows of width ", D,
               " need as many next ids and an embedding of that width");
-  check_bf16(enorm, "mtp_greedy_draft: enorm", 1);
-  check_bf16(hnorm, "mtp_greedy_draft: hnorm", 1);
-  TORCH_CHECK(enorm.size(0) == D && hnorm.size(0) == D, "mtp_greedy_draft: enorm/hnorm must have ", D, " weights");
+  check_bf16(enorm, "mtp_draft: enorm", 1);
+  check_bf16(hnorm, "mtp_draft: hnorm", 1);
+  TORCH_CHECK(enorm.size(0) == D && hnorm.size(0) == D, "mtp_draft: enorm/hnorm must have ", D, " weights");
   at::Tensor cat = at::empty({T, 2 * D}, h.options());
   const int64_t* ids = next_ids.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(ids[t] >= 0 && ids[t] < embed.size(0), "mtp_greedy_draft: token id ", ids[t], " outside the vocabulary");
+    TORCH_CHECK(ids[t] >= 0 && ids[t] < embed.size(0), "mtp_draft: token id ", ids[t], " outside the vocabulary");
     rms_norm_row(bf_ptr(embed) + ids[t] * D, bf_ptr(enorm), eps, D, bf_mut(cat) + t * 2 * D);
     rms_norm_row(bf_ptr(h) + t * h.stride(0), bf_ptr(hnorm), eps, D, bf_mut(cat) + t * 2 * D + D);
   }
@@ -1044,7 +1045,7 @@ std::tuple<at::Tensor, at::Tensor> mtp_greedy_draft(const c10::intrusive_ptr<Blo
     }
     out.data_ptr<int64_t>()[t] = best;
   }
-  return {out, x};
+  return {out, return_logits ? logits : at::empty({0}, logits.options()), x};
 }
 
 std::string capability() {
@@ -1076,10 +1077,11 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin, "
         "Tensor? keep=None) -> Tensor",
         &run_blocks);
-  m.def("mtp_greedy_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
+  m.def("mtp_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
-        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None) -> (Tensor, Tensor)", &mtp_greedy_draft);
+        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None, bool return_logits=False) -> "
+        "(Tensor, Tensor, Tensor)", &mtp_draft);
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("capability() -> str", &capability);
