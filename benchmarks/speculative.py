@@ -116,6 +116,7 @@ def main() -> int:
                      "plain_tokens_per_s": statistics.median(x["tps"] for x in base),
                      "spec_tokens_per_s": statistics.median(x["tps"] for x in spec),
                      "speedup": statistics.median(s["tps"] / b["tps"] for s, b in zip(spec, base)),
+                     "speedup_rounds": [round(s["tps"] / b["tps"], 4) for s, b in zip(spec, base)],
                      "plain_decode_tokens_per_s": statistics.median(x["decode_tps"] for x in base),
                      "spec_decode_tokens_per_s": statistics.median(x["decode_tps"] for x in spec),
                      "decode_speedup": statistics.median(s["decode_tps"] / b["decode_tps"] for s, b in zip(spec, base)),
