@@ -10,7 +10,7 @@ speedups are medians of the per-repeat ratios, so a drift of the machine's speed
 Default model: the embedded one (trained with an MTP module, see docs/training.md).
 
   python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2] [--repeats 3]
-                                   [--temperature 0.8] [--device cuda]
+                                   [--temperature 0.8] [--device cuda [--eager]]
 """
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=None, help="also measure seeded sampling at this temperature")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda (issue 10's GPU target: >= 1.6x at batch 1)")
+    ap.add_argument("--eager", action="store_true",
+                    help="on CUDA, run every step eagerly (default: decode and greedy one-draft speculative steps "
+                         "replay CUDA graphs, engine/graphs.py)")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.repeats < 1:
@@ -90,6 +93,10 @@ def main() -> int:
     engines = {0: LLM(a.model, speculative="off", **common)}
     for k in drafts:
         engines[k] = LLM(a.model, speculative="mtp", num_draft_tokens=k, **common)
+    if a.device == "cuda" and not a.eager:
+        top = max(int(b) for b in a.batch_sizes.split(","))
+        for llm in engines.values():
+            llm.engine.runner.enable_decode_graphs(max_batch=top, max_model_len=llm.engine.max_model_len)
     gc.collect()
     gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
     temps = [0.0] + ([a.temperature] if a.temperature else [])
@@ -126,7 +133,8 @@ def main() -> int:
                      if temp == 0.0 else None}
                 result["runs"].append(r)
                 rows.append(r)
-    where = f"{a.threads} threads" if a.device == "cpu" else torch.cuda.get_device_name()
+    where = f"{a.threads} threads" if a.device == "cpu" else (torch.cuda.get_device_name() +
+                                                              (", eager" if a.eager else ", CUDA graphs"))
     print(f"model {result['model']} ({a.dtype}, {where}, {len(prompts)} prompts x {a.max_tokens} tokens, "
           f"median of {a.repeats} alternating rounds)")
     print(f"{'temp':>4} {'batch':>5} {'k':>2} {'plain tok/s':>11} {'mtp tok/s':>9} {'speedup':>7} "

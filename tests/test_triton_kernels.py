@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsv3
 from dsv3 import ModelConfig
+from dsv3.assets import default_model_path
+from dsv3.tokenizer import Tokenizer
 from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
 from dsv3.engine.sampling import SamplingParams
 from dsv3.kernels import dispatch
@@ -201,6 +204,42 @@ def test_static_decode_step_matches_eager_engine(monkeypatch):
     got = _generate(eng, PROMPTS, 6)
     assert got == want
     assert calls["static"] >= 5  # every pure decode step went through it (bucket 2, one padding-free)
+
+
+def test_static_speculative_step_matches_eager_speculation(monkeypatch):
+    """Greedy speculative steps (one MTP draft) through the static runner: one static step computes the main
+    model's and the MTP module's argmaxes at both rows of every sequence, with no host read inside; the engine
+    then generates exactly what plain decoding does and accepts exactly what eager speculation accepts."""
+    # The embedded model (trained MTP module: most drafts are accepted, so the draft rows' outputs matter).
+    monkeypatch.setattr(Experts, "force_grouped_mm", True)
+    model = dsv3.load_model(default_model_path(), dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(default_model_path())
+    prompts = [tok.encode(t) for t in ("def fibonacci(n):\n    ", "import os\nimport sys\n\n\ndef main(",
+                                      "class Stack:\n    def __init__(self):\n        self.")]
+    cfg = dict(num_blocks=48, block_size=4, max_num_batched_tokens=64)
+    want = _generate(LLMEngine(model, config=EngineConfig(speculative="off", **cfg)), prompts, 12)
+    eager = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+    assert _generate(eager, prompts, 12) == want
+    assert eager.spec_stats()["acceptance_rate"] > 0.5
+    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+    eng.runner.enable_decode_graphs(max_batch=4, max_model_len=64, capture=False)
+    graphs = eng.runner.graphs
+    calls = {"spec": 0}
+    forward_spec = graphs.forward_spec
+
+    def no_sync_forward_spec(b):
+        calls["spec"] += 1
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "cpu", "numpy"):
+                m.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"{_n}() inside the step"))
+            return forward_spec(b)
+
+    monkeypatch.setattr(graphs, "forward_spec", no_sync_forward_spec)
+    assert _generate(eng, prompts, 12) == want
+    assert calls["spec"] >= 5
+    assert eng.spec_stats()["drafted"] == eager.spec_stats()["drafted"] > 0
+    assert eng.spec_stats()["accepted"] == eager.spec_stats()["accepted"]
+    assert eng.cache.allocator.num_used == 1  # only the runner's scratch block is left
 
 
 @needs_triton

@@ -211,7 +211,10 @@ class LLMEngine:
                 rows.append(list(range(known - 1, n)))
             else:
                 rows.append([])
-        logits, hidden = self.runner.run(batch, rows)
+        logits = hidden = None
+        fused = self._static_verify_and_draft(batch, n_known)  # a replayed greedy speculative step (CUDA graphs)
+        if fused is None:
+            logits, hidden = self.runner.run(batch, rows)
         self.stats["steps"] += 1
         new_tokens: list[list[int]] = [[] for _ in batch.seqs]
         plain = [i for i, r in enumerate(rows) if len(r) == 1]
@@ -219,7 +222,8 @@ class LLMEngine:
         for r in rows:
             offsets.append(offsets[-1] + len(r))
         results = {}
-        fused = self._verify_and_draft_in_step(batch, n_known, logits, hidden, offsets)
+        if fused is None:
+            fused = self._verify_and_draft_in_step(batch, n_known, logits, hidden, offsets)
         if fused is not None:  # accepted tokens and the MTP pass for the next drafts already computed
             new_tokens, mtp_ids, mtp_logits, mtp_out = fused
             for i, seq in enumerate(batch.seqs):
@@ -296,6 +300,24 @@ class LLMEngine:
         max_tokens and the context."""
         return min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
                    self.max_model_len - seq.num_tokens - 1)
+
+    def _static_verify_and_draft(self, batch, n_known: list[int]
+                                 ) -> tuple[list[list[int]], list[int], None, None] | None:
+        """Greedy speculative steps with one draft through the static runner (engine/graphs.py: one replay computes
+        the main model's and the MTP module's argmaxes at every row, one host read). Same result as
+        _verify_and_draft_in_step; None when the step does not qualify or no static runner is on."""
+        g = self.runner.graphs
+        if g is None or self.num_draft != 1 or self.sync_tokens is not None:
+            return None
+        for seq, k, n in zip(batch.seqs, n_known, batch.num_new):
+            if k != 1 or n != 1 + len(seq.draft) or not seq.extra["speculate"] or not seq.params.greedy:
+                return None
+        if not any(seq.draft for seq in batch.seqs) or not g.can_run_spec(batch.seqs):
+            return None  # (a step without drafts is a plain decode step: the decode graphs take it)
+        self.runner.last = None  # no eager step context to reuse
+        targets, drafts = g.run_spec(batch.seqs)
+        accepted = [accept_greedy(seq.draft, t[:1 + len(seq.draft)]) for seq, t in zip(batch.seqs, targets)]
+        return accepted, [d[len(a) - 1] for a, d in zip(accepted, drafts)], None, None
 
     @torch.inference_mode()
     def _verify_and_draft_in_step(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,

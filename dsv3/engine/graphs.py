@@ -12,7 +12,13 @@ and a CUDA graph captured once per bucket replays it with no Python in the loop.
 
 Rows past B in a bucket are padding: they decode token 0 at position 0 against a scratch block that the graph runner
 takes from the allocator for good, so their cache writes never land in a live sequence's blocks.
-On the CPU (or with capture=False) the same static step runs eagerly, which is how the tests check it.
+
+Greedy speculative steps with one draft (MTP) get static steps of their own: two rows per sequence (its last token
+and its draft, or a padding row when it has none), each row attending through its sequence's block table up to its
+own position, so the draft row sees the latent its first row writes in the same step. The graph also runs the MTP
+module over both rows with the main model's argmaxes as the next tokens and returns the argmaxes of both (the
+verification targets and the next drafts): a speculative step is one replay and one host read.
+On the CPU (or with capture=False) the same static steps run eagerly, which is how the tests check them.
 """
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ class DecodeGraphs:
         self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
         self.lens = torch.ones(b, dtype=torch.int32, device=dev)
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, logits, hidden)
+        self._spec_graphs: dict[int, tuple] = {}  # bucket -> (graph, targets, drafts): speculative steps
+        self._spec = None  # their row buffers, made on first use (SpecRows)
         self._pool = None
         self.prepare([], b)  # every row parked on the scratch block until a step fills it
 
@@ -132,6 +140,82 @@ class DecodeGraphs:
         # Copies: the next replay overwrites the graph's outputs while the caller may still hold these.
         return logits[:n].clone(), h[:n].clone()
 
+    # ------------------------------------------------------------------------------------------------ speculative
+    def can_run_spec(self, seqs: list[Sequence]) -> bool:
+        """A greedy speculative step the static runner can take: every sequence computes its last token and at most
+        one draft, within the block table, and the model has an MTP module (the engine checks the rest)."""
+        Z = self.cache.block_size
+        return (bool(self.model.mtp_layers) and 0 < len(seqs) <= self.buckets[-1]
+                and all(len(s.draft) <= 1 and s.num_computed == s.num_tokens - 1
+                        and s.num_computed + len(s.draft) < self.max_blocks * Z for s in seqs))
+
+    def prepare_spec(self, seqs: list[Sequence], b: int | None = None) -> int:
+        """Fill the speculative buffers: rows 2i and 2i+1 are sequence i's last token and its draft (a padding row
+        on the scratch block when it has none); padding sequences of the bucket likewise. Returns the bucket."""
+        n, Z = len(seqs), self.cache.block_size
+        b = self.bucket(n) if b is None else b
+        if self._spec is None:
+            self._spec = SpecRows(2 * self.buckets[-1], self.max_blocks, self.cache.kv.device)
+        R = 2 * b
+        ids, pos = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
+        slots = self.scratch_block * Z + torch.arange(R) % Z
+        tables = torch.full((R, self.max_blocks), self.scratch_block, dtype=torch.int32)
+        lens = torch.ones(R, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            p = seq.num_computed
+            blocks = torch.tensor(seq.block_table[:self.max_blocks], dtype=torch.int32)
+            for j, tok in enumerate([seq.tokens[p]] + seq.draft):
+                r = 2 * i + j
+                ids[r], pos[r] = tok, p + j
+                slots[r] = seq.block_table[(p + j) // Z] * Z + (p + j) % Z
+                tables[r, :len(blocks)] = blocks
+                lens[r] = p + j + 1
+        sp = self._spec
+        for dst, src in ((sp.ids, ids), (sp.pos, pos), (sp.slots, slots), (sp.tables, tables), (sp.lens, lens)):
+            dst[:R].copy_(src, non_blocking=True)
+        return b
+
+    def forward_spec(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static speculative step for bucket b -> (the main model's argmax [2b], the MTP module's argmax [2b]
+        at every row, fed the main model's argmax there as the next token)."""
+        R, sp = 2 * b, self._spec
+        ctx = PagedDecodeContext(self.cache, sp.slots[:R], sp.tables[:R], sp.lens[:R], self._splits(R))
+        pos = sp.pos[None, :R]
+        h = self.model.hidden_states(sp.ids[None, :R], pos, cache=ctx)  # [1, R, D]
+        targets = self.model.logits(h[0]).argmax(dim=-1)  # [R]
+        h_mtp = self.model.mtp_hidden(1, h, targets[None], pos, cache=ctx)[0]  # [R, D] (its cache layer via ctx)
+        return targets, self.model.mtp_logits(1, h_mtp).argmax(dim=-1)
+
+    @torch.inference_mode()
+    def run_spec(self, seqs: list[Sequence]) -> tuple[list[list[int]], list[list[int]]]:
+        """(verification targets, MTP argmaxes) per sequence, two rows each (the second is padding when the
+        sequence has no draft), after the one host read of the step."""
+        b = self.prepare_spec(seqs)
+        if not self.capture:
+            targets, drafts = self.forward_spec(b)
+        else:
+            if b not in self._spec_graphs:
+                self._capture_spec(b)
+            graph, targets, drafts = self._spec_graphs[b]
+            graph.replay()
+        n = len(seqs)
+        t, d = torch.stack([targets[:2 * n], drafts[:2 * n]]).view(2, n, 2).tolist()
+        return t, d
+
+    def _capture_spec(self, b: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.forward_spec(b)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            targets, drafts = self.forward_spec(b)
+        self._pool = graph.pool()
+        self._spec_graphs[b] = (graph, targets, drafts)
+        log.info("captured the speculative step for batch bucket %d", b)
+
     def _capture(self, b: int) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -154,3 +238,14 @@ class DecodeGraphs:
                 if b not in self._graphs:
                     self.prepare([], b)
                     self._capture(b)
+
+
+class SpecRows:
+    """Static inputs of speculative steps: two rows per sequence slot (R rows in all)."""
+
+    def __init__(self, R: int, max_blocks: int, dev: torch.device):
+        self.ids = torch.zeros(R, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(R, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(R, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(R, max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(R, dtype=torch.int32, device=dev)
