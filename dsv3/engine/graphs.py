@@ -70,14 +70,10 @@ class DecodeGraphs:
         # A block no sequence will ever own: padding rows write their latents there and attend only to it.
         self.scratch_block = cache.allocator.allocate()
         b = self.buckets[-1]
-        self.ids = torch.zeros(b, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(b, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(b, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(b, dtype=torch.int32, device=dev)
+        self.rows = StaticRows(b, self.max_blocks, dev)  # one row per sequence
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, logits, hidden)
         self._spec_graphs: dict[int, tuple] = {}  # bucket -> (graph, targets, drafts): speculative steps
-        self._spec = None  # their row buffers, made on first use (SpecRows)
+        self._spec = None  # their row buffers (StaticRows, two rows per sequence), made on first use
         self._pool = None
         self.prepare([], b)  # every row parked on the scratch block until a step fills it
 
@@ -93,28 +89,16 @@ class DecodeGraphs:
     def prepare(self, seqs: list[Sequence], b: int | None = None) -> int:
         """Fill the static buffers for these sequences (built on the host, one copy per buffer) and park the rest
         of the bucket on the scratch block; returns the bucket."""
-        n, Z = len(seqs), self.cache.block_size
-        b = self.bucket(n) if b is None else b
-        ids, pos = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
-        slots = self.scratch_block * Z + torch.arange(b) % Z
-        tables = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        lens = torch.ones(b, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            p = seq.num_computed
-            ids[i], pos[i] = seq.tokens[p], p
-            slots[i] = seq.block_table[p // Z] * Z + p % Z
-            blocks = seq.block_table[:self.max_blocks]  # blocks reserved past max_model_len are never read
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            lens[i] = p + 1
-        for dst, src in ((self.ids, ids), (self.pos, pos), (self.slots, slots), (self.tables, tables),
-                         (self.lens, lens)):
-            dst[:b].copy_(src, non_blocking=True)
+        b = self.bucket(len(seqs)) if b is None else b
+        self.rows.fill([(seq, seq.num_computed, seq.tokens[seq.num_computed]) for seq in seqs], b,
+                       self.scratch_block, self.cache.block_size)
         return b
 
     def forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The static step for bucket b: reads only the buffers -> (logits [b, V] float32, hidden [b, D])."""
-        ctx = PagedDecodeContext(self.cache, self.slots[:b], self.tables[:b], self.lens[:b], self._splits(b))
-        h = self.model.hidden_states(self.ids[None, :b], self.pos[None, :b], cache=ctx)[0]  # [b, D]
+        r = self.rows
+        ctx = PagedDecodeContext(self.cache, r.slots[:b], r.tables[:b], r.lens[:b], self._splits(b))
+        h = self.model.hidden_states(r.ids[None, :b], r.pos[None, :b], cache=ctx)[0]  # [b, D]
         return self.model.logits(h).float(), h
 
     def _splits(self, b: int) -> int | None:
@@ -129,13 +113,7 @@ class DecodeGraphs:
         """logits [B, V] float32 and hidden states [B, D] of the sequences' next positions (same contract as
         ModelRunner.run for a decode batch)."""
         b = self.prepare(seqs)
-        if not self.capture:
-            logits, h = self.forward(b)
-        else:
-            if b not in self._graphs:
-                self._capture(b)
-            graph, logits, h = self._graphs[b]
-            graph.replay()
+        logits, h = self._outputs(self._graphs, self.forward, b, "decode")
         n = len(seqs)
         # Copies: the next replay overwrites the graph's outputs while the caller may still hold these.
         return logits[:n].clone(), h[:n].clone()
@@ -152,27 +130,14 @@ class DecodeGraphs:
     def prepare_spec(self, seqs: list[Sequence], b: int | None = None) -> int:
         """Fill the speculative buffers: rows 2i and 2i+1 are sequence i's last token and its draft (a padding row
         on the scratch block when it has none); padding sequences of the bucket likewise. Returns the bucket."""
-        n, Z = len(seqs), self.cache.block_size
-        b = self.bucket(n) if b is None else b
+        b = self.bucket(len(seqs)) if b is None else b
         if self._spec is None:
-            self._spec = SpecRows(2 * self.buckets[-1], self.max_blocks, self.cache.kv.device)
-        R = 2 * b
-        ids, pos = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
-        slots = self.scratch_block * Z + torch.arange(R) % Z
-        tables = torch.full((R, self.max_blocks), self.scratch_block, dtype=torch.int32)
-        lens = torch.ones(R, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
+            self._spec = StaticRows(2 * self.buckets[-1], self.max_blocks, self.cache.kv.device)
+        rows = []
+        for seq in seqs:
             p = seq.num_computed
-            blocks = torch.tensor(seq.block_table[:self.max_blocks], dtype=torch.int32)
-            for j, tok in enumerate([seq.tokens[p]] + seq.draft):
-                r = 2 * i + j
-                ids[r], pos[r] = tok, p + j
-                slots[r] = seq.block_table[(p + j) // Z] * Z + (p + j) % Z
-                tables[r, :len(blocks)] = blocks
-                lens[r] = p + j + 1
-        sp = self._spec
-        for dst, src in ((sp.ids, ids), (sp.pos, pos), (sp.slots, slots), (sp.tables, tables), (sp.lens, lens)):
-            dst[:R].copy_(src, non_blocking=True)
+            rows += [(seq, p, seq.tokens[p]), (seq, p + 1, seq.draft[0]) if seq.draft else None]
+        self._spec.fill(rows, 2 * b, self.scratch_block, self.cache.block_size)
         return b
 
     def forward_spec(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,44 +156,35 @@ class DecodeGraphs:
         """(verification targets, MTP argmaxes) per sequence, two rows each (the second is padding when the
         sequence has no draft), after the one host read of the step."""
         b = self.prepare_spec(seqs)
-        if not self.capture:
-            targets, drafts = self.forward_spec(b)
-        else:
-            if b not in self._spec_graphs:
-                self._capture_spec(b)
-            graph, targets, drafts = self._spec_graphs[b]
-            graph.replay()
+        targets, drafts = self._outputs(self._spec_graphs, self.forward_spec, b, "speculative")
         n = len(seqs)
         t, d = torch.stack([targets[:2 * n], drafts[:2 * n]]).view(2, n, 2).tolist()
         return t, d
 
-    def _capture_spec(self, b: int) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.forward_spec(b)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            targets, drafts = self.forward_spec(b)
-        self._pool = graph.pool()
-        self._spec_graphs[b] = (graph, targets, drafts)
-        log.info("captured the speculative step for batch bucket %d", b)
+    def _outputs(self, graphs: dict, forward, b: int, what: str) -> tuple:
+        """forward(b)'s outputs: computed eagerly, or replayed from the graph captured for bucket b on first use
+        (graphs: bucket -> (graph, *its static outputs))."""
+        if not self.capture:
+            return forward(b)
+        if b not in graphs:
+            graphs[b] = self._capture(forward, b, what)
+        graph, *outs = graphs[b]
+        graph.replay()
+        return tuple(outs)
 
-    def _capture(self, b: int) -> None:
+    def _capture(self, forward, b: int, what: str) -> tuple:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # compiles the Triton kernels and settles lazy state (rotary tables) before capture
-                self.forward(b)
+                forward(b)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, h = self.forward(b)
+            outs = forward(b)
         self._pool = graph.pool()
-        self._graphs[b] = (graph, logits, h)
-        log.info("captured the decode step for batch bucket %d", b)
+        log.info("captured the %s step for batch bucket %d", what, b)
+        return (graph, *outs)
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -237,11 +193,12 @@ class DecodeGraphs:
             for b in sorted(self.buckets, reverse=True):
                 if b not in self._graphs:
                     self.prepare([], b)
-                    self._capture(b)
+                    self._graphs[b] = self._capture(self.forward, b, "decode")
 
 
-class SpecRows:
-    """Static inputs of speculative steps: two rows per sequence slot (R rows in all)."""
+class StaticRows:
+    """The static inputs of up to R query rows: token id, position, the cache slot its latent goes to, its sequence's
+    block table [M] and the context length it attends to (its position + 1)."""
 
     def __init__(self, R: int, max_blocks: int, dev: torch.device):
         self.ids = torch.zeros(R, dtype=torch.long, device=dev)
@@ -249,3 +206,25 @@ class SpecRows:
         self.slots = torch.zeros(R, dtype=torch.long, device=dev)
         self.tables = torch.zeros(R, max_blocks, dtype=torch.int32, device=dev)
         self.lens = torch.ones(R, dtype=torch.int32, device=dev)
+
+    def fill(self, rows: list[tuple[Sequence, int, int] | None], R: int, scratch_block: int, Z: int) -> None:
+        """rows: (sequence, position, token) per row, None for a padding row; rows past them up to R are padding
+        too. Built on the host, one copy per buffer. A padding row decodes token 0 at position 0 against the
+        scratch block (its writes never land in a live sequence's blocks)."""
+        M = self.tables.shape[1]
+        ids, pos = torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
+        slots = scratch_block * Z + torch.arange(R) % Z
+        tables = torch.full((R, M), scratch_block, dtype=torch.int32)
+        lens = torch.ones(R, dtype=torch.int32)
+        for r, row in enumerate(rows):
+            if row is None:
+                continue
+            seq, p, tok = row
+            ids[r], pos[r] = tok, p
+            slots[r] = seq.block_table[p // Z] * Z + p % Z
+            blocks = seq.block_table[:M]  # blocks reserved past max_model_len are never read
+            tables[r, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            lens[r] = p + 1
+        for dst, src in ((self.ids, ids), (self.pos, pos), (self.slots, slots), (self.tables, tables),
+                         (self.lens, lens)):
+            dst[:R].copy_(src, non_blocking=True)
