@@ -340,3 +340,9 @@ def test_kept_rows_store_every_latent_and_carry_on_only_the_kept_rows():
         for bad in ([3, 1], [5]):
             with pytest.raises(RuntimeError, match="keep: rows must be increasing"):
                 run(torch.tensor(bad))
+
+
+def test_section_timers_are_off_in_the_normal_build():
+    # block_forward times its sections only in the profiling build (benchmarks/cpu_sections.py); here the call is
+    # a no-op that returns nothing.
+    assert OPS.section_times() == []

@@ -70,7 +70,7 @@ class CpuBlocks:
             scal += sc
             cache_layers.append(block.layer_idx)
         self.ops = ops
-        self.handle = torch.classes.dsv3_cpu.Blocks(w_flat, counts, dims, scal, cache_layers)
+        self.handle = getattr(torch.classes, ops.name).Blocks(w_flat, counts, dims, scal, cache_layers)
 
     @staticmethod
     def _describe(block: nn.Module, cfg) -> tuple[list[torch.Tensor], list[int], list[float]]:

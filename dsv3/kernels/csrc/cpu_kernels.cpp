@@ -26,6 +26,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -840,6 +842,35 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+// Section timers of block_forward for profiling builds (cpu_ext.build("dsv3_cpu_timing", ("-DDSV3_TIMING",))):
+// section_times() returns the seconds spent per section since the last call. A no-op in normal builds.
+constexpr int kSections = 8;  // norm+qkv, latents, q (norm, q_b, rope), attention, o_proj+add, norm, ffn, add
+#ifdef DSV3_TIMING
+std::array<double, kSections> g_section_s{};
+struct SectionClock {
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(int i) {
+    const auto now = std::chrono::steady_clock::now();
+    g_section_s[i] += std::chrono::duration<double>(now - t).count();
+    t = now;
+  }
+};
+#else
+struct SectionClock {
+  void lap(int) {}
+};
+#endif
+
+std::vector<double> section_times() {
+#ifdef DSV3_TIMING
+  std::vector<double> out(g_section_s.begin(), g_section_s.end());
+  g_section_s.fill(0);
+  return out;
+#else
+  return {};
+#endif
+}
+
 // The query tables of mla_decode restricted to the tokens in keep [K] (increasing token indices of x), renumbered
 // to 0..K-1: the queries of kept tokens only, in their order.
 struct KeptQueries {
@@ -898,6 +929,7 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   check_bf16(x, "decode_layer: x", 2);
   TORCH_CHECK(x.is_contiguous(), "decode_layer: x must be contiguous");
   const int64_t T = x.size(0), D = x.size(1);
+  SectionClock clock;
   // Attention: every row's latents to the cache, queries of the kept rows.
   const at::Tensor h = rms_norm(x, w[0], scal[0]);
   at::Tensor q_in, kv_a;  // q_in: what q comes from (q_a rows, or normalised x when q_lora = 0)
@@ -909,7 +941,9 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
     q_in = h;
     kv_a = linear(h, w[2], C + R);
   }
+  clock.lap(0);
   store_latents_impl(kv_a, w[5], scal[1], cos, sin, cache, slot_mapping);
+  clock.lap(1);
   at::Tensor xk = x, qcos = cos, qsin = sin, qtok = tok, qseq = seq, qlen = len;
   if (keep.has_value()) {
     const at::Tensor& kr = *keep;
@@ -927,11 +961,15 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   at::Tensor q = q_lora > 0 ? linear(rms_norm(q_in, w[3], scal[1]), w[4], H * (N + R)) : linear(q_in, w[1], H * (N + R));
   q = q.view({K, H, N + R});
   rope_q(q, qcos, qsin, N);
+  clock.lap(2);
   at::Tensor o = at::empty({K, H, V}, x.options());
   mla_decode(q, cache, qtok, qseq, qlen, slots, w[6], V, scal[2], o);
+  clock.lap(3);
   const at::Tensor x1 = add_bf16(xk, linear(o.view({K, H * V}), w[7], D));
+  clock.lap(4);
   // Feed-forward.
   const at::Tensor h2 = rms_norm(x1, w[8], scal[0]);
+  clock.lap(5);
   at::Tensor f;
   if (is_moe) {
     const auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
@@ -940,7 +978,10 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   } else {
     f = mlp(h2, w[9], w[10], dims[13]);
   }
-  return add_bf16(x1, f);
+  clock.lap(6);
+  const at::Tensor y = add_bf16(x1, f);
+  clock.lap(7);
+  return y;
 }
 
 at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
@@ -1084,5 +1125,6 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "(Tensor, Tensor, Tensor)", &mtp_draft);
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
+  m.def("section_times() -> float[]", &section_times);
   m.def("capability() -> str", &capability);
 }
