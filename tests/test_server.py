@@ -418,7 +418,8 @@ def test_metrics_exposition(server):
                  "dsv3_time_to_first_token_seconds", "dsv3_inter_token_latency_seconds",
                  "dsv3_num_requests_waiting", "dsv3_num_requests_running", "dsv3_cache_blocks_used",
                  "dsv3_cache_blocks_total", "dsv3_cache_usage_ratio", "dsv3_spec_decode_acceptance_ratio",
-                 "dsv3_spec_decode_draft_tokens_total", "dsv3_spec_decode_accepted_tokens_total"):
+                 "dsv3_spec_decode_draft_tokens_total", "dsv3_spec_decode_accepted_tokens_total",
+                 "dsv3_spec_decode_verify_steps_total", "dsv3_spec_decode_tokens_per_step"):
         assert f"# TYPE {name} " in text, name
     m = parse_metrics(text)
     assert m['dsv3_requests_total{endpoint="/v1/chat/completions",status="200"}'] > 0
@@ -427,6 +428,9 @@ def test_metrics_exposition(server):
     assert m["dsv3_time_to_first_token_seconds_count"] > 0 and m["dsv3_inter_token_latency_seconds_count"] > 0
     assert m['dsv3_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["dsv3_time_to_first_token_seconds_count"]
     assert m["dsv3_cache_blocks_total"] > 0
+    if m["dsv3_spec_decode_verify_steps_total"] > 0:  # speculation ran (the fixture's model has an MTP module)
+        steps, accepted = m["dsv3_spec_decode_verify_steps_total"], m["dsv3_spec_decode_accepted_tokens_total"]
+        assert m["dsv3_spec_decode_tokens_per_step"] == pytest.approx((accepted + steps) / steps)
 
 
 # ---- the keyed, tightly limited server ---------------------------------------------------------------------------

@@ -71,6 +71,7 @@ def test_perfect_mtp_accepts_every_draft(tiny_ckpt):
     assert s["drafted"] > 0 and s["acceptance_rate"] == 1.0
     assert s["tokens_per_step"] == 4.0  # three accepted drafts + one token of the main model per step
     assert all(o.metrics["spec_acceptance"] == 1.0 for o in spec)
+    assert all(o.metrics["spec_tokens_per_step"] == 4.0 for o in spec)  # per request too (13 = 1 + 3 x 4)
 
 
 def test_max_tokens_and_stop_token_inside_an_accepted_run(tiny_ckpt):

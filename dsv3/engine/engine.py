@@ -165,7 +165,7 @@ class LLMEngine:
         seq.extra["sampling"] = state = SequenceSamplingState.create(params, ids, self.cfg.vocab_size, self.device)
         seq.extra["speculate"] = self.num_draft > 0 and supports_speculation(state)
         seq.extra["draft_q"] = []
-        seq.extra["spec"] = [0, 0]  # drafted, accepted
+        seq.extra["spec"] = [0, 0, 0]  # drafted, accepted, verification steps
         seq.extra["text"] = ""
         seq.extra["logprobs"] = [] if params.logprobs is not None else None
         if self.tokenizer is not None:
@@ -291,6 +291,7 @@ class LLMEngine:
         d = len(seq.draft)
         seq.extra["spec"][0] += d
         seq.extra["spec"][1] += accepted
+        seq.extra["spec"][2] += 1
         self.stats["spec_drafted"] += d
         self.stats["spec_accepted"] += accepted
         self.stats["spec_verify_steps"] += 1
@@ -518,11 +519,13 @@ class LLMEngine:
         ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None
         n = len(seq.output_ids)
         decode_time = now - seq.first_token_time if seq.first_token_time else 0.0
-        drafted, accepted = seq.extra["spec"]
+        drafted, accepted, steps = seq.extra["spec"]
         return {"arrival_time": seq.arrival_time, "time_to_first_token": ttft, "elapsed": now - seq.arrival_time,
                 "decode_tokens_per_s": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
-                "spec_drafted": drafted, "spec_accepted": accepted,
-                "spec_acceptance": accepted / drafted if drafted else None}
+                "spec_drafted": drafted, "spec_accepted": accepted, "spec_verify_steps": steps,
+                "spec_acceptance": accepted / drafted if drafted else None,
+                # tokens each verification step appended: its accepted drafts plus the main model's own token
+                "spec_tokens_per_step": (accepted + steps) / steps if steps else None}
 
     def cache_stats(self) -> dict:
         a = self.cache.allocator

@@ -155,6 +155,10 @@ class ServerMetrics:
         self.spec_accepted = Gauge(r, "spec_decode_accepted_tokens_total", "Speculative draft tokens accepted.",
                                    kind="counter")
         self.spec_rate = Gauge(r, "spec_decode_acceptance_ratio", "Accepted / proposed draft tokens (0 if none).")
+        self.spec_steps = Gauge(r, "spec_decode_verify_steps_total", "Speculative verification steps (per sequence).",
+                                kind="counter")
+        self.spec_tokens_per_step = Gauge(r, "spec_decode_tokens_per_step",
+                                          "Tokens a verification step appends: accepted drafts + 1 (0 if none).")
 
     # -- AsyncEngine observer (engine thread) ---------------------------------------------------------------------
     def on_added(self, group) -> None:
@@ -199,6 +203,9 @@ class ServerMetrics:
         self.spec_drafted.value = drafted
         self.spec_accepted.value = accepted
         self.spec_rate.value = accepted / drafted if drafted else 0.0
+        steps = stats.get("spec_verify_steps", 0)
+        self.spec_steps.value = steps
+        self.spec_tokens_per_step.value = (accepted + steps) / steps if steps else 0.0
         return self.registry.render()
 
 
