@@ -300,3 +300,17 @@ def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert eng.spec_stats()["drafted"] == ref_eng.spec_stats()["drafted"] > 0
         assert eng.spec_stats()["accepted"] == ref_eng.spec_stats()["accepted"]
+
+
+def test_generate_command_reports_acceptance_and_tokens_per_step(tiny_ckpt, capsys):
+    import json
+
+    from dsv3.cli import main
+
+    assert main(["generate", "--model", str(tiny_ckpt), "--max-tokens", "12", "--temperature", "0", "hello"]) == 0
+    err = capsys.readouterr().err  # the summary line goes to stderr, the text to stdout
+    assert "MTP drafts accepted" in err and "tokens per step" in err
+    assert main(["generate", "--model", str(tiny_ckpt), "--max-tokens", "12", "--temperature", "0", "--json",
+                 "hello"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert 0 <= row["spec_acceptance"] <= 1 and 1 <= row["spec_tokens_per_step"] <= 2  # one draft per step

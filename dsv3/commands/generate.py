@@ -52,7 +52,8 @@ def run(args) -> int:
                               "text": out.text, "finish_reason": out.finish_reason,
                               "time_to_first_token_s": out.metrics.get("time_to_first_token"),
                               "elapsed_s": out.metrics.get("elapsed"),
-                              "spec_acceptance": out.metrics.get("spec_acceptance")}, ensure_ascii=False))
+                              "spec_acceptance": out.metrics.get("spec_acceptance"),
+                              "spec_tokens_per_step": out.metrics.get("spec_tokens_per_step")}, ensure_ascii=False))
         else:
             print(f"--- {prompt!r}\n{out.text}\n[{len(out.token_ids)} tokens, finish: {out.finish_reason}]")
     total = sum(len(o.token_ids) for o in outs)
