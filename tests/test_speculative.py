@@ -92,6 +92,31 @@ def test_max_tokens_and_stop_token_inside_an_accepted_run(tiny_ckpt):
                                                 stop_token_ids=[stop_at]))[0]
     assert out.token_ids == plain[:first + 1] and out.finish_reason == "stop"
     assert eng.cache.allocator.num_used == 0
+    # EOS inside an accepted run: the same token as the model's end of sequence.
+    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg))
+    eng.eos_ids = {stop_at}
+    out = run_all(eng, [prompt], SamplingParams(max_tokens=10, temperature=0.0))[0]
+    assert out.token_ids == plain[:first + 1] and out.finish_reason == "stop"
+    assert eng.spec_stats()["accepted"] > 0 and eng.cache.allocator.num_used == 0
+
+
+def test_stop_string_inside_an_accepted_run(tiny_ckpt):
+    from dsv3.tokenizer import Tokenizer
+
+    model = dsv3.load_model(tiny_ckpt, dtype=torch.float32)
+    make_perfect_mtp(model)
+    tok = Tokenizer.from_pretrained(tiny_ckpt)
+    prompt = prompts_for(model.cfg.vocab_size, n=1)[0]
+    eng_cfg = dict(num_blocks=64, num_draft_tokens=3)
+    plain = run_all(LLMEngine(model, tok, EngineConfig(speculative="off", **eng_cfg)), [prompt],
+                    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    stop = tok.decode(plain.token_ids[5:7])  # text of the 6th and 7th tokens: inside the second verified run
+    assert stop and stop in plain.text
+    eng = LLMEngine(model, tok, EngineConfig(speculative="mtp", **eng_cfg))
+    out = run_all(eng, [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == plain.text[:plain.text.index(stop)]
+    assert out.token_ids == plain.token_ids[:len(out.token_ids)]
+    assert eng.spec_stats()["accepted"] > 0 and eng.cache.allocator.num_used == 0
 
 
 def test_speculative_sampling_keeps_the_distribution():
