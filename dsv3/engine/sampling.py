@@ -355,7 +355,7 @@ def draw_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs [B, V] >= 0 (unnormalised is fine; masked tokens 0, each row with some mass), u [B] uniform in [0, 1)
     -> [B] int64: token i with probability probs[i] / sum. Inverse CDF in float64: the first i whose cumulative
     mass exceeds u * total, with u * total kept below the total, so a zero-mass token (whose cumulative mass equals
-    its predecessor's) is never picked. ~8x cheaper than an exponential race or torch.multinomial over a 4K-token
+    its predecessor's) is never picked. ~7x cheaper than an exponential race or torch.multinomial over a 4K-token
     vocabulary on the CPU, with no host sync."""
     c = probs.double().cumsum(dim=-1)  # [B, V]
     total = c[:, -1:]
