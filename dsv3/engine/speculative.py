@@ -38,11 +38,6 @@ def target_probs(logits: torch.Tensor, states: SequenceSamplingState | list[Sequ
     return x.softmax(dim=-1)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """probs [V] (unnormalised is fine) -> one token drawn from it with the sequence's generator."""
-    return draw_rows([probs], [generator])[0]
-
-
 def draw_rows(probs: torch.Tensor | list[torch.Tensor], generators: list[torch.Generator | None]) -> list[int]:
     """One token from each distribution probs[i] [V] (rows of a [B, V] tensor or a list; unnormalised is fine)
     with generators[i], in one call."""

@@ -74,7 +74,7 @@ class CpuBlocks:
 
     @staticmethod
     def _describe(block: nn.Module, cfg) -> tuple[list[torch.Tensor], list[int], list[float]]:
-        """One block's tensors, dims and scalars in decode_layer's order (see the C++ comment there)."""
+        """One block's tensors, dims and scalars in block_forward's order (see the C++ comment there)."""
         a = block.self_attn
         empty = torch.empty(0, dtype=torch.bfloat16)
         q_lora = cfg.q_lora_rank or 0

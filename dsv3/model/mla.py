@@ -73,8 +73,12 @@ class MLA(nn.Module):
             self.cpu_ops.store_latents(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos.contiguous(),
                                        sin.contiguous(), kv, slots)
             return
+        kv[slots] = torch.cat(self._latent(kv_a, cos, sin), dim=-1).to(kv.dtype)
+
+    def _latent(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_a_proj output [..., C+R] -> (c_kv [..., C] normalised, k_pe [..., R] rotated): what the cache holds."""
         c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
-        kv[slots] = torch.cat([self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)], dim=-1).to(kv.dtype)
+        return self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,8 +97,7 @@ class MLA(nn.Module):
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))  # [B, S, H, N+R]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
-        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
-        return q_nope, q_pe, self.kv_a_layernorm(c_kv), apply_rotary(k_pe, cos, sin)
+        return (q_nope, q_pe, *self._latent(kv, cos, sin))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
                 impl: str = "naive") -> torch.Tensor:
