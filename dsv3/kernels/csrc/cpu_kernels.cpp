@@ -843,7 +843,7 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Section timers of block_forward for profiling builds (cpu_ext.build("dsv3_cpu_timing", ("-DDSV3_TIMING",))):
-// section_times() returns the seconds spent per section since the last call. A no-op in normal builds.
+// section_times() returns the seconds spent per section since the last call; normal builds have no timers and say so.
 constexpr int kSections = 8;  // norm+qkv, latents, q (norm, q_b, rope), attention, o_proj+add, norm, ffn, add
 #ifdef DSV3_TIMING
 std::array<double, kSections> g_section_s{};
@@ -867,7 +867,8 @@ std::vector<double> section_times() {
   g_section_s.fill(0);
   return out;
 #else
-  return {};
+  TORCH_CHECK(false, "section_times: this build has no section timers; build the profiling variant with "
+              "cpu_ext.build(\"dsv3_cpu_timing\", (\"-DDSV3_TIMING\",)) (benchmarks/cpu_sections.py does)");
 #endif
 }
 
