@@ -78,6 +78,9 @@ class StepContext:
         self.kernel_rows = kernel_rows
         # Every row goes through the kernel tables: packed blocks may run as single C++ calls (CpuLayer).
         self.kernel_only = cpu_kernels and kernel_rows is not None and not multi
+        # (cos, sin) [T, P] of the step's positions once the model computed them (Transformer.hidden_states on a
+        # kernel-only step): the MTP pass over the same rows reuses them.
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def subset(self, rows: torch.Tensor) -> StepContext:
         """This kernel-only step's context for packed rows `rows` [T'] (in order) only: the MTP drafting pass runs
@@ -87,8 +90,11 @@ class StepContext:
         if rows.numel() == k.tok.numel():  # every row, in order
             return self
         kr = _KernelRows(torch.arange(rows.numel()), k.seq[rows], k.len[rows], k.slots)
-        return StepContext(self.cache, self.slot_mapping[rows], None, None, None, [], layer_offset=self.layer_offset,
-                           prefill_impl=self.prefill_impl, kernel_rows=kr, cpu_kernels=True)
+        sub = StepContext(self.cache, self.slot_mapping[rows], None, None, None, [], layer_offset=self.layer_offset,
+                          prefill_impl=self.prefill_impl, kernel_rows=kr, cpu_kernels=True)
+        if self.rope is not None:
+            sub.rope = (self.rope[0][rows], self.rope[1][rows])
+        return sub
 
     def _attend(self, mla: MLA, q_nope, q_pe, ctx, mask) -> torch.Tensor:
         """Decode-style rows against gathered context ctx [B, Lm, W] (the cache layout, c_kv then k_pe)."""
@@ -288,6 +294,8 @@ class ModelRunner:
         if self.last is None or not self.last[0].kernel_only:
             return None
         ctx, positions = self.last
+        if rows.numel() == positions.shape[1]:  # every row, in order (StepContext.subset's contract)
+            return positions, ctx
         return positions[:, rows], ctx.subset(rows)
 
     @torch.inference_mode()
@@ -309,5 +317,5 @@ class ModelRunner:
         for n, rows in zip(batch.num_new, logits_rows):
             picks.extend(t + r for r in rows)
             t += n
-        hs = h[torch.tensor(picks, dtype=torch.long, device=h.device)]
+        hs = h if picks == list(range(h.shape[0])) else h[torch.tensor(picks, dtype=torch.long, device=h.device)]
         return self.model.logits(hs).float(), h

@@ -98,12 +98,17 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
     offs = [0]
     for d in drafts:
         offs.append(offs[-1] + len(d) + 1)
+    if logits.shape[0] != offs[-1]:
+        raise ValueError(f"verify_rows: {logits.shape[0]} logits rows for {len(drafts)} sequences whose drafts need "
+                         f"{offs[-1]} (one per draft plus one each)")
     out: list[list[int]] = [[] for _ in drafts]
     greedy = [i for i, s in enumerate(states) if s.params.greedy]
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if greedy:
-        rows = [r for i in greedy for r in range(offs[i], offs[i + 1])]
-        am = logits[rows].argmax(dim=-1).tolist()
+        if not sampled:  # every row (the common case: no row indexing)
+            am = logits.argmax(dim=-1).tolist()
+        else:
+            am = logits[[r for i in greedy for r in range(offs[i], offs[i + 1])]].argmax(dim=-1).tolist()
         k = 0
         for i in greedy:
             n = len(drafts[i]) + 1

@@ -128,7 +128,8 @@ class CpuMtpDraft:
         every row's MTP latents are stored but attention, the block's FFN and the head run for the kept rows
         alone, and the outputs have K rows."""
         k = ctx.kernel_rows
-        cos, sin = self.rotary.cos_sin(positions[0])
+        rope = getattr(ctx, "rope", None)  # the step's own tables when this pass follows it over the same rows
+        cos, sin = rope if rope is not None else self.rotary.cos_sin(positions[0])
         ids, lg, out = self.ops.mtp_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(),
                                           ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len,
                                           k.slots, cos, sin, keep, logits)

@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary.cos_sin(self._positions(input_ids, positions))  # [B, S, P]
         x = self.model.embed_tokens(input_ids)
         if self.cpu_blocks is not None and getattr(cache, "kernel_only", False):
+            cache.rope = (cos[0], sin[0])  # (B = 1 here) for an MTP pass over the same rows
             return self.model.norm(self.cpu_blocks(x, cos, sin, cache))
         impl = impl or self.attn_impl
         for layer in self.main_layers:

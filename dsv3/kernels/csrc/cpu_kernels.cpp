@@ -127,6 +127,11 @@ inline __m256i to_bf16x16(__m512 v) {
 #endif
 }
 
+// 16 lanes rounded to bf16 and widened back (round_bf for a vector).
+inline __m512 round_bf16x16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(v)), 16));
+}
+
 typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;  // two bf16 inputs read as one 32-bit word
 
 // One pair step of a tile: acc[r][t] += w pairs of row block r (16 rows) x broadcast input pair t.
@@ -310,13 +315,20 @@ inline void bf_to_f32(const bf16_t* src, float* dst, int64_t n) {
 // RMSNorm with the reference rounding: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), statistics in float32.
 
 void rms_norm_row(const bf16_t* x, const bf16_t* w, double eps, int64_t D, bf16_t* y) {
-  float ss = 0.f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float v = bf2f(x[d]);
-    ss += v * v;
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = load16(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
   }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (int64_t i = d; i < D; ++i) ss += bf2f(x[i]) * bf2f(x[i]);
   const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-  for (int64_t d = 0; d < D; ++d) y[d] = f2bf(bf2f(w[d]) * round_bf(bf2f(x[d]) * r));
+  const __m512 rv = _mm512_set1_ps(r);
+  for (d = 0; d + 16 <= D; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + d),
+                        to_bf16x16(_mm512_mul_ps(load16(w + d), round_bf16x16(_mm512_mul_ps(load16(x + d), rv)))));
+  for (; d < D; ++d) y[d] = f2bf(bf2f(w[d]) * round_bf(bf2f(x[d]) * r));
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -644,6 +656,30 @@ inline bf16_t swiglu(float g, float u) {
   return f2bf(sg * round_bf(u));
 }
 
+// The same rule on 16 lanes (exp16 for the exponential).
+inline __m256i swiglu16(__m512 g, __m512 u) {
+  const __m512 gb = round_bf16x16(g);
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gb));
+  const __m512 sg = round_bf16x16(_mm512_div_ps(gb, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  return to_bf16x16(_mm512_mul_ps(sg, round_bf16x16(u)));
+}
+
+// out[i] = swiglu(g[i], u[i]) for n float32 (gate, up) values.
+inline void swiglu_row(const float* g, const float* u, int64_t n, bf16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+  for (; i < n; ++i) out[i] = swiglu(g[i], u[i]);
+}
+
+// The same for bf16 (gate, up) values.
+inline void swiglu_row(const bf16_t* g, const bf16_t* u, int64_t n, bf16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(load16(g + i), load16(u + i)));
+  for (; i < n; ++i) out[i] = swiglu(bf2f(g[i]), bf2f(u[i]));
+}
+
 struct Job {  // row blocks [rb0, rb1) of one packed matrix against n input rows
   Packed m;
   int64_t rb0, rb1;
@@ -769,10 +805,10 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     for (int64_t p = a; p < b; ++p) {
       if (p < P) {
         const float* hp = h13.data() + p * 2 * I;
-        for (int64_t i = 0; i < I; ++i) act[p * I + i] = swiglu(hp[i], hp[I + i]);
+        swiglu_row(hp, hp + I, I, act.data() + p * I);
       } else {
         const float* hp = hs13.data() + (p - P) * 2 * Is;
-        for (int64_t i = 0; i < Is; ++i) acts[(p - P) * Is + i] = swiglu(hp[i], hp[Is + i]);
+        swiglu_row(hp, hp + Is, Is, acts.data() + (p - P) * Is);
       }
     }
   });
@@ -793,14 +829,25 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
   // 6. out = bf16(sum_k w_k * bf16(y_k)) + bf16(shared), in bf16 like the reference.
   bf16_t* op = bf_mut(out);
   at::parallel_for(0, T, 4, [&](int64_t a, int64_t b) {
-    for (int64_t t = a; t < b; ++t)
-      for (int64_t d = 0; d < D; ++d) {
+    for (int64_t t = a; t < b; ++t) {
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k)
+          s = _mm512_fmadd_ps(_mm512_set1_ps(rt.wt[t * K + k]),
+                              round_bf16x16(_mm512_loadu_ps(y.data() + pair_of[t * K + k] * D + d)), s);
+        __m512 v = round_bf16x16(s);
+        if (has_shared) v = _mm512_add_ps(v, round_bf16x16(_mm512_loadu_ps(ys.data() + t * D + d)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + t * D + d), to_bf16x16(v));
+      }
+      for (; d < D; ++d) {
         float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += rt.wt[t * K + k] * round_bf(y[pair_of[t * K + k] * D + d]);
+        for (int64_t k = 0; k < K; ++k) s = std::fma(rt.wt[t * K + k], round_bf(y[pair_of[t * K + k] * D + d]), s);
         float v = round_bf(s);
         if (has_shared) v = v + round_bf(ys[t * D + d]);
         op[t * D + d] = f2bf(v);
       }
+    }
   });
   return out;
 }
@@ -827,8 +874,7 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor&
   at::Tensor act = at::empty({T, I}, x.options());
   const bf16_t* hp = bf_ptr(h);
   bf16_t* ap = bf_mut(act);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < I; ++i) ap[t * I + i] = swiglu(bf2f(hp[t * 2 * I + i]), bf2f(hp[t * 2 * I + I + i]));
+  for (int64_t t = 0; t < T; ++t) swiglu_row(hp + t * 2 * I, hp + t * 2 * I + I, I, ap + t * I);
   return linear(act, down, D);
 }
 
@@ -838,7 +884,11 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
   const bf16_t* ap = bf_ptr(a);
   const bf16_t* bp = bf_ptr(b);
   bf16_t* op = bf_mut(out);
-  for (int64_t i = 0; i < a.numel(); ++i) op[i] = f2bf(bf2f(ap[i]) + bf2f(bp[i]));
+  const int64_t n = a.numel();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + i), to_bf16x16(_mm512_add_ps(load16(ap + i), load16(bp + i))));
+  for (; i < n; ++i) op[i] = f2bf(bf2f(ap[i]) + bf2f(bp[i]));
   return out;
 }
 
@@ -1038,6 +1088,41 @@ at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor
 }
 
 
+// Index of the first maximum of n bf16 values, a NaN counting as the maximum (torch.argmax's rule).
+int64_t argmax_bf16(const bf16_t* x, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = load16(x + i);
+    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;  // a NaN: the scalar scan below finds the first one
+    mx = _mm512_max_ps(mx, v);
+  }
+  float best = _mm512_reduce_max_ps(mx);
+  int64_t arg = -1;
+  for (int64_t j = 0; j < i && arg < 0; j += 16) {  // the first lane holding the maximum
+    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + j), _mm512_set1_ps(best), _CMP_EQ_OQ);
+    if (hit) arg = j + __builtin_ctz(hit);
+  }
+  for (; i < n; ++i) {  // the tail (or everything from a block holding a NaN on)
+    const float f = bf2f(x[i]);
+    if (std::isnan(f)) return i;  // (no NaN before i)
+    if (arg < 0 || f > best) {
+      best = f;
+      arg = i;
+    }
+  }
+  return arg;
+}
+
+// x [T, V] bf16 -> the index of each row's first maximum [T] int64 (a NaN counts as the maximum: torch.argmax).
+at::Tensor argmax_rows(const at::Tensor& x) {
+  check_bf16(x, "argmax_rows: x", 2);
+  TORCH_CHECK(x.size(1) > 0, "argmax_rows: rows are empty");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  for (int64_t t = 0; t < x.size(0); ++t) out.data_ptr<int64_t>()[t] = argmax_bf16(bf_ptr(x) + t * x.stride(0), x.size(1));
+  return out;
+}
+
 // Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
 // state h[t] and the embedding of next_ids[t]. Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation,
 // the MTP block (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's
@@ -1075,18 +1160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(const c10::intrusive_pt
   const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [K, V] bf16
   at::Tensor out = at::empty({K}, next_ids.options());
   const bf16_t* lp = bf_ptr(logits);
-  for (int64_t t = 0; t < K; ++t) {
-    int64_t best = 0;
-    float bv = bf2f(lp[t * vocab]);
-    for (int64_t v = 1; v < vocab; ++v) {
-      const float f = bf2f(lp[t * vocab + v]);
-      if (f > bv || (std::isnan(f) && !std::isnan(bv))) {
-        bv = f;
-        best = v;
-      }
-    }
-    out.data_ptr<int64_t>()[t] = best;
-  }
+  for (int64_t t = 0; t < K; ++t) out.data_ptr<int64_t>()[t] = argmax_bf16(lp + t * vocab, vocab);
   return {out, return_logits ? logits : at::empty({0}, logits.options()), x};
 }
 
@@ -1126,6 +1200,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "(Tensor, Tensor, Tensor)", &mtp_draft);
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
+  m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("section_times() -> float[]", &section_times);
   m.def("capability() -> str", &capability);
 }
