@@ -37,6 +37,26 @@ def test_argmax_rows_is_torchs_first_maximum_with_nan_as_maximum():
         OPS.argmax_rows(torch.randn(2, 8))
 
 
+def test_inverse_cdf_draw_kernel_matches_the_reference_bit_for_bit():
+    from dsv3.engine.sampling import draw_inverse_cdf_reference
+
+    gen = torch.Generator().manual_seed(0)
+    for trial, (B, V) in enumerate([(1, 4096), (3, 4099), (2, 129280), (4, 7)] * 6):
+        probs = torch.rand(B, V, generator=gen) ** 8  # peaked, unnormalised
+        if trial % 3 == 0:
+            probs[:, V // 2:] = 0  # a zero-mass tail (never drawn)
+        if trial % 4 == 1:
+            probs = (torch.randn(B, V, generator=gen) * 4).softmax(-1)
+        u = torch.rand(B, generator=gen)
+        if trial % 5 == 0:
+            u[0] = 1 - 2.0 ** -24  # the largest float32 below 1
+        assert torch.equal(OPS.draw_inverse_cdf(probs, u), draw_inverse_cdf_reference(probs, u)), trial
+    with pytest.raises(RuntimeError, match="float32"):
+        OPS.draw_inverse_cdf(torch.rand(2, 5).double(), torch.rand(2))
+    with pytest.raises(RuntimeError, match=r"u must be a CPU float32 \[2\]"):
+        OPS.draw_inverse_cdf(torch.rand(2, 5), torch.rand(3))
+
+
 def test_rms_norm_is_bit_identical_to_the_module():
     norm = RMSNorm(64, 1e-6)
     norm.weight.data = torch.randn(64)

@@ -230,6 +230,38 @@ def test_temperature_sampling_matches_softmax():
     assert _chi2(counts, torch.softmax(logits[:3].double(), -1).tolist(), total) < CHI2_999[2]
 
 
+def test_temperature_only_rows_take_the_short_path_with_the_same_draws():
+    # Rows with a temperature and nothing else skip the per-row parameter tensors (Sampler.sample given states,
+    # speculative.target_probs); tokens and distributions must equal the general path's, seeded or not.
+    from dsv3.engine.sampling import shared_temperature
+    from dsv3.engine.speculative import target_probs
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3)) * 3
+    seeds = [11, None, 12, None, 13]
+    states = [SequenceSamplingState(SamplingParams(temperature=0.7, seed=s), [], 300) for s in seeds]
+    assert shared_temperature(states) == 0.7
+
+    def rewind():  # both paths start from the same state of every stream
+        for st, seed in zip(states, seeds):
+            if seed is not None:
+                st.generator.manual_seed(sample_seed(seed, step))
+
+    for step in range(20):
+        rewind()
+        short = Sampler(generator=torch.Generator().manual_seed(step))(logits, states).token_ids
+        rewind()
+        general = Sampler(generator=torch.Generator().manual_seed(step))(logits, SamplingBatch(states)).token_ids
+        assert torch.equal(short, general)
+        logits = logits.roll(1, dims=1)
+    _, x = process_logits(logits, SamplingBatch(states))
+    assert torch.equal(target_probs(logits, states), x.softmax(-1))
+    # anything besides the temperature, or rows that disagree, go the general way
+    for other in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, min_p=0.1),
+                  SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, presence_penalty=0.5),
+                  SamplingParams(temperature=0.8), SamplingParams(temperature=0)):
+        assert shared_temperature(states[:2] + [SequenceSamplingState(other, [], 300)]) is None
+
+
 def test_inverse_cdf_draw_never_picks_a_zero_mass_token():
     # Masked tokens sit at both ends and in the middle; u at its extremes (0 and the largest double below 1) must
     # still land on a token with mass, and unnormalised rows behave as their normalised selves.

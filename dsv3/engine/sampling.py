@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import cpu_ext
+
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -287,6 +289,20 @@ def apply_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, -math.inf)
 
 
+def shared_temperature(states: Sequence[SequenceSamplingState]) -> float | None:
+    """The temperature of rows that sample with nothing else (no top-k/top-p/min-p, no penalties) when every row
+    has the same one, else None. Such rows need no per-row parameter tensors: dividing by the number gives the
+    same float32 values as process_logits."""
+    t = None
+    for s in states:
+        p = s.params
+        if p.greedy or p.uses_penalties or p.top_k > 0 or p.top_p < 1 or p.min_p > 0 or (t is not None
+                                                                                          and p.temperature != t):
+            return None
+        t = p.temperature
+    return t
+
+
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(penalised logits [B, V], the distribution to draw from [B, V]: tempered, filtered with -inf), both new."""
     penalised = apply_penalties(logits.to(torch.float32, copy=True), batch)
@@ -311,10 +327,18 @@ class Sampler:
                batch: SamplingBatch | Sequence[SequenceSamplingState]) -> SamplerOutput:
         if not isinstance(batch, SamplingBatch):
             states = list(batch)
-            if all(s.params.greedy and not s.params.uses_penalties and s.params.logprobs is None for s in states):
+            no_logprobs = all(s.params.logprobs is None for s in states)
+            if no_logprobs and all(s.params.greedy and not s.params.uses_penalties for s in states):
                 # Plain greedy rows need none of the per-row parameter tensors: skip building them.
                 self._check(logits, len(states))
                 return SamplerOutput(logits.argmax(dim=-1), num_logprobs=[None] * len(states))
+            t = shared_temperature(states) if no_logprobs else None
+            if t is not None:  # temperature-only rows: the same draw without the parameter tensors
+                self._check(logits, len(states))
+                u = self._uniforms(len(states), [(i, s.generator) for i, s in enumerate(states)
+                                                 if s.generator is not None], logits.device)
+                return SamplerOutput(draw_inverse_cdf((logits.float() / t).softmax(dim=-1), u),
+                                     num_logprobs=[None] * len(states))
             batch = SamplingBatch(states, self.device if self.device is not None else logits.device)
         self._check(logits, batch.size)
         if batch.all_greedy and not batch.penalty_rows:
@@ -343,12 +367,15 @@ class Sampler:
     def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:
             return x.argmax(dim=-1)
-        # One uniform per row: seeded rows from their own generator (so a row's token does not depend on which
-        # other rows share the batch), the others from the shared one.
-        u = torch.rand(x.shape[0], generator=self.generator, device=x.device)  # [B]
-        for row, generator in batch.seeded_rows:
-            u[row] = torch.rand((), generator=generator, device=x.device)
-        return draw_inverse_cdf(x.softmax(dim=-1), u)
+        return draw_inverse_cdf(x.softmax(dim=-1), self._uniforms(x.shape[0], batch.seeded_rows, x.device))
+
+    def _uniforms(self, n: int, seeded_rows: list[tuple[int, torch.Generator]], device) -> torch.Tensor:
+        """One uniform per row [n]: seeded rows from their own generator (so a row's token does not depend on which
+        other rows share the batch), the others from the shared one."""
+        u = torch.rand(n, generator=self.generator, device=device)
+        for row, generator in seeded_rows:
+            u[row] = torch.rand((), generator=generator, device=device)
+        return u
 
 
 def draw_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -356,7 +383,16 @@ def draw_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     -> [B] int64: token i with probability probs[i] / sum. Inverse CDF in float64: the first i whose cumulative
     mass exceeds u * total, with u * total kept below the total, so a zero-mass token (whose cumulative mass equals
     its predecessor's) is never picked. ~7x cheaper than an exponential race or torch.multinomial over a 4K-token
-    vocabulary on the CPU, with no host sync."""
+    vocabulary on the CPU, with no host sync. With the C++ CPU kernels loaded, CPU float32 rows are drawn there
+    with the same arithmetic (the same tokens, tested), ~4x faster."""
+    ops = cpu_ext.loaded()
+    if ops is not None and probs.device.type == "cpu" and probs.dtype == torch.float32 and u.dtype == torch.float32:
+        return ops.draw_inverse_cdf(probs.contiguous(), u)
+    return draw_inverse_cdf_reference(probs, u)
+
+
+def draw_inverse_cdf_reference(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """draw_inverse_cdf in PyTorch operations (any device; the C++ kernel's test oracle)."""
     c = probs.double().cumsum(dim=-1)  # [B, V]
     total = c[:, -1:]
     target = torch.minimum(u.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))

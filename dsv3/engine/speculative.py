@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingBatch, SequenceSamplingState, draw_inverse_cdf, process_logits
+from .sampling import SamplingBatch, SequenceSamplingState, draw_inverse_cdf, process_logits, shared_temperature
 
 SPECULATIVE_METHODS = ("off", "mtp")
 
@@ -34,6 +34,9 @@ def target_probs(logits: torch.Tensor, states: SequenceSamplingState | list[Sequ
     for all rows, or one per row."""
     if isinstance(states, SequenceSamplingState):
         states = [states] * logits.shape[0]
+    t = shared_temperature(states)
+    if t is not None:  # temperature only (the common case): no per-row parameter tensors, the same values
+        return (logits.float() / t).softmax(dim=-1)
     _, x = process_logits(logits, SamplingBatch(states, logits.device))
     return x.softmax(dim=-1)
 
@@ -43,9 +46,10 @@ def draw_rows(probs: torch.Tensor | list[torch.Tensor], generators: list[torch.G
     with generators[i], in one call."""
     if not len(probs):
         return []
-    probs = probs if isinstance(probs, torch.Tensor) else torch.stack(probs)
-    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
-    return draw_inverse_cdf(probs, u).tolist()
+    if not isinstance(probs, torch.Tensor):
+        probs = probs[0][None] if len(probs) == 1 else torch.stack(probs)
+    u = [torch.rand(1, generator=g, device=probs.device) for g in generators]
+    return draw_inverse_cdf(probs, u[0] if len(u) == 1 else torch.cat(u)).tolist()
 
 
 def propose(logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
@@ -63,10 +67,12 @@ def propose_rows(logits: torch.Tensor, states: list[SequenceSamplingState]
     greedy = [i for i, s in enumerate(states) if s.params.greedy]
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+        rows = logits if not sampled else logits.index_select(0, torch.tensor(greedy, device=logits.device))
+        for i, t in zip(greedy, rows.argmax(dim=-1).tolist()):
             toks[i] = t
     if sampled:
-        q = target_probs(logits[sampled].float(), [states[i] for i in sampled])  # [S, V]
+        rows = logits if not greedy else logits.index_select(0, torch.tensor(sampled, device=logits.device))
+        q = target_probs(rows.float(), [states[i] for i in sampled])  # [S, V]
         for i, t, qi in zip(sampled, draw_rows(q, [states[i].generator for i in sampled]), q):
             toks[i], qs[i] = t, qi
     return toks, qs
@@ -116,8 +122,10 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
             k += n
     if not sampled:
         return out
-    rows = [r for i in sampled for r in range(offs[i], offs[i + 1])]
-    p = target_probs(logits[rows].float(), [states[i] for i in sampled for _ in range(len(drafts[i]) + 1)])
+    if greedy:
+        logits = logits.index_select(0, torch.tensor([r for i in sampled for r in range(offs[i], offs[i + 1])],
+                                                     device=logits.device))
+    p = target_probs(logits.float(), [states[i] for i in sampled for _ in range(len(drafts[i]) + 1)])
     base, d_rows, d_toks, qs = [], [], [], []  # p row of each sequence's first row; per draft: p row, token, q
     b = 0
     for i in sampled:
@@ -127,10 +135,14 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
             d_toks.append(x)
             qs.append(draft_qs[i][j])
         b += len(drafts[i]) + 1
-    if qs:
-        q_all = torch.stack(qs)  # [D, V]
-        tok = torch.tensor(d_toks, device=p.device)
-        px, qx = torch.stack([p[d_rows, tok], q_all[torch.arange(len(qs), device=p.device), tok]]).tolist()
+    if len(qs) <= 4 and p.device.type == "cpu":  # a few values: read them one by one (fewer operations)
+        px = [p[r, t].item() for r, t in zip(d_rows, d_toks)]
+        qx = [q[t].item() for q, t in zip(qs, d_toks)]
+    elif qs:  # p and q of each draft token through flat indices: two gathers and one host copy
+        V = p.shape[1]
+        at_p = torch.tensor([r * V + t for r, t in zip(d_rows, d_toks)], device=p.device)
+        at_q = torch.tensor([j * V + t for j, t in enumerate(d_toks)], device=p.device)
+        px, qx = torch.stack([p.take(at_p), torch.stack(qs).take(at_q)]).tolist()
     finals, gens = [], []
     k = 0
     for i, b0 in zip(sampled, base):
@@ -141,7 +153,7 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
             if float(torch.rand((), generator=gen)) * qx[k + j] < px[k + j]:  # u < p/q without dividing by a tiny q
                 a += 1
                 continue
-            residual = (p[b0 + j] - q_all[k + j]).clamp_(min=0)
+            residual = (p[b0 + j] - qs[k + j]).clamp_(min=0)
             dist = residual if float(residual.sum()) > 0 else p[b0 + j]  # p == q up to rounding: draw from p
             break
         k += len(drafts[i])

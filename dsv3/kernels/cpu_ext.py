@@ -93,6 +93,12 @@ def load() -> object | None:
         return _state["ops"]
 
 
+def loaded() -> object | None:
+    """The op namespace if load() has already succeeded in this process, else None (never builds: for code that
+    only takes a shortcut through the kernels when the engine uses them anyway)."""
+    return _state.get("ops")
+
+
 def status() -> str:
     """One line for logs and benchmarks: which kernels run, or why none do."""
     ops = load()

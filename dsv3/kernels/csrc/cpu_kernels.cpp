@@ -1123,6 +1123,33 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Inverse-CDF draws, the same arithmetic as sampling.draw_inverse_cdf (the reference): probs [B, V] float32 >= 0
+// (unnormalised, each row with some mass), u [B] float32 in [0, 1) -> [B] int64, the first token whose float64
+// running sum (summed in order, like torch.cumsum) exceeds min(u * total, the double just below total).
+at::Tensor draw_inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
+  TORCH_CHECK(probs.device().is_cpu() && probs.scalar_type() == at::kFloat && probs.dim() == 2 && probs.is_contiguous(),
+              "draw_inverse_cdf: probs must be a contiguous CPU float32 [B, V] tensor, got ", probs.scalar_type(), " ",
+              probs.sizes());
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 1 && u.size(0) == probs.size(0),
+              "draw_inverse_cdf: u must be a CPU float32 [", probs.size(0), "] tensor, got ", u.scalar_type(), " ",
+              u.sizes());
+  const int64_t B = probs.size(0), V = probs.size(1);
+  TORCH_CHECK(V > 0, "draw_inverse_cdf: empty rows");
+  at::Tensor out = at::empty({B}, probs.options().dtype(at::kLong));
+  const at::Tensor uc = u.contiguous();
+  std::vector<double> c(V);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* p = probs.data_ptr<float>() + b * V;
+    double acc = 0.0;
+    for (int64_t i = 0; i < V; ++i) c[i] = acc += static_cast<double>(p[i]);
+    const double total = c[V - 1];
+    const double target = std::min(static_cast<double>(uc.data_ptr<float>()[b]) * total, std::nextafter(total, 0.0));
+    // torch.searchsorted(right=True): the number of entries <= target (a binary search over the sorted sums).
+    out.data_ptr<int64_t>()[b] = std::upper_bound(c.begin(), c.end(), target) - c.begin();
+  }
+  return out;
+}
+
 // Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
 // state h[t] and the embedding of next_ids[t]. Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation,
 // the MTP block (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's
@@ -1201,6 +1228,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
+  m.def("draw_inverse_cdf(Tensor probs, Tensor u) -> Tensor", &draw_inverse_cdf);
   m.def("section_times() -> float[]", &section_times);
   m.def("capability() -> str", &capability);
 }
