@@ -48,13 +48,13 @@ def make_perfect_mtp(model):
                     mlp.shared_experts.down_proj.weight.zero_()
             else:
                 mlp.down_proj.weight.zero_()
-        mtp = model.mtp_layers[0]
         D = model.cfg.hidden_size
-        mtp.eh_proj.weight.zero_()
-        mtp.eh_proj.weight[:, :D] = torch.eye(D)
-        mtp.enorm.weight.fill_(1.0)
-        mtp.input_layernorm.weight.fill_(1.0)
-        mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
+        for mtp in model.mtp_layers:  # every module: its output is the embedding of the token it is given
+            mtp.eh_proj.weight.zero_()
+            mtp.eh_proj.weight[:, :D] = torch.eye(D)
+            mtp.enorm.weight.fill_(1.0)
+            mtp.input_layernorm.weight.fill_(1.0)
+            mtp.shared_head.norm.weight.copy_(model.model.norm.weight)
         model.model.layers[0].input_layernorm.weight.fill_(1.0)
 
 
@@ -339,3 +339,90 @@ def test_generate_command_reports_acceptance_and_tokens_per_step(tiny_ckpt, caps
                  "hello"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert 0 <= row["spec_acceptance"] <= 1 and 1 <= row["spec_tokens_per_step"] <= 2  # one draft per step
+
+
+# ---- several MTP modules: DeepSeek's chain -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_module_ckpt(tmp_path_factory):
+    from dsv3.tiny import write_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny2") / "ckpt"
+    write_tiny_checkpoint(path, num_nextn_predict_layers=2)
+    return path
+
+
+def chain_reference(m, tokens, k):
+    """What a D = 2 model drafts after `tokens` (the last one just chosen, p = len - 2 the last verified position),
+    from cache-free passes as in training: module 1 over positions 0..p on the main hidden states and tokens
+    1..p+1; module 2 over 0..p on module 1's outputs and tokens 2..p+1, then draft 1 at p; with k = 3 module 2 once
+    more at p+1 on its own output at p and draft 2. Returns (drafts, module 2's latents at 0..p [p+1, C+R])."""
+    p = len(tokens) - 2
+    h0 = m.hidden_states(torch.tensor([tokens[:p + 1]]))
+    lg1, h1 = m.mtp(1, h0, torch.tensor([tokens[1:p + 2]]))
+    d1 = int(lg1[0, -1].argmax())
+    nxt2 = torch.tensor([tokens[2:p + 2] + [d1]])
+    lg2, h2 = m.mtp(2, h1, nxt2)
+    drafts = [d1, int(lg2[0, -1].argmax())]
+    if k >= 3:
+        lg3, _ = m.mtp(2, torch.cat([h1, h2[:, -1:]], 1), torch.tensor([tokens[2:p + 2] + drafts]))
+        drafts.append(int(lg3[0, -1].argmax()))
+    layer = m.mtp_layers[1]
+    cos, sin = m.rotary.cos_sin(torch.arange(p + 1)[None])
+    _, _, c_kv, k_pe = layer.self_attn.latents(layer.input_layernorm(m._mtp_input(layer, h1, nxt2)), cos, sin)
+    return drafts, torch.cat([c_kv, k_pe], dim=-1)[0]
+
+
+@pytest.mark.parametrize("k, chunk, first_perfect", [(2, 64, False), (3, 64, False), (2, 8, False), (2, 64, True),
+                                                     (3, 64, True)])
+def test_two_modules_draft_as_the_training_chain(two_module_ckpt, k, chunk, first_perfect):
+    # Module 2 works at the last verified position on module 1's output there and the next token (draft 1 at the
+    # newest position), attending its own cache layer, whose entries at verified positions must hold what a
+    # cache-free chain pass computes (not left-overs from draft time); a third draft runs module 2 recurrently.
+    # Checked after the prompt (chunked or whole) and after every decode step: with random modules (drafts
+    # rejected), and with a perfect model whose module 2 is random again (draft 1 accepted, the others not: steps
+    # verify two positions).
+    m = dsv3.load_model(two_module_ckpt, dtype=torch.float32)
+    if first_perfect:
+        make_perfect_mtp(m)
+        with torch.no_grad():
+            m.mtp_layers[1].eh_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, num_blocks=64, block_size=8,
+                                           max_num_batched_tokens=chunk))
+    assert eng.chain == 2
+    prompt = prompts_for(m.cfg.vocab_size, n=1, seed=5)[0] + [9] * 12
+    eng.add_request(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    checked = 0
+    while eng.has_unfinished():
+        eng.step()
+        seq = eng.scheduler.running[0] if eng.scheduler.running else None
+        if seq is None or len(seq.draft) < k:
+            continue
+        with torch.no_grad():
+            drafts, latents = chain_reference(m, seq.tokens, k)
+        assert seq.draft == drafts, (len(seq.tokens), seq.draft, drafts)
+        p = seq.num_tokens - 2
+        got = eng.cache.kv[m.mtp_layers[1].layer_idx][eng.runner.slots(seq, 0, p + 1)]
+        torch.testing.assert_close(got, latents, atol=1e-4, rtol=1e-4)
+        checked += 1
+    assert checked >= 5
+    s = eng.spec_stats()
+    assert (s["accepted"] > 0) == first_perfect
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_two_modules_keep_greedy_output_and_perfect_ones_accept_everything(two_module_ckpt, k):
+    m = dsv3.load_model(two_module_ckpt, dtype=torch.float32)
+    params = SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True)
+    prompts = prompts_for(m.cfg.vocab_size, n=4, seed=2)
+    cfg = dict(num_blocks=128, block_size=8, max_num_batched_tokens=64)
+    plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
+    assert eng.stats["spec_drafted"] > 0 and eng.cache.allocator.num_used == 0
+    make_perfect_mtp(m)
+    plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
+    s = eng.spec_stats()
+    assert s["acceptance_rate"] == 1.0 and s["drafted"] > 0

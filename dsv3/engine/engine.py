@@ -102,6 +102,10 @@ class LLMEngine:
         if config.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {config.num_draft_tokens}")
         self.num_draft = config.num_draft_tokens if (config.speculative != "off" and model.mtp_layers) else 0
+        # With D >= 2 MTP modules and several drafts, drafts 1..min(k, D) follow DeepSeek's chain: module j at the
+        # last verified position, on module j-1's output there (_draft_chain); 0 when module 1 alone drafts.
+        n_mtp = len(model.mtp_layers)
+        self.chain = min(self.num_draft, n_mtp) if n_mtp >= 2 and self.num_draft >= 2 else 0
         num_layers = self.cfg.num_hidden_layers + len(model.mtp_layers)
         if config.num_blocks is not None:
             num_blocks = config.num_blocks
@@ -336,7 +340,8 @@ class LLMEngine:
         - elsewhere (greedy, one draft): the MTP module runs over all rows before the single host sync (rows past a
           rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them)."""
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
-        if self.sync_tokens is not None or self.num_draft == 0 or (self.num_draft > 1 and fused_mtp is None):
+        if (self.sync_tokens is not None or self.num_draft == 0 or self.chain
+                or (self.num_draft > 1 and fused_mtp is None)):
             return None
         seqs = batch.seqs
         for seq, k in zip(seqs, n_known):
@@ -373,6 +378,8 @@ class LLMEngine:
         sequences that just got a token. Only a drafting row (each such sequence's last verified one) needs the MTP
         block's output; every other row only needs its latents stored, which skips attention, FFN and head there
         (for a prompt: one full MTP row instead of one per prompt token)."""
+        if self.chain:
+            return self._draft_chain(batch, starts, computed, hidden)
         seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
@@ -425,16 +432,18 @@ class LLMEngine:
             seq.draft, seq.extra["draft_q"] = [tok], [q]
         self._draft_more([(seq, room) for seq, room, _ in drafting], h_last)
 
-    def _draft_more(self, drafting: list[tuple[Sequence, int]], h: torch.Tensor) -> None:
-        """Further drafts, all sequences together: MTP module k+1 (or module 1 again, recurrently) on the previous
-        module's output h [B', D] and the previous draft, one position further."""
+    def _draft_more(self, drafting: list[tuple[Sequence, int]], h: torch.Tensor, chained: int = 1) -> None:
+        """Further drafts, all sequences together, each from the last MTP module on the previous pass's output h
+        [B', D] and the previous draft, one position further (the recurrent option: an output at position i stands
+        for the hidden state of position i+1). `chained`: how many drafts the chain made at the last verified
+        position (1 when module 1 alone drafts)."""
         n_mtp = len(self.model.mtp_layers)
         rows = list(range(len(drafting)))
         while True:
             keep = []
             for i in rows:
                 seq, room = drafting[i]
-                pos = seq.num_tokens - 2 + len(seq.draft)  # position whose next token is the last draft
+                pos = seq.num_tokens - 2 + len(seq.draft) - (chained - 1)  # its input token is the last draft
                 if len(seq.draft) < room and self.scheduler.reserve_slots(seq, pos + 1):
                     keep.append(i)
             if not keep:
@@ -442,7 +451,7 @@ class LLMEngine:
             k = min(len(drafting[keep[0]][0].draft) + 1, n_mtp)
             # Sequences drafting their j-th token together share module k (all have the same draft count here).
             seqs = [drafting[i][0] for i in keep]
-            pos = [s.num_tokens - 2 + len(s.draft) for s in seqs]
+            pos = [s.num_tokens - 2 + len(s.draft) - (chained - 1) for s in seqs]
             ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
             fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # module 1 as one C++ call (greedy)
             if fused_mtp is not None and k == 1 and getattr(ctx, "kernel_only", False) and self.sync_tokens is None:
@@ -458,6 +467,93 @@ class LLMEngine:
             h = h.clone()
             h[keep] = h_out
             rows = keep
+
+    @torch.inference_mode()
+    def _draft_chain(self, batch, starts: list[int], computed: list[int], hidden: torch.Tensor) -> None:
+        """Drafting with D >= 2 MTP modules as DeepSeek-V3 chains them (the training objective, train/mtp.py): module
+        j at position i reads module j-1's output h^{j-1}_i (h^0: the main model's) and the embedding of token
+        i+j, and predicts token i+j+1. Its cache entry at i is final once token i+j is known (i <= p + 1 - j, p
+        the last verified position), so after each step module j (re)computes positions from start + 1 - j (the
+        first it could not finalise last step; its input there is the output module j-1 saved then) to p + 1 - j:
+        modules before the last one in full (their outputs feed the next), the last one storing latents only.
+        Then draft 1 is module 1's prediction at p, and draft j module j's at p on module j-1's draft-time output
+        and draft j-1 (its entry at p is provisional until the next step redoes it). Drafts beyond D continue with
+        module D recurrently (_draft_more). After a prefix-cache hit or a preemption the entry just before the
+        recomputed positions keeps what the earlier computation left there (proposals only: output unchanged)."""
+        Dk = self.chain
+        work = []  # (seq, first new position, last verified position p, main hidden states of start..p)
+        t = 0
+        for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
+            if seq.extra["speculate"] and not seq.is_finished and done > start:
+                work.append((seq, start, done - 1, hidden[t:t + done - start]))
+            t += n
+        if not work:
+            return
+        inputs = [(start, rows) for _, start, _, rows in work]  # h^{j-1} from a first position on, per sequence
+        saved_before = [dict(seq.extra.setdefault("mtp_chain", {})) for seq, _, _, _ in work]  # (this step updates)
+        last_out: list[torch.Tensor | None] = [None] * len(work)  # module 1's output at p, for draft 1 and 2
+        for j in range(1, Dk + 1):
+            members, spans, h_rows, toks = [], [], [], []
+            for w, (seq, start, p, _) in enumerate(work):
+                first, h_in = inputs[w]
+                lo, end = max(0, start + 1 - j), p + 1 - j
+                saved = saved_before[w].get(j - 1)  # module j-1's last final output of the previous step
+                if lo < first and saved is not None and saved[0] == first - 1 == lo:
+                    h_in, first = torch.cat([saved[1][None], h_in]), lo
+                lo = max(lo, first)
+                if end >= lo:
+                    members.append(w)
+                    spans.append((lo, end))
+                    h_rows.append(h_in[lo - first:end - first + 1])
+                    toks.append(seq.tokens[lo + j:end + j + 1])  # token i+j for each position i
+            next_inputs = [(p + 2 - j, hidden.new_zeros(0, hidden.shape[-1])) for _, _, p, _ in work]
+            if members:
+                seqs = [work[w][0] for w in members]
+                h = torch.cat(h_rows)
+                if j < Dk:  # in full: the outputs are module j+1's inputs
+                    ids, positions, ctx = self.runner.build_context(seqs, [lo for lo, _ in spans],
+                                                                    [len(ts) for ts in toks], toks)
+                    out = self.model.mtp_hidden(j, h[None], ids, positions, cache=ctx)[0]  # [T, D]
+                    o = 0
+                    for w, seq, (lo, end) in zip(members, seqs, spans):
+                        rows = out[o:o + end - lo + 1]
+                        o += end - lo + 1
+                        next_inputs[w] = (lo, rows)
+                        seq.extra["mtp_chain"][j] = (end, rows[-1].clone())  # module j+1 starts here next step
+                        if j == 1:
+                            last_out[w] = rows[-1]
+                else:  # the last module of the chain: latents only
+                    ids = torch.tensor([x for ts in toks for x in ts], device=h.device)
+                    positions = torch.cat([torch.arange(lo, end + 1) for lo, end in spans]).to(h.device)
+                    slot_map = torch.cat([self.runner.slots(s, lo, end + 1) for s, (lo, end) in zip(seqs, spans)])
+                    self.runner.store_mtp_latents(j, h, ids, positions, slot_map.to(h.device))
+            inputs = next_inputs
+        # Drafts: module 1 at p (its final output), then module j at p on module j-1's draft-time output.
+        drafting = [(w, seq, room) for w, (seq, start, p, _) in enumerate(work)
+                    if p == seq.num_tokens - 2 and (room := self._draft_room(seq)) > 0 and last_out[w] is not None]
+        if not drafting:
+            return
+        seqs = [seq for _, seq, _ in drafting]
+        h_prev = torch.stack([last_out[w] for w, _, _ in drafting])  # [B', D]
+        for seq, tok, q in zip(seqs, *self._propose(self.model.mtp_logits(1, h_prev), seqs)):
+            seq.draft, seq.extra["draft_q"] = [tok], [q]
+        rows = list(range(len(drafting)))
+        for j in range(2, Dk + 1):
+            rows = [i for i in rows if drafting[i][2] >= j]
+            if not rows:
+                return
+            group = [seqs[i] for i in rows]
+            ids, positions, ctx = self.runner.build_context(group, [s.num_tokens - 2 for s in group], [1] * len(rows),
+                                                            [[s.draft[-1]] for s in group])
+            h_j = self.model.mtp_hidden(j, h_prev[rows][None], ids, positions, cache=ctx)[0]  # [B'', D]
+            for seq, tok, q in zip(group, *self._propose(self.model.mtp_logits(j, h_j), group)):
+                seq.draft.append(tok)
+                seq.extra["draft_q"].append(q)
+            h_prev = h_prev.clone()
+            h_prev[rows] = h_j
+        more = [i for i in rows if drafting[i][2] > Dk]
+        if more:
+            self._draft_more([(seqs[i], drafting[i][2]) for i in more], h_prev[more], chained=Dk)
 
     def _propose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """MTP logits [B, V] of the drafting sequences -> (their draft tokens, the draft distributions)."""

@@ -5,7 +5,8 @@ Dimension letters: d draft tokens of one sequence, V vocabulary, n rows of a seq
 Drafting: MTP module 1 takes the main model's final hidden state at position i and the embedding of token i+1 and
 predicts token i+2. Its own latent cache layer (after the main layers in the cache tensor) is filled for every
 verified position, so a draft costs one MTP block over the step's verified rows. With D > 1 modules, module k
-continues from module k-1's output; with one module it can run recurrently on its own output (an option).
+continues from module k-1's output at the same position (DeepSeek's chain, LLMEngine._draft_chain); beyond D, or
+with one module, the last module runs recurrently on its own output, one position further each time.
 
 Verification: the main model computes the last real token and the d drafts in one pass. Greedy accepts the
 longest prefix of drafts equal to the main model's argmax, then appends the main model's token, so the output is
