@@ -23,18 +23,24 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
-def test_argmax_rows_is_torchs_first_maximum_with_nan_as_maximum():
-    t = torch.randn(6, 4099).to(BF)  # a length that leaves a tail after the 16-lane blocks
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_argmax_rows_is_torchs_first_maximum_with_nan_as_maximum(dtype):
+    from dsv3.engine.sampling import argmax_rows
+
+    t = torch.randn(6, 4099).to(dtype)  # a length that leaves a tail after the 16-lane blocks
     t[1, 17], t[1, 3000] = float("nan"), float("nan")  # the first NaN wins
     t[2, :] = -float("inf")  # all equal: the first index
     t[3, 5] = t[3, 4098] = t[3].max() + 1  # a tie: the first of the two
     t[4, 4097] = 100.0  # the maximum in the tail
     t[5, 4098] = float("nan")  # a NaN in the tail only
-    assert OPS.argmax_rows(t).tolist() == t.argmax(-1).tolist() == [t[0].float().argmax().item(), 17, 0, 5, 4097, 4098]
-    short = torch.randn(3, 7).to(BF)
+    want = [t[0].float().argmax().item(), 17, 0, 5, 4097, 4098]
+    assert OPS.argmax_rows(t).tolist() == t.argmax(-1).tolist() == want
+    assert OPS.argmax_rows(t[:, 2:]).tolist() == t[:, 2:].argmax(-1).tolist()  # strided rows
+    assert argmax_rows(t).tolist() == want  # the sampler's entry point (the kernels are loaded here)
+    short = torch.randn(3, 7).to(dtype)
     assert OPS.argmax_rows(short).tolist() == short.argmax(-1).tolist()
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        OPS.argmax_rows(torch.randn(2, 8))
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        OPS.argmax_rows(torch.randn(2, 8).double())
 
 
 def test_inverse_cdf_draw_kernel_matches_the_reference_bit_for_bit():

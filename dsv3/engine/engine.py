@@ -347,7 +347,7 @@ class LLMEngine:
         for seq, k in zip(seqs, n_known):
             if k != 1 or not seq.extra["speculate"] or (fused_mtp is None and not seq.params.greedy):
                 return None
-        reuse = self.runner.reuse_context(torch.arange(hidden.shape[0]))
+        reuse = self.runner.reuse_context()
         if reuse is None or logits.shape[0] != hidden.shape[0]:
             return None
         positions, ctx = reuse
@@ -359,10 +359,10 @@ class LLMEngine:
             next_ids = []
             for i, a in enumerate(accepted):
                 next_ids += a + [a[-1]] * (offsets[i + 1] - offsets[i] - len(a))
-            last = torch.tensor([offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])
+            T = len(next_ids)
+            both = torch.tensor(next_ids + [offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])  # one copy
             sampled = not all(s.params.greedy for s in seqs)
-            ids, mtp_logits, h_out = fused_mtp(hidden, torch.tensor(next_ids), positions, ctx, keep=last,
-                                               logits=sampled)
+            ids, mtp_logits, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], logits=sampled)
             return accepted, ids.tolist(), mtp_logits, h_out
         targets = logits.argmax(dim=-1)  # [T]
         h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]

@@ -288,13 +288,14 @@ class ModelRunner:
         layer = self.model.mtp_layers[k - 1]
         self.model.mtp_store_latents(k, h, next_ids, positions, self.cache.kv[layer.layer_idx], slots)
 
-    def reuse_context(self, rows: torch.Tensor) -> tuple[torch.Tensor, StepContext] | None:
-        """(positions [1, T'], context) of the last run restricted to packed rows `rows`, when that run was a
-        kernel-only step (decode and verification rows on the CPU kernels); else None (build a fresh context)."""
+    def reuse_context(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext] | None:
+        """(positions [1, T'], context) of the last run restricted to packed rows `rows` (None: all of them), when
+        that run was a kernel-only step (decode and verification rows on the CPU kernels); else None (build a fresh
+        context)."""
         if self.last is None or not self.last[0].kernel_only:
             return None
         ctx, positions = self.last
-        if rows.numel() == positions.shape[1]:  # every row, in order (StepContext.subset's contract)
+        if rows is None or rows.numel() == positions.shape[1]:  # every row, in order (StepContext.subset's contract)
             return positions, ctx
         return positions[:, rows], ctx.subset(rows)
 

@@ -331,7 +331,7 @@ class Sampler:
             if no_logprobs and all(s.params.greedy and not s.params.uses_penalties for s in states):
                 # Plain greedy rows need none of the per-row parameter tensors: skip building them.
                 self._check(logits, len(states))
-                return SamplerOutput(logits.argmax(dim=-1), num_logprobs=[None] * len(states))
+                return SamplerOutput(argmax_rows(logits), num_logprobs=[None] * len(states))
             t = shared_temperature(states) if no_logprobs else None
             if t is not None:  # temperature-only rows: the same draw without the parameter tensors
                 self._check(logits, len(states))
@@ -342,7 +342,7 @@ class Sampler:
             batch = SamplingBatch(states, self.device if self.device is not None else logits.device)
         self._check(logits, batch.size)
         if batch.all_greedy and not batch.penalty_rows:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax_rows(logits)
         else:
             penalised, x = process_logits(logits, batch)
             token_ids = self._draw(x, batch)
@@ -376,6 +376,16 @@ class Sampler:
         for row, generator in seeded_rows:
             u[row] = torch.rand((), generator=generator, device=device)
         return u
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] int64: each row's first maximum, a NaN counting as the maximum (torch.argmax's rule).
+    CPU float32/bf16 rows go through the C++ kernels when they are loaded (the same indices, tested)."""
+    ops = cpu_ext.loaded()
+    if (ops is not None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+            and logits.dim() == 2 and logits.shape[1] > 0 and logits.stride(-1) == 1):
+        return ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def draw_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingBatch, SequenceSamplingState, draw_inverse_cdf, process_logits, shared_temperature
+from .sampling import (SamplingBatch, SequenceSamplingState, argmax_rows, draw_inverse_cdf, process_logits,
+                       shared_temperature)
 
 SPECULATIVE_METHODS = ("off", "mtp")
 
@@ -69,7 +70,7 @@ def propose_rows(logits: torch.Tensor, states: list[SequenceSamplingState]
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if greedy:
         rows = logits if not sampled else logits.index_select(0, torch.tensor(greedy, device=logits.device))
-        for i, t in zip(greedy, rows.argmax(dim=-1).tolist()):
+        for i, t in zip(greedy, argmax_rows(rows).tolist()):
             toks[i] = t
     if sampled:
         rows = logits if not greedy else logits.index_select(0, torch.tensor(sampled, device=logits.device))
@@ -113,7 +114,7 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     if greedy:
         if not sampled:  # every row (the common case: no row indexing)
-            am = logits.argmax(dim=-1).tolist()
+            am = argmax_rows(logits).tolist()
         else:
             am = logits[[r for i in greedy for r in range(offs[i], offs[i + 1])]].argmax(dim=-1).tolist()
         k = 0

@@ -1088,8 +1088,13 @@ at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor
 }
 
 
-// Index of the first maximum of n bf16 values, a NaN counting as the maximum (torch.argmax's rule).
-int64_t argmax_bf16(const bf16_t* x, int64_t n) {
+// Index of the first maximum of n bf16 or float32 values, a NaN counting as the maximum (torch.argmax's rule).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline float to_f32(bf16_t v) { return bf2f(v); }
+inline float to_f32(float v) { return v; }
+
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
   __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -1104,7 +1109,7 @@ int64_t argmax_bf16(const bf16_t* x, int64_t n) {
     if (hit) arg = j + __builtin_ctz(hit);
   }
   for (; i < n; ++i) {  // the tail (or everything from a block holding a NaN on)
-    const float f = bf2f(x[i]);
+    const float f = to_f32(x[i]);
     if (std::isnan(f)) return i;  // (no NaN before i)
     if (arg < 0 || f > best) {
       best = f;
@@ -1114,12 +1119,19 @@ int64_t argmax_bf16(const bf16_t* x, int64_t n) {
   return arg;
 }
 
-// x [T, V] bf16 -> the index of each row's first maximum [T] int64 (a NaN counts as the maximum: torch.argmax).
+// x [T, V] bf16 or float32 -> the index of each row's first maximum [T] int64 (a NaN counts as the maximum:
+// torch.argmax's rule).
 at::Tensor argmax_rows(const at::Tensor& x) {
-  check_bf16(x, "argmax_rows: x", 2);
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                  x.dim() == 2 && x.stride(1) == 1,
+              "argmax_rows: x must be a CPU bfloat16 or float32 [T, V] tensor with contiguous rows, got ",
+              x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(x.size(1) > 0, "argmax_rows: rows are empty");
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  for (int64_t t = 0; t < x.size(0); ++t) out.data_ptr<int64_t>()[t] = argmax_bf16(bf_ptr(x) + t * x.stride(0), x.size(1));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t)
+    o[t] = x.scalar_type() == at::kFloat ? argmax_row(x.data_ptr<float>() + t * x.stride(0), x.size(1))
+                                         : argmax_row(bf_ptr(x) + t * x.stride(0), x.size(1));
   return out;
 }
 
@@ -1187,7 +1199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(const c10::intrusive_pt
   const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [K, V] bf16
   at::Tensor out = at::empty({K}, next_ids.options());
   const bf16_t* lp = bf_ptr(logits);
-  for (int64_t t = 0; t < K; ++t) out.data_ptr<int64_t>()[t] = argmax_bf16(lp + t * vocab, vocab);
+  for (int64_t t = 0; t < K; ++t) out.data_ptr<int64_t>()[t] = argmax_row(lp + t * vocab, vocab);
   return {out, return_logits ? logits : at::empty({0}, logits.options()), x};
 }
 
