@@ -1,5 +1,6 @@
 """The C++ CPU kernels (dsv3/kernels/csrc/cpu_kernels.cpp) against the PyTorch implementations they replace."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -364,10 +365,11 @@ def test_kept_rows_store_every_latent_and_carry_on_only_the_kept_rows():
     pos = torch.tensor([40, 41, 42, 70, 71])
     cos, sin = rotary.cos_sin(pos)
 
+    number = blocks.id
+
     def run(keep):
         kv = cache.clone()
-        y = OPS.run_blocks(blocks.handle, x, kv, 0, slots[seq, pos], torch.arange(5), seq, pos + 1, slots, cos, sin,
-                           keep)
+        y = OPS.run_blocks(number, x, kv, 0, slots[seq, pos], torch.arange(5), seq, pos + 1, slots, cos, sin, keep)
         return y, kv
 
     with torch.no_grad():
@@ -380,6 +382,15 @@ def test_kept_rows_store_every_latent_and_carry_on_only_the_kept_rows():
         for bad in ([3, 1], [5]):
             with pytest.raises(RuntimeError, match="keep: rows must be increasing"):
                 run(torch.tensor(bad))
+    # The ops take the blocks by number (registered weakly): a number never handed out, or one whose blocks the
+    # Python side has dropped, is refused with a clear error instead of touching freed weights.
+    blocks = None
+    gc.collect()
+    with pytest.raises(RuntimeError, match="were released"):
+        run(None)
+    with pytest.raises(RuntimeError, match="never registered"):
+        OPS.run_blocks(number + 10**6, x, cache.clone(), 0, slots[seq, pos], torch.arange(5), seq, pos + 1, slots,
+                       cos, sin)
 
 
 def test_section_timers_are_off_in_the_normal_build():

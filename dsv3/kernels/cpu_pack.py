@@ -70,7 +70,8 @@ class CpuBlocks:
             scal += sc
             cache_layers.append(block.layer_idx)
         self.ops = ops
-        self.handle = getattr(torch.classes, ops.name).Blocks(w_flat, counts, dims, scal, cache_layers)
+        self.handle = getattr(torch.classes, ops.name).Blocks(w_flat, counts, dims, scal, cache_layers)  # owns them
+        self.id = ops.register_blocks(self.handle)  # what the ops take (cheaper to pass than the object)
 
     @staticmethod
     def _describe(block: nn.Module, cfg) -> tuple[list[torch.Tensor], list[int], list[float]]:
@@ -104,7 +105,7 @@ class CpuBlocks:
         rows) every row's latents are stored but the last block goes on for the kept rows only -> [1, K, D]."""
         k = ctx.kernel_rows
         T = x.shape[1]
-        y = self.ops.run_blocks(self.handle, x.reshape(T, -1), ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping,
+        y = self.ops.run_blocks(self.id, x.reshape(T, -1), ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping,
                                 k.tok, k.seq, k.len, k.slots, cos.reshape(T, -1), sin.reshape(T, -1), keep)
         return y[None]
 
@@ -116,7 +117,8 @@ class CpuMtpDraft:
     def __init__(self, ops, model: nn.Module):
         mtp = model.mtp_layers[0]
         self.ops, self.rotary = ops, model.rotary
-        self.blocks = mtp.cpu_layer.handle
+        self.blocks = mtp.cpu_layer.id
+        self._owner = mtp.cpu_layer  # keeps the registered blocks alive
         self.args = (model.model.embed_tokens.weight, mtp.enorm.weight, mtp.hnorm.weight, mtp.eh_proj.packed.t,
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
@@ -1068,13 +1069,34 @@ struct Blocks : torch::CustomClassHolder {
   }
 };
 
+// Blocks by number. Ops taking a number instead of the object skip the Python binding's conversion of a script
+// object argument, which costs ~15 us per call in torch 2.13 (a third of a small model's MTP pass). The registry
+// holds weak references: the Python object owning the Blocks keeps it (and its weights) alive.
+std::mutex g_blocks_mu;
+std::vector<c10::weak_intrusive_ptr<Blocks>> g_blocks;
+
+int64_t register_blocks(const c10::intrusive_ptr<Blocks>& blocks) {
+  std::lock_guard<std::mutex> lock(g_blocks_mu);
+  g_blocks.emplace_back(blocks);
+  return static_cast<int64_t>(g_blocks.size()) - 1;
+}
+
+c10::intrusive_ptr<Blocks> blocks_at(int64_t id) {
+  std::lock_guard<std::mutex> lock(g_blocks_mu);
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(g_blocks.size()), "blocks ", id, " were never registered");
+  c10::intrusive_ptr<Blocks> b = g_blocks[id].lock();
+  TORCH_CHECK(b, "blocks ", id, " were released (the packed model they belonged to is gone)");
+  return b;
+}
+
 // Every block of `blocks` in turn on x [T, D]; kv_all [Y, S, W] is the whole latent cache, block i writing layer
 // cache_layer[i] - layer_offset of it. keep (optional): the rows the last block carries on (see block_forward).
-at::Tensor run_blocks(const c10::intrusive_ptr<Blocks>& blocks, const at::Tensor& x, const at::Tensor& kv_all,
-                      int64_t layer_offset, const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
+at::Tensor run_blocks(int64_t blocks_id, const at::Tensor& x, const at::Tensor& kv_all, int64_t layer_offset,
+                      const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
                       const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos, const at::Tensor& sin,
                       const c10::optional<at::Tensor>& keep) {
   TORCH_CHECK(kv_all.dim() == 3, "run_blocks: the cache must be [layers, slots, width], got ", kv_all.sizes());
+  const c10::intrusive_ptr<Blocks> blocks = blocks_at(blocks_id);
   at::Tensor h = x;
   const size_t L = blocks->w.size();
   for (size_t i = 0; i < L; ++i) {
@@ -1169,7 +1191,7 @@ at::Tensor draw_inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
 // of the module's logits per row [K] (the first maximum, as torch.argmax: greedy drafts), the logits themselves
 // [K, V] bf16 when return_logits (for sampled drafts; else an empty tensor) and the block's output [K, D] (what a
 // further, recurrent draft starts from).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(const c10::intrusive_ptr<Blocks>& mtp, const at::Tensor& embed, const at::Tensor& enorm,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(int64_t mtp, const at::Tensor& embed, const at::Tensor& enorm,
                             const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
                             const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
                             const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
@@ -1228,11 +1250,12 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin) -> Tensor", &decode_layer);
   m.class_<Blocks>("Blocks").def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                                               std::vector<double>, std::vector<int64_t>>());
-  m.def("run_blocks(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks blocks, Tensor x, Tensor(a!) kv_all, "
+  m.def("register_blocks(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks blocks) -> int", &register_blocks);
+  m.def("run_blocks(int blocks, Tensor x, Tensor(a!) kv_all, "
         "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin, "
         "Tensor? keep=None) -> Tensor",
         &run_blocks);
-  m.def("mtp_draft(__torch__.torch.classes." DSV3_STR(DSV3_NS) ".Blocks mtp, Tensor embed, Tensor enorm, "
+  m.def("mtp_draft(int mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
         "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None, bool return_logits=False) -> "
