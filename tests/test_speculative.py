@@ -420,6 +420,11 @@ def test_two_modules_keep_greedy_output_and_perfect_ones_accept_everything(two_m
     eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
     assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
     assert eng.stats["spec_drafted"] > 0 and eng.cache.allocator.num_used == 0
+    # a cache so small that sequences are preempted and recomputed (the chain's saved outputs go stale then)
+    small = dict(cfg, num_blocks=14)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **small))
+    assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
+    assert eng.scheduler.num_preemptions > 0 and eng.cache.allocator.num_used == 0
     make_perfect_mtp(m)
     plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
     eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
