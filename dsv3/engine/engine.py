@@ -480,15 +480,21 @@ class LLMEngine:
         and draft j-1 (its entry at p is provisional until the next step redoes it). Drafts beyond D continue with
         module D recurrently (_draft_more). After a prefix-cache hit or a preemption the entry just before the
         recomputed positions keeps what the earlier computation left there (proposals only: output unchanged)."""
-        Dk = self.chain
         work = []  # (seq, first new position, last verified position p, main hidden states of start..p)
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
             if seq.extra["speculate"] and not seq.is_finished and done > start:
                 work.append((seq, start, done - 1, hidden[t:t + done - start]))
             t += n
-        if not work:
-            return
+        if work:
+            self._chain_drafts(work, self._finalise_chain(work))
+
+    def _finalise_chain(self, work: list[tuple[Sequence, int, int, torch.Tensor]]) -> list[torch.Tensor | None]:
+        """The chain modules' cache entries that became final with this step (see _draft_chain), for every
+        (seq, start, p, main hidden rows start..p) of `work`. Returns module 1's output at each p [D] (None where
+        it was not computed), what draft 1 and module 2's draft start from."""
+        Dk = self.chain
+        hidden = work[0][3]
         inputs = [(start, rows) for _, start, _, rows in work]  # h^{j-1} from a first position on, per sequence
         saved_before = [dict(seq.extra.setdefault("mtp_chain", {})) for seq, _, _, _ in work]  # (this step updates)
         last_out: list[torch.Tensor | None] = [None] * len(work)  # module 1's output at p, for draft 1 and 2
@@ -528,7 +534,13 @@ class LLMEngine:
                     slot_map = torch.cat([self.runner.slots(s, lo, end + 1) for s, (lo, end) in zip(seqs, spans)])
                     self.runner.store_mtp_latents(j, h, ids, positions, slot_map.to(h.device))
             inputs = next_inputs
-        # Drafts: module 1 at p (its final output), then module j at p on module j-1's draft-time output.
+        return last_out
+
+    def _chain_drafts(self, work: list[tuple[Sequence, int, int, torch.Tensor]],
+                      last_out: list[torch.Tensor | None]) -> None:
+        """Drafts of the sequences of `work` that just got their token: module 1's at p (from its final output
+        last_out), then module j's at p on module j-1's draft-time output and draft j-1, then module D recurrently."""
+        Dk = self.chain
         drafting = [(w, seq, room) for w, (seq, start, p, _) in enumerate(work)
                     if p == seq.num_tokens - 2 and (room := self._draft_room(seq)) > 0 and last_out[w] is not None]
         if not drafting:
