@@ -942,19 +942,35 @@ KeptQueries kept_queries(const at::Tensor& keep, int64_t T, const at::Tensor& to
   }
   const int64_t Q = tok.size(0);
   const int64_t* tk = tok.data_ptr<int64_t>();
-  std::vector<int64_t> t2, s2, l2;
+  int64_t n = 0;
   for (int64_t i = 0; i < Q; ++i) {
     TORCH_CHECK(tk[i] >= 0 && tk[i] < T, "keep: query ", i, " has token ", tk[i], " outside the step's ", T);
-    if (where[tk[i]] >= 0) {
-      t2.push_back(where[tk[i]]);
-      s2.push_back(seq.data_ptr<int64_t>()[i]);
-      l2.push_back(len.data_ptr<int64_t>()[i]);
-    }
+    n += where[tk[i]] >= 0;
   }
-  const auto idx = [](const std::vector<int64_t>& v) {
-    return at::tensor(c10::ArrayRef<int64_t>(v), at::TensorOptions().dtype(at::kLong));
-  };
-  return {idx(t2), idx(s2), idx(l2)};
+  KeptQueries out{at::empty({n}, tok.options()), at::empty({n}, tok.options()), at::empty({n}, tok.options())};
+  int64_t* t2 = out.tok.data_ptr<int64_t>();
+  int64_t* s2 = out.seq.data_ptr<int64_t>();
+  int64_t* l2 = out.len.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; i < Q; ++i)
+    if (where[tk[i]] >= 0) {
+      t2[j] = where[tk[i]];
+      s2[j] = seq.data_ptr<int64_t>()[i];
+      l2[j++] = len.data_ptr<int64_t>()[i];
+    }
+  return out;
+}
+
+// Rows `rows` of a 2-D tensor whose rows are contiguous (any row stride) as a new contiguous [K, cols] tensor: a
+// copy per row (the kept rows of a step are few; index_select's dispatch costs more than the copies).
+at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "take_rows: rows must be contiguous");
+  const int64_t K = rows.size(0), cols = t.size(1), bytes = cols * t.element_size();
+  at::Tensor out = at::empty({K, cols}, t.options());
+  const char* src = static_cast<const char*>(t.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < K; ++i) std::memcpy(dst + i * bytes, src + r[i] * t.stride(0) * t.element_size(), bytes);
+  return out;
 }
 
 // One decoder block for a step whose every query row attends through the kernel tables (decode, verification and
@@ -1003,10 +1019,10 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
     qtok = kq.tok;
     qseq = kq.seq;
     qlen = kq.len;
-    xk = x.index_select(0, kr);
-    q_in = q_in.index_select(0, kr);
-    qcos = cos.reshape({T, -1}).index_select(0, kr);
-    qsin = sin.reshape({T, -1}).index_select(0, kr);
+    xk = take_rows(x, kr);
+    q_in = take_rows(q_in, kr);
+    qcos = take_rows(cos.reshape({T, -1}), kr);
+    qsin = take_rows(sin.reshape({T, -1}), kr);
   }
   const int64_t K = xk.size(0);
   if (K == 0) return xk;  // latents only
