@@ -453,19 +453,24 @@ class LLMEngine:
             seqs = [drafting[i][0] for i in keep]
             pos = [s.num_tokens - 2 + len(s.draft) - (chained - 1) for s in seqs]
             ids, positions, ctx = self.runner.build_context(seqs, pos, [1] * len(seqs), [[s.draft[-1]] for s in seqs])
+            every = len(keep) == h.shape[0]  # (the usual case: no row indexing)
+            h_in = h if every else h[keep]
             fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # module 1 as one C++ call (greedy)
             if fused_mtp is not None and k == 1 and getattr(ctx, "kernel_only", False) and self.sync_tokens is None:
                 greedy = all(s.params.greedy for s in seqs)
-                toks, mtp_logits, h_out = fused_mtp(h[keep], ids[0], positions, ctx, logits=not greedy)
+                toks, mtp_logits, h_out = fused_mtp(h_in, ids[0], positions, ctx, logits=not greedy)
                 toks, qs = (toks.tolist(), [None] * len(seqs)) if greedy else self._propose(mtp_logits, seqs)
             else:
-                h_out = self.model.mtp_hidden(k, h[keep][None], ids, positions, cache=ctx)[0]  # [B'', D]
+                h_out = self.model.mtp_hidden(k, h_in[None], ids, positions, cache=ctx)[0]  # [B'', D]
                 toks, qs = self._propose(self.model.mtp_logits(k, h_out), seqs)
             for seq, tok, q in zip(seqs, toks, qs):
                 seq.draft.append(tok)
                 seq.extra["draft_q"].append(q)
-            h = h.clone()
-            h[keep] = h_out
+            if every:
+                h = h_out
+            else:
+                h = h.clone()
+                h[keep] = h_out
             rows = keep
 
     @torch.inference_mode()

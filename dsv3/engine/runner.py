@@ -174,6 +174,7 @@ class ModelRunner:
         self.prefill_impl = prefill_impl
         self.graphs = None  # graphs.DecodeGraphs once enable_decode_graphs() is called
         self.last: tuple[StepContext, torch.Tensor] | None = None  # the last run's (context, positions [1, T])
+        self._arange: dict[int, torch.Tensor] = {}  # torch.arange(B) for the single-row tables, by B
         # The C++ CPU kernels attend decode and short rows when the model was packed with them (cpu_pack.py) and
         # the cache is a bf16 CPU tensor.
         self.cpu_kernels = (getattr(model, "cpu_kernels", False) and self.device.type == "cpu"
@@ -199,6 +200,8 @@ class ModelRunner:
     def build_context(self, seqs: list[Sequence], starts: list[int], counts: list[int], tokens: list[list[int]]
                       ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         """Packed inputs for computing tokens[i] at positions starts[i].. of seqs[i]."""
+        if self.cpu_kernels and all(n == 1 for n in counts):
+            return self._single_rows_context(seqs, starts, tokens)
         ids, pos, slot_map = [], [], []
         dec_rows, dec_slots, multi, short = [], [], [], []
         t = 0
@@ -245,6 +248,23 @@ class ModelRunner:
         input_ids = torch.tensor(ids, device=dev)[None]
         positions = torch.tensor(pos, device=dev)[None]
         return input_ids, positions, ctx
+
+    def _single_rows_context(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]]
+                             ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """build_context for the CPU kernels when every sequence computes one token (plain decode steps, further
+        drafts): the same tables with the fewest tensor operations (views of the cached slot tables, one new
+        tensor for ids, positions and lengths together)."""
+        B = len(seqs)
+        tables = [self.slots(seq, 0, start + 1) for seq, start in zip(seqs, starts)]
+        slots = tables[0][None] if B == 1 else torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, Lm]
+        slot_map = tables[0][-1:] if B == 1 else torch.stack([t[-1] for t in tables])  # [B]
+        packed = torch.tensor([t[0] for t in tokens] + list(starts) + [p + 1 for p in starts])  # ids, pos, len
+        rows = self._arange.get(B)
+        if rows is None:
+            rows = self._arange[B] = torch.arange(B)
+        ctx = StepContext(self.cache, slot_map, None, None, None, [], prefill_impl=self.prefill_impl,
+                          kernel_rows=_KernelRows(rows, rows, packed[2 * B:], slots), cpu_kernels=True)
+        return packed[None, :B], packed[None, B:2 * B], ctx
 
     @staticmethod
     def _kernel_rows(short: list[tuple[int, int, int, torch.Tensor]]) -> _KernelRows:
