@@ -235,7 +235,8 @@ class LLMEngine:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
             plain = []
         if plain:
-            res = self.sampler.sample(logits[[offsets[i] for i in plain]],
+            # (a plain decode step samples every row: no row indexing then)
+            res = self.sampler.sample(logits if len(plain) == logits.shape[0] else logits[[offsets[i] for i in plain]],
                                       [batch.seqs[i].extra["sampling"] for i in plain])
             for j, (i, tok) in enumerate(zip(plain, res.token_ids.tolist())):  # the one host sync per step
                 new_tokens[i] = [tok]
@@ -409,9 +410,7 @@ class LLMEngine:
             positions, ctx = reuse
             h_last = self.model.mtp_hidden(1, h[None], ids[None], positions, cache=ctx, keep=out_rows)[0]  # [B', D]
         else:  # a step with prompt chunks: latents of the other rows, then the drafting rows as decode rows
-            slot_map = torch.cat([self.runner.slots(s, p, p + c) for s, p, c in zip(seqs, pos0, counts)])
-            positions = torch.cat([torch.arange(p, p + c) for p, c in zip(pos0, counts)])
-            positions, slot_map = positions.to(h.device), slot_map.to(h.device)
+            positions, slot_map = self.runner.positions_and_slots(seqs, pos0, counts)
             drafting_rows = {r for _, _, r in drafting}
             fill = [r for r in range(len(keep)) if r not in drafting_rows]  # (host indices: no device sync)
             if fill:
@@ -535,9 +534,9 @@ class LLMEngine:
                             last_out[w] = rows[-1]
                 else:  # the last module of the chain: latents only
                     ids = torch.tensor([x for ts in toks for x in ts], device=h.device)
-                    positions = torch.cat([torch.arange(lo, end + 1) for lo, end in spans]).to(h.device)
-                    slot_map = torch.cat([self.runner.slots(s, lo, end + 1) for s, (lo, end) in zip(seqs, spans)])
-                    self.runner.store_mtp_latents(j, h, ids, positions, slot_map.to(h.device))
+                    positions, slot_map = self.runner.positions_and_slots(
+                        seqs, [lo for lo, _ in spans], [end - lo + 1 for lo, end in spans])
+                    self.runner.store_mtp_latents(j, h, ids, positions, slot_map)
             inputs = next_inputs
         return last_out
 

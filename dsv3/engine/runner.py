@@ -174,7 +174,6 @@ class ModelRunner:
         self.prefill_impl = prefill_impl
         self.graphs = None  # graphs.DecodeGraphs once enable_decode_graphs() is called
         self.last: tuple[StepContext, torch.Tensor] | None = None  # the last run's (context, positions [1, T])
-        self._arange: dict[int, torch.Tensor] = {}  # torch.arange(B) for the single-row tables, by B
         # The C++ CPU kernels attend decode and short rows when the model was packed with them (cpu_pack.py) and
         # the cache is a bf16 CPU tensor.
         self.cpu_kernels = (getattr(model, "cpu_kernels", False) and self.device.type == "cpu"
@@ -200,8 +199,6 @@ class ModelRunner:
     def build_context(self, seqs: list[Sequence], starts: list[int], counts: list[int], tokens: list[list[int]]
                       ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         """Packed inputs for computing tokens[i] at positions starts[i].. of seqs[i]."""
-        if self.cpu_kernels and all(n == 1 for n in counts):
-            return self._single_rows_context(seqs, starts, tokens)
         ids, pos, slot_map = [], [], []
         dec_rows, dec_slots, multi, short = [], [], [], []
         t = 0
@@ -221,11 +218,9 @@ class ModelRunner:
                 multi.append(_MultiRow(t, t + n, ctx_slots.to(self.device),
                                        torch.arange(start, start + n, device=self.device)))
             t += n
-        dev = self.device
         if self.cpu_kernels:
-            ctx = StepContext(self.cache, torch.cat(slot_map), None, None, None, multi, prefill_impl=self.prefill_impl,
-                              kernel_rows=self._kernel_rows(short) if short else None, cpu_kernels=True)
-            return torch.tensor(ids)[None], torch.tensor(pos)[None], ctx
+            return self._kernel_context(ids, pos, slot_map, short, multi)
+        dev = self.device
         short_rows = self._short_rows(short) if short else None
         rows = slots = valid = None
         if dec_rows:
@@ -249,33 +244,29 @@ class ModelRunner:
         positions = torch.tensor(pos, device=dev)[None]
         return input_ids, positions, ctx
 
-    def _single_rows_context(self, seqs: list[Sequence], starts: list[int], tokens: list[list[int]]
-                             ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
-        """build_context for the CPU kernels when every sequence computes one token (plain decode steps, further
-        drafts): the same tables with the fewest tensor operations (views of the cached slot tables, one new
-        tensor for ids, positions and lengths together)."""
-        B = len(seqs)
-        tables = [self.slots(seq, 0, start + 1) for seq, start in zip(seqs, starts)]
-        slots = tables[0][None] if B == 1 else torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [B, Lm]
-        slot_map = tables[0][-1:] if B == 1 else torch.stack([t[-1] for t in tables])  # [B]
-        packed = torch.tensor([t[0] for t in tokens] + list(starts) + [p + 1 for p in starts])  # ids, pos, len
-        rows = self._arange.get(B)
-        if rows is None:
-            rows = self._arange[B] = torch.arange(B)
-        ctx = StepContext(self.cache, slot_map, None, None, None, [], prefill_impl=self.prefill_impl,
-                          kernel_rows=_KernelRows(rows, rows, packed[2 * B:], slots), cpu_kernels=True)
-        return packed[None, :B], packed[None, B:2 * B], ctx
-
-    @staticmethod
-    def _kernel_rows(short: list[tuple[int, int, int, torch.Tensor]]) -> _KernelRows:
-        """(packed start, new tokens, first position, context slots) per sequence -> the CPU kernel's tables."""
-        slots = torch.nn.utils.rnn.pad_sequence([c for _, _, _, c in short], batch_first=True)  # [B, Lm]
-        tok, seq, lens = [], [], []
-        for i, (t, n, start, c) in enumerate(short):
+    def _kernel_context(self, ids: list[int], pos: list[int], slot_map: list[torch.Tensor],
+                        short: list[tuple[int, int, int, torch.Tensor]], multi: list[_MultiRow]
+                        ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """build_context's end on the C++ CPU kernels: the short sequences' rows (packed start, new tokens, first
+        position, context slots) go into the kernel's attention tables. Ids, positions and the tables' rows come
+        from one host-to-tensor copy and a single sequence's slot tables are views, so a decode step costs a few
+        tensor operations."""
+        tok, seq_rows, lens = [], [], []
+        for i, (t, n, start, _) in enumerate(short):
             tok.extend(range(t, t + n))
-            seq.extend([i] * n)
+            seq_rows.extend([i] * n)
             lens.extend(range(start + 1, start + n + 1))
-        return _KernelRows(torch.tensor(tok), torch.tensor(seq), torch.tensor(lens), slots)
+        T, Q = len(ids), len(tok)
+        packed = torch.tensor(ids + pos + tok + seq_rows + lens)
+        kernel_rows = None
+        if short:
+            tables = [c for _, _, _, c in short]
+            slots = tables[0][None] if len(tables) == 1 else torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+            kernel_rows = _KernelRows(packed[2 * T:2 * T + Q], packed[2 * T + Q:2 * T + 2 * Q], packed[2 * T + 2 * Q:],
+                                      slots)  # [Q], [Q], [Q], [B, Lm]
+        ctx = StepContext(self.cache, slot_map[0] if len(slot_map) == 1 else torch.cat(slot_map), None, None, None,
+                          multi, prefill_impl=self.prefill_impl, kernel_rows=kernel_rows, cpu_kernels=True)
+        return packed[None, :T], packed[None, T:2 * T], ctx
 
     def _short_rows(self, short: list[tuple[int, int, int, torch.Tensor]]) -> _ShortRows:
         """(packed start, new tokens, first position, context slots) per sequence -> padded batch tensors."""
@@ -299,6 +290,14 @@ class ModelRunner:
         mask = (ctx_pos <= q_pos[:, :, None]) & (ctx_pos < ctx_len)
         dev = self.device
         return _ShortRows(rows.to(dev), valid.to(dev), slots.to(dev), mask.to(dev))
+
+    def positions_and_slots(self, seqs: list[Sequence], starts: list[int], counts: list[int]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [T] and cache slots [T] of counts[i] consecutive positions from starts[i] of seqs[i], packed
+        in order, on the cache's device."""
+        positions = torch.cat([torch.arange(p, p + c) for p, c in zip(starts, counts)])
+        slots = torch.cat([self.slots(s, p, p + c) for s, p, c in zip(seqs, starts, counts)])
+        return positions.to(self.device), slots.to(self.device)
 
     @torch.inference_mode()
     def store_mtp_latents(self, k: int, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,

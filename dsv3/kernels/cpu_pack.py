@@ -117,8 +117,7 @@ class CpuMtpDraft:
     def __init__(self, ops, model: nn.Module):
         mtp = model.mtp_layers[0]
         self.ops, self.rotary = ops, model.rotary
-        self.blocks = mtp.cpu_layer.id
-        self._owner = mtp.cpu_layer  # keeps the registered blocks alive
+        self.layer = mtp.cpu_layer  # (holding it keeps its registered blocks alive)
         self.args = (model.model.embed_tokens.weight, mtp.enorm.weight, mtp.hnorm.weight, mtp.eh_proj.packed.t,
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 
@@ -132,7 +131,7 @@ class CpuMtpDraft:
         k = ctx.kernel_rows
         rope = getattr(ctx, "rope", None)  # the step's own tables when this pass follows it over the same rows
         cos, sin = rope if rope is not None else self.rotary.cos_sin(positions[0])
-        ids, lg, out = self.ops.mtp_draft(self.blocks, *self.args, h.contiguous(), next_ids.contiguous(),
+        ids, lg, out = self.ops.mtp_draft(self.layer.id, *self.args, h.contiguous(), next_ids.contiguous(),
                                           ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len,
                                           k.slots, cos, sin, keep, logits)
         return ids, (lg if logits else None), out
