@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compare", action="store_true", help="also run the recurrent convention for modules 2..D")
     a = ap.parse_args()
+    if a.drafts < 1 or a.prompts < 1 or a.max_tokens < 1:
+        ap.error("--drafts, --prompts and --max-tokens must be at least 1")
     from dsv3.engine.llm import LLM
     from dsv3.engine.sampling import SamplingParams
 

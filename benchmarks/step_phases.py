@@ -50,12 +50,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
+    try:
+        ks = [int(k) for k in a.drafts.split(",")]
+    except ValueError:
+        ap.error(f"--drafts must be a comma list of integers (0 = plain decoding), got {a.drafts!r}")
+    if any(k < 0 for k in ks) or a.rounds < 1 or a.prompts < 1:
+        ap.error("--drafts must be >= 0 and --rounds/--prompts >= 1")
     torch.set_num_threads(a.threads)
     import dsv3.engine.engine as engine_module
     from dsv3.engine.llm import LLM
     from dsv3.engine.sampling import SamplingParams
 
-    ks = [int(k) for k in a.drafts.split(",")]
     acc: dict[str, float] = collections.defaultdict(float)
 
     def timed(owner, name: str, label: str) -> None:
