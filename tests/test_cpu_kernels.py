@@ -64,6 +64,64 @@ def test_inverse_cdf_draw_kernel_matches_the_reference_bit_for_bit():
         OPS.draw_inverse_cdf(torch.rand(2, 5), torch.rand(3))
 
 
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+def test_tempered_softmax_matches_torch_to_a_few_ulp(dtype):
+    from dsv3.engine.sampling import tempered_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 4099, generator=gen) * 6).to(dtype)  # a tail after the 16-lane blocks
+    x[1, ::3] = -float("inf")  # masked tokens (top-k/top-p/min-p) get exactly 0
+    x[2, 4098] = 80.0  # the maximum in the tail
+    x[3, 1:] = -float("inf")  # one token left
+    for t in (0.3, 0.7, 1.0, 1.7):
+        got, want = OPS.tempered_softmax(x, t), (x.float() / t).softmax(-1)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-12)
+        assert (got[1, ::3] == 0).all() and got[3, 0] == 1 and (got[3, 1:] == 0).all()
+        assert torch.equal(tempered_softmax(x, t), got)  # the samplers' entry point (the kernels are loaded here)
+    assert torch.equal(OPS.tempered_softmax(x[:3, 3:], 0.7), OPS.tempered_softmax(x[:3, 3:].contiguous(), 0.7))
+    with pytest.raises(RuntimeError, match="temperature 0 must be finite and > 0"):
+        OPS.tempered_softmax(x, 0.0)
+    with pytest.raises(RuntimeError, match="no finite logit"):
+        OPS.tempered_softmax(torch.full((1, 8), -float("inf")), 1.0)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        OPS.tempered_softmax(x.double(), 1.0)
+
+
+def test_speculative_accept_kernel_matches_the_reference_bit_for_bit():
+    from dsv3.engine.speculative import accept_and_draw_reference
+
+    gen = torch.Generator().manual_seed(1)
+    outcomes = set()
+    for trial in range(60):
+        V = (7, 300, 4099)[trial % 3]
+        counts = [int(c) for c in torch.randint(0, 4, (1 + trial % 4,), generator=gen)]
+        n, D = sum(counts) + len(counts), sum(counts)
+        sharp = 1 + trial % 5  # from flat to peaked distributions, so drafts are kept and rejected
+        p = (torch.randn(n, V, generator=gen) * sharp).softmax(-1)
+        qs = list((torch.randn(D, V, generator=gen) * sharp).softmax(-1))
+        drafts = [int(torch.multinomial(q, 1, generator=gen)) for q in qs]
+        if trial % 6 == 0 and D:  # a draft distribution equal to its row's p: an all-zero residual, drawn from p
+            rows = [r for s, d in enumerate(counts) for r in range(sum(counts[:s]) + s, sum(counts[:s]) + s + d)]
+            qs[0] = p[rows[0]].clone()
+        u = torch.rand(n, generator=gen)
+        if trial % 7 == 0:
+            u[0] = 0.0
+        got = OPS.speculative_accept(p, qs, drafts, counts, u)
+        want = accept_and_draw_reference(p, qs, drafts, counts, u)
+        assert tuple(got) == want, trial
+        outcomes.update((a == d) for a, d in zip(want[0], counts) if d)
+    assert outcomes == {True, False}  # both every draft kept and a rejection were exercised
+    p, q = torch.rand(3, 5).softmax(-1), list(torch.rand(2, 5).softmax(-1))
+    with pytest.raises(RuntimeError, match="2 drafts need 3 rows of p and 2 drafts, got 3 and 1"):
+        OPS.speculative_accept(p, q[:1], [1], [2], torch.rand(3))
+    with pytest.raises(RuntimeError, match="1 drafts but 2 draft distributions"):
+        OPS.speculative_accept(p, q, [1], [2], torch.rand(3))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        OPS.speculative_accept(p, q, [1, 9], [2], torch.rand(3))
+    with pytest.raises(RuntimeError, match="one per row of p"):
+        OPS.speculative_accept(p, q, [1, 2], [2], torch.rand(2))
+
+
 def test_rms_norm_is_bit_identical_to_the_module():
     norm = RMSNorm(64, 1e-6)
     norm.weight.data = torch.randn(64)

@@ -233,7 +233,7 @@ def test_temperature_sampling_matches_softmax():
 def test_temperature_only_rows_take_the_short_path_with_the_same_draws():
     # Rows with a temperature and nothing else skip the per-row parameter tensors (Sampler.sample given states,
     # speculative.target_probs); tokens and distributions must equal the general path's, seeded or not.
-    from dsv3.engine.sampling import shared_temperature
+    from dsv3.engine.sampling import shared_temperature, tempered_softmax
     from dsv3.engine.speculative import target_probs
 
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3)) * 3
@@ -254,7 +254,7 @@ def test_temperature_only_rows_take_the_short_path_with_the_same_draws():
         assert torch.equal(short, general)
         logits = logits.roll(1, dims=1)
     _, x = process_logits(logits, SamplingBatch(states))
-    assert torch.equal(target_probs(logits, states), x.softmax(-1))
+    assert torch.equal(target_probs(logits, states), tempered_softmax(x))  # (C++ or torch: the same function)
     # anything besides the temperature, or rows that disagree, go the general way
     for other in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, min_p=0.1),
                   SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=0.7, presence_penalty=0.5),

@@ -281,7 +281,8 @@ class LLMEngine:
                 if mtp_logits is None:  # greedy: the argmaxes
                     toks, qs = [mtp_ids[i] for i, _, _ in drafting], [None] * len(drafting)
                 else:
-                    toks, qs = self._propose(mtp_logits[[i for i, _, _ in drafting]], seqs)
+                    every = len(drafting) == mtp_logits.shape[0]  # (the usual case: no row indexing)
+                    toks, qs = self._propose(mtp_logits if every else mtp_logits[[i for i, _, _ in drafting]], seqs)
                 for seq, tok, q in zip(seqs, toks, qs):
                     seq.draft, seq.extra["draft_q"] = [tok], [q]
                 more = [(i, seq, room) for i, seq, room in drafting if room > 1]

@@ -337,7 +337,7 @@ class Sampler:
                 self._check(logits, len(states))
                 u = self._uniforms(len(states), [(i, s.generator) for i, s in enumerate(states)
                                                  if s.generator is not None], logits.device)
-                return SamplerOutput(draw_inverse_cdf((logits.float() / t).softmax(dim=-1), u),
+                return SamplerOutput(draw_inverse_cdf(tempered_softmax(logits, t), u),
                                      num_logprobs=[None] * len(states))
             batch = SamplingBatch(states, self.device if self.device is not None else logits.device)
         self._check(logits, batch.size)
@@ -367,15 +367,40 @@ class Sampler:
     def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.all_greedy:
             return x.argmax(dim=-1)
-        return draw_inverse_cdf(x.softmax(dim=-1), self._uniforms(x.shape[0], batch.seeded_rows, x.device))
+        return draw_inverse_cdf(tempered_softmax(x), self._uniforms(x.shape[0], batch.seeded_rows, x.device))
 
     def _uniforms(self, n: int, seeded_rows: list[tuple[int, torch.Generator]], device) -> torch.Tensor:
         """One uniform per row [n]: seeded rows from their own generator (so a row's token does not depend on which
         other rows share the batch), the others from the shared one."""
+        if len(seeded_rows) == n:  # every row seeded (one row: the common case): no shared draws
+            return uniforms([g for _, g in seeded_rows], device)
         u = torch.rand(n, generator=self.generator, device=device)
         for row, generator in seeded_rows:
             u[row] = torch.rand((), generator=generator, device=device)
         return u
+
+
+def uniforms(generators: Sequence[torch.Generator | None], device: torch.device | str = "cpu",
+             counts: Sequence[int] | None = None) -> torch.Tensor:
+    """counts[i] (default 1) float32 uniforms in [0, 1) for each row i from its own generator (None: torch's default
+    one), back to back in one tensor [sum(counts)]. A seeded row's values do not depend on the other rows."""
+    counts = [1] * len(generators) if counts is None else counts
+    if all(g is None for g in generators):
+        return torch.rand(sum(counts), device=device)
+    parts = [torch.rand(c, generator=g, device=device) for g, c in zip(generators, counts)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def tempered_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """x [B, V] logits (masked tokens -inf, every row with a finite one) -> softmax(x / temperature) [B, V] float32.
+    CPU float32/bf16 rows go through the C++ kernels when they are loaded: the same float32 x / t, probabilities
+    within a few ulp of torch.softmax (tested); every sampling path uses this one function, so they agree."""
+    ops = cpu_ext.loaded()
+    if (ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2
+            and x.shape[1] > 0 and x.stride(-1) == 1):
+        return ops.tempered_softmax(x, float(temperature))
+    x = x.float()
+    return (x if temperature == 1.0 else x / temperature).softmax(dim=-1)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

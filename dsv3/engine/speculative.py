@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import (SamplingBatch, SequenceSamplingState, argmax_rows, draw_inverse_cdf, process_logits,
-                       shared_temperature)
+from ..kernels import cpu_ext
+from .sampling import (SamplingBatch, SequenceSamplingState, argmax_rows, draw_inverse_cdf, draw_inverse_cdf_reference,
+                       process_logits, shared_temperature, tempered_softmax, uniforms)
 
 SPECULATIVE_METHODS = ("off", "mtp")
 
@@ -32,26 +33,22 @@ def supports_speculation(state: SequenceSamplingState) -> bool:
 
 
 def target_probs(logits: torch.Tensor, states: SequenceSamplingState | list[SequenceSamplingState]) -> torch.Tensor:
-    """logits [n, V] -> the distribution p [n, V] each row samples from (temperature, top-k/p, min-p): one state
-    for all rows, or one per row."""
+    """logits [n, V] -> the distribution p [n, V] float32 each row samples from (temperature, top-k/p, min-p): one
+    state for all rows, or one per row."""
     if isinstance(states, SequenceSamplingState):
         states = [states] * logits.shape[0]
     t = shared_temperature(states)
     if t is not None:  # temperature only (the common case): no per-row parameter tensors, the same values
-        return (logits.float() / t).softmax(dim=-1)
+        return tempered_softmax(logits, t)
     _, x = process_logits(logits, SamplingBatch(states, logits.device))
-    return x.softmax(dim=-1)
+    return tempered_softmax(x)
 
 
-def draw_rows(probs: torch.Tensor | list[torch.Tensor], generators: list[torch.Generator | None]) -> list[int]:
-    """One token from each distribution probs[i] [V] (rows of a [B, V] tensor or a list; unnormalised is fine)
-    with generators[i], in one call."""
+def draw_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token from each distribution probs[i] ([B, V]; unnormalised is fine) with generators[i], in one call."""
     if not len(probs):
         return []
-    if not isinstance(probs, torch.Tensor):
-        probs = probs[0][None] if len(probs) == 1 else torch.stack(probs)
-    u = [torch.rand(1, generator=g, device=probs.device) for g in generators]
-    return draw_inverse_cdf(probs, u[0] if len(u) == 1 else torch.cat(u)).tolist()
+    return draw_inverse_cdf(probs, uniforms(generators, probs.device)).tolist()
 
 
 def propose(logits: torch.Tensor, state: SequenceSamplingState) -> tuple[int, torch.Tensor | None]:
@@ -74,7 +71,7 @@ def propose_rows(logits: torch.Tensor, states: list[SequenceSamplingState]
             toks[i] = t
     if sampled:
         rows = logits if not greedy else logits.index_select(0, torch.tensor(sampled, device=logits.device))
-        q = target_probs(rows.float(), [states[i] for i in sampled])  # [S, V]
+        q = target_probs(rows, [states[i] for i in sampled])  # [S, V]
         for i, t, qi in zip(sampled, draw_rows(q, [states[i].generator for i in sampled]), q):
             toks[i], qs[i] = t, qi
     return toks, qs
@@ -99,10 +96,9 @@ def verify(logits: torch.Tensor, draft: list[int], draft_q: list[torch.Tensor | 
 def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[list[torch.Tensor | None]],
                 states: list[SequenceSamplingState]) -> list[list[int]]:
     """Several sequences at once: logits [sum(d_i + 1), V], sequence i's d_i + 1 rows back to back -> the tokens
-    each appends (verify). The target distributions of all sampled rows are built in one pass and the values the
-    acceptance tests need reach the host in one copy; each sequence then draws from its own generator in the
-    same order as alone (the acceptance uniforms, then its final token), so seeded output does not depend on
-    the batch."""
+    each appends (verify). The target distributions of all sampled rows are built in one pass and every sampled
+    sequence is decided in one accept_and_draw call; each draws its d_i + 1 uniforms (acceptance tests, then its
+    final token) from its own generator whatever the outcome, so seeded output does not depend on the batch."""
     offs = [0]
     for d in drafts:
         offs.append(offs[-1] + len(d) + 1)
@@ -127,41 +123,58 @@ def verify_rows(logits: torch.Tensor, drafts: list[list[int]], draft_qs: list[li
     if greedy:
         logits = logits.index_select(0, torch.tensor([r for i in sampled for r in range(offs[i], offs[i + 1])],
                                                      device=logits.device))
-    p = target_probs(logits.float(), [states[i] for i in sampled for _ in range(len(drafts[i]) + 1)])
-    base, d_rows, d_toks, qs = [], [], [], []  # p row of each sequence's first row; per draft: p row, token, q
-    b = 0
-    for i in sampled:
-        base.append(b)
-        for j, x in enumerate(drafts[i]):
-            d_rows.append(b + j)
-            d_toks.append(x)
-            qs.append(draft_qs[i][j])
-        b += len(drafts[i]) + 1
-    if len(qs) <= 4 and p.device.type == "cpu":  # a few values: read them one by one (fewer operations)
-        px = [p[r, t].item() for r, t in zip(d_rows, d_toks)]
-        qx = [q[t].item() for q, t in zip(qs, d_toks)]
-    elif qs:  # p and q of each draft token through flat indices: two gathers and one host copy
-        V = p.shape[1]
-        at_p = torch.tensor([r * V + t for r, t in zip(d_rows, d_toks)], device=p.device)
-        at_q = torch.tensor([j * V + t for j, t in enumerate(d_toks)], device=p.device)
-        px, qx = torch.stack([p.take(at_p), torch.stack(qs).take(at_q)]).tolist()
-    finals, gens = [], []
-    k = 0
-    for i, b0 in zip(sampled, base):
-        gen = states[i].generator
-        dist = p[b0 + len(drafts[i])]  # every draft kept: a bonus token from p at the last row
-        a = 0
-        for j in range(len(drafts[i])):
-            if float(torch.rand((), generator=gen)) * qx[k + j] < px[k + j]:  # u < p/q without dividing by a tiny q
-                a += 1
-                continue
-            residual = (p[b0 + j] - qs[k + j]).clamp_(min=0)
-            dist = residual if float(residual.sum()) > 0 else p[b0 + j]  # p == q up to rounding: draw from p
-            break
-        k += len(drafts[i])
-        out[i] = drafts[i][:a]
-        finals.append(dist)
-        gens.append(gen)
-    for i, t in zip(sampled, draw_rows(finals, gens)):
-        out[i] = out[i] + [t]
+    p = target_probs(logits, [states[i] for i in sampled for _ in range(len(drafts[i]) + 1)])  # [n, V]
+    counts = [len(drafts[i]) for i in sampled]
+    u = uniforms([states[i].generator for i in sampled], p.device, [d + 1 for d in counts])  # [n]
+    accepted, finals = accept_and_draw(p, [q for i in sampled for q in draft_qs[i]],
+                                       [x for i in sampled for x in drafts[i]], counts, u)
+    for i, a, t in zip(sampled, accepted, finals):
+        out[i] = drafts[i][:a] + [t]
     return out
+
+
+def accept_and_draw(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], counts: list[int],
+                    u: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Speculative sampling's acceptance tests and final draws for S sequences in one call. p [n, V] float32: the
+    target distributions, sequence s's counts[s] + 1 rows back to back; qs: the draft distributions [V], one per
+    draft in the order of drafts [sum(counts)]; u [n]: per sequence one uniform per draft, then one for its final
+    token. Returns (accepted drafts per sequence, final token per sequence). On the CPU with the C++ kernels loaded
+    one kernel call; the same results as accept_and_draw_reference (tested)."""
+    ops = cpu_ext.loaded()
+    if ops is not None and p.device.type == "cpu" and p.dtype == torch.float32 and u.dtype == torch.float32:
+        return ops.speculative_accept(p.contiguous(), qs, drafts, counts, u)
+    return accept_and_draw_reference(p, qs, drafts, counts, u)
+
+
+def accept_and_draw_reference(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], counts: list[int],
+                              u: torch.Tensor) -> tuple[list[int], list[int]]:
+    """accept_and_draw in PyTorch operations (any device; the kernel's test oracle). Draft j is kept while
+    u_j * q_j(x_j) < p_j(x_j) (u < p/q without dividing by a tiny q); at the first rejection the final token comes
+    from max(0, p_j - q_j) renormalised (from p_j when that is all zero: p == q up to rounding); when every draft is
+    kept, from the last row's p."""
+    rows, r = [], 0  # the row of p of each draft
+    for d in counts:
+        rows += range(r, r + d)
+        r += d + 1
+    if drafts:  # p and q at each draft token: two gathers and one host copy
+        V = p.shape[1]
+        at_p = torch.tensor([i * V + x for i, x in zip(rows, drafts)], device=p.device)
+        at_q = torch.tensor([j * V + x for j, x in enumerate(drafts)], device=p.device)
+        px, qx = torch.stack([p.take(at_p), torch.stack(qs).take(at_q)]).tolist()
+    uh = u.tolist()
+    accepted, finals = [], []
+    r = k = 0  # this sequence's first row of p and first draft
+    for d in counts:
+        a = 0
+        while a < d and uh[r + a] * qx[k + a] < px[k + a]:
+            a += 1
+        dist = p[r + a]
+        if a < d:
+            residual = (p[r + a] - qs[k + a]).clamp(min=0)
+            if float(residual.sum()) > 0:
+                dist = residual
+        accepted.append(a)
+        finals.append(int(draw_inverse_cdf_reference(dist[None], u[r + d:r + d + 1])[0]))
+        r += d + 1
+        k += d
+    return accepted, finals

@@ -1173,6 +1173,18 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// The first index whose float64 running sum of p[0..V) exceeds min(u * total, the double just below total): the
+// inverse-CDF draw of draw_inverse_cdf for one row (zero-mass tokens are never picked).
+int64_t inverse_cdf_row(const float* p, int64_t V, float u, std::vector<double>& c) {
+  c.resize(V);
+  double acc = 0.0;
+  for (int64_t i = 0; i < V; ++i) c[i] = acc += static_cast<double>(p[i]);
+  const double total = c[V - 1];
+  const double target = std::min(static_cast<double>(u) * total, std::nextafter(total, 0.0));
+  // torch.searchsorted(right=True): the number of entries <= target (a binary search over the sorted sums).
+  return std::upper_bound(c.begin(), c.end(), target) - c.begin();
+}
+
 // Inverse-CDF draws, the same arithmetic as sampling.draw_inverse_cdf (the reference): probs [B, V] float32 >= 0
 // (unnormalised, each row with some mass), u [B] float32 in [0, 1) -> [B] int64, the first token whose float64
 // running sum (summed in order, like torch.cumsum) exceeds min(u * total, the double just below total).
@@ -1187,17 +1199,134 @@ at::Tensor draw_inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
   TORCH_CHECK(V > 0, "draw_inverse_cdf: empty rows");
   at::Tensor out = at::empty({B}, probs.options().dtype(at::kLong));
   const at::Tensor uc = u.contiguous();
-  std::vector<double> c(V);
+  std::vector<double> c;
+  for (int64_t b = 0; b < B; ++b)
+    out.data_ptr<int64_t>()[b] = inverse_cdf_row(probs.data_ptr<float>() + b * V, V, uc.data_ptr<float>()[b], c);
+  return out;
+}
+
+// softmax(x / t) of each row in float32: x [B, V] bf16 or float32 (contiguous rows; -inf = a masked token, which
+// gets exactly 0), t > 0 -> probs [B, V]. x / t is IEEE float32 division (the values PyTorch's
+// `x.float() / t` gives); exp is exp16 (~1 ulp), so probabilities match torch.softmax to a few ulp, not bit for bit.
+at::Tensor tempered_softmax(const at::Tensor& x, double temperature) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+                  x.dim() == 2 && x.stride(1) == 1,
+              "tempered_softmax: x must be a CPU bfloat16 or float32 [B, V] tensor with contiguous rows, got ",
+              x.scalar_type(), " ", x.sizes());
+  const float t = static_cast<float>(temperature);  // (torch divides float32 rows by the scalar in float32 too)
+  TORCH_CHECK(t > 0 && std::isfinite(t), "tempered_softmax: temperature ", temperature,
+              " must be finite and > 0 (greedy rows take the argmax instead)");
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0, "tempered_softmax: empty rows");
+  at::Tensor out = at::empty({B, V}, x.options().dtype(at::kFloat));
+  const bool f32 = x.scalar_type() == at::kFloat;
+  const float* xf = f32 ? x.data_ptr<float>() : nullptr;
+  const bf16_t* xb = f32 ? nullptr : bf_ptr(x);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t b = 0; b < B; ++b) {
-    const float* p = probs.data_ptr<float>() + b * V;
-    double acc = 0.0;
-    for (int64_t i = 0; i < V; ++i) c[i] = acc += static_cast<double>(p[i]);
-    const double total = c[V - 1];
-    const double target = std::min(static_cast<double>(uc.data_ptr<float>()[b]) * total, std::nextafter(total, 0.0));
-    // torch.searchsorted(right=True): the number of entries <= target (a binary search over the sorted sums).
-    out.data_ptr<int64_t>()[b] = std::upper_bound(c.begin(), c.end(), target) - c.begin();
+    float* y = out.data_ptr<float>() + b * V;
+    const __m512 tv = _mm512_set1_ps(t);
+    __m512 mx = neg_inf;
+    int64_t i = 0;
+    for (; i + 16 <= V; i += 16) {  // y = x / t, and the row's maximum
+      const __m512 v = f32 ? load16(xf + b * x.stride(0) + i) : load16(xb + b * x.stride(0) + i);
+      const __m512 q = _mm512_div_ps(v, tv);
+      _mm512_storeu_ps(y + i, q);
+      mx = _mm512_max_ps(mx, q);
+    }
+    float m = _mm512_reduce_max_ps(mx);
+    for (; i < V; ++i) {
+      const float v = f32 ? xf[b * x.stride(0) + i] : bf2f(xb[b * x.stride(0) + i]);
+      y[i] = v / t;
+      m = std::max(m, y[i]);
+    }
+    TORCH_CHECK(std::isfinite(m), "tempered_softmax: row ", b, " has no finite logit (all masked, or inf/NaN)");
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= V; i += 16) {  // e = exp(y - max), 0 where y = -inf; their sum
+      const __m512 q = _mm512_loadu_ps(y + i);
+      const __mmask16 live = _mm512_cmp_ps_mask(q, neg_inf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(q, mv)));
+      _mm512_storeu_ps(y + i, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < V; ++i) {
+      y[i] = std::isinf(y[i]) && y[i] < 0 ? 0.f : std::exp(y[i] - m);
+      sum += y[i];
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (i = 0; i + 16 <= V; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
+    for (; i < V; ++i) y[i] *= 1.f / sum;
   }
   return out;
+}
+
+// Speculative sampling's acceptance and final draw for S sequences in one call (speculative.accept_and_draw_reference
+// is the PyTorch oracle). p [n, V] float32: the target distributions, sequence s's counts[s] + 1 rows back to back;
+// q: one [V] float32 draft distribution per draft, in the same order as drafts [sum(counts)]; u [n] float32: per
+// sequence one uniform per draft (its acceptance test) and then one for the final token. Draft j of a sequence is
+// kept while u_j * q_j(x_j) < p_j(x_j) (u < p/q without a division, in float64). At the first rejection the final token is drawn
+// from max(0, p_j - q_j) (from p_j when that is all zero: p == q up to rounding); when every draft is kept, from the
+// last row's p. Returns (accepted drafts [S], final tokens [S]).
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> speculative_accept(const at::Tensor& p,
+                                                                        const std::vector<at::Tensor>& q,
+                                                                        const std::vector<int64_t>& drafts,
+                                                                        const std::vector<int64_t>& counts,
+                                                                        const at::Tensor& u) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.dim() == 2 && p.is_contiguous(),
+              "speculative_accept: p must be a contiguous CPU float32 [n, V] tensor, got ", p.scalar_type(), " ",
+              p.sizes());
+  const int64_t n = p.size(0), V = p.size(1), S = counts.size(), Dn = drafts.size();
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kFloat && u.dim() == 1 && u.size(0) == n,
+              "speculative_accept: u must be a CPU float32 [", n, "] tensor (one per row of p), got ",
+              u.scalar_type(), " ", u.sizes());
+  TORCH_CHECK(static_cast<int64_t>(q.size()) == Dn, "speculative_accept: ", Dn, " drafts but ", q.size(),
+              " draft distributions");
+  const int64_t* cnt = counts.data();
+  int64_t rows = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cnt[s] >= 0, "speculative_accept: negative draft count");
+    rows += cnt[s] + 1;
+  }
+  TORCH_CHECK(rows == n && rows - S == Dn, "speculative_accept: ", S, " sequences with ", rows - S,
+              " drafts need ", rows, " rows of p and ", rows - S, " drafts, got ", n, " and ", Dn);
+  const int64_t* dr = drafts.data();
+  for (int64_t j = 0; j < Dn; ++j) {
+    TORCH_CHECK(dr[j] >= 0 && dr[j] < V, "speculative_accept: draft token ", dr[j], " outside the vocabulary");
+    TORCH_CHECK(q[j].device().is_cpu() && q[j].scalar_type() == at::kFloat && q[j].dim() == 1 && q[j].size(0) == V &&
+                    q[j].is_contiguous(),
+                "speculative_accept: draft distribution ", j, " must be a contiguous CPU float32 [", V, "] tensor");
+  }
+  const at::Tensor uc = u.contiguous();
+  const float* up = uc.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  std::vector<int64_t> accepted(S), final_tok(S);
+  std::vector<float> residual(V);
+  std::vector<double> c;
+  int64_t r0 = 0, d0 = 0;  // this sequence's first row of p and first draft
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t d = cnt[s];
+    int64_t a = 0;
+    while (a < d && static_cast<double>(up[r0 + a]) * q[d0 + a].data_ptr<float>()[dr[d0 + a]] <
+                        pp[(r0 + a) * V + dr[d0 + a]])  // (in float64, as the reference's Python floats)
+      ++a;
+    const float* dist = pp + (r0 + a) * V;  // every draft kept: the last row's p
+    if (a < d) {
+      const float* qa = q[d0 + a].data_ptr<float>();
+      float mass = 0.f;
+      for (int64_t i = 0; i < V; ++i) {
+        residual[i] = std::max(dist[i] - qa[i], 0.f);
+        mass += residual[i];
+      }
+      if (mass > 0) dist = residual.data();
+    }
+    accepted[s] = a;
+    final_tok[s] = inverse_cdf_row(dist, V, up[r0 + d], c);
+    r0 += d + 1;
+    d0 += d;
+  }
+  return {accepted, final_tok};
 }
 
 // Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
@@ -1280,6 +1409,9 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
   m.def("draw_inverse_cdf(Tensor probs, Tensor u) -> Tensor", &draw_inverse_cdf);
+  m.def("tempered_softmax(Tensor x, float t) -> Tensor", &tempered_softmax);
+  m.def("speculative_accept(Tensor p, Tensor[] q, int[] drafts, int[] counts, Tensor u) -> (int[], int[])",
+        &speculative_accept);
   m.def("section_times() -> float[]", &section_times);
   m.def("capability() -> str", &capability);
 }
