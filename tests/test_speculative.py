@@ -300,10 +300,13 @@ def test_batched_verification_and_drafting_draw_what_each_sequence_draws_alone()
         assert all(1 <= len(t) <= d + 1 for t, d in zip(got, n_drafts))
 
 
-def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt, monkeypatch):
-    # Sampled (and mixed greedy/sampled) batches on the C++ kernels verify and draft in the step's own context,
-    # the MTP logits coming from the one-call C++ pass: with seeds, every token and every acceptance equals the
-    # module-by-module path's (same distributions, same draws from each sequence's generator).
+@pytest.mark.parametrize("rows", ["filters", "temperatures"])
+def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt, monkeypatch, rows):
+    # Sampled (and mixed greedy/sampled) batches on the C++ kernels verify and draft in the step's own context:
+    # with top-k/top-p rows the MTP logits come from the one-call C++ pass and drafts are drawn after the step;
+    # with temperature-only rows the call draws them itself (uniforms taken beforehand only from sequences that
+    # will draft: different max_tokens end the drafting of some). With seeds, every token and every acceptance
+    # equals the module-by-module path's (same distributions, same draws from each sequence's generator).
     from dsv3.kernels import cpu_ext
     from dsv3.kernels.cpu_pack import prepack_for_cpu
 
@@ -312,10 +315,14 @@ def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt
     model = dsv3.load_model(tiny_ckpt, dtype=torch.bfloat16)
     assert prepack_for_cpu(model) and model.cpu_kernels
     prompts = prompts_for(model.cfg.vocab_size, n=4, seed=5)
-    params = [SamplingParams(max_tokens=14, temperature=0.9, seed=1, ignore_eos=True),
-              SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True),
-              SamplingParams(max_tokens=14, temperature=1.2, top_k=20, seed=2, ignore_eos=True),
-              SamplingParams(max_tokens=14, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True)]
+    if rows == "filters":
+        params = [SamplingParams(max_tokens=14, temperature=0.9, seed=1, ignore_eos=True),
+                  SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=14, temperature=1.2, top_k=20, seed=2, ignore_eos=True),
+                  SamplingParams(max_tokens=14, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True)]
+    else:
+        params = [SamplingParams(max_tokens=n, temperature=t, seed=s, ignore_eos=True)
+                  for n, t, s in ((14, 0.9, 1), (9, 0.0, None), (6, 1.3, 2), (11, 0.6, 3))]
     for k in (1, 2):
         cfg = EngineConfig(speculative="mtp", num_draft_tokens=k, num_blocks=128, block_size=8)
         eng = LLMEngine(model, config=cfg)
@@ -324,6 +331,8 @@ def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt
         monkeypatch.setattr(eng, "_verify_and_draft_in_step", lambda *a: in_step.append(f(*a)) or in_step[-1])
         got = run_to_completion(eng, prompts, params)
         assert any(r is not None for r in in_step)
+        drawn_in_call = any(r is not None and r[3] is not None for r in in_step)  # (q from the call)
+        assert drawn_in_call == (rows == "temperatures")
         one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
         try:
             ref_eng = LLMEngine(model, config=cfg)

@@ -17,7 +17,7 @@ import torch
 from ..model.transformer import Transformer
 from .kv_cache import LatentKVCache
 from .runner import ModelRunner
-from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState
+from .sampling import LogprobEntry, SamplingParams, Sampler, SequenceSamplingState, shared_temperature, uniforms
 from .speculative import SPECULATIVE_METHODS, accept_greedy, propose_rows, supports_speculation, verify_rows
 from .scheduler import QueueFullError, Scheduler, Sequence, SeqStatus
 
@@ -229,7 +229,7 @@ class LLMEngine:
         if fused is None:
             fused = self._verify_and_draft_in_step(batch, n_known, logits, hidden, offsets)
         if fused is not None:  # accepted tokens and the MTP pass for the next drafts already computed
-            new_tokens, mtp_ids, mtp_logits, mtp_out = fused
+            new_tokens, mtp_ids, mtp_logits, mtp_q, mtp_out = fused
             for i, seq in enumerate(batch.seqs):
                 if seq.draft:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
@@ -278,8 +278,9 @@ class LLMEngine:
                         if not seq.is_finished and (room := self._draft_room(seq)) > 0]
             if drafting:
                 seqs = [seq for _, seq, _ in drafting]
-                if mtp_logits is None:  # greedy: the argmaxes
-                    toks, qs = [mtp_ids[i] for i, _, _ in drafting], [None] * len(drafting)
+                if mtp_logits is None:  # drafts drawn in the MTP call (argmaxes; q for the sampled rows)
+                    toks = [mtp_ids[i] for i, _, _ in drafting]
+                    qs = [None if mtp_q is None or seq.params.greedy else mtp_q[i] for i, seq, _ in drafting]
                 else:
                     every = len(drafting) == mtp_logits.shape[0]  # (the usual case: no row indexing)
                     toks, qs = self._propose(mtp_logits if every else mtp_logits[[i for i, _, _ in drafting]], seqs)
@@ -302,14 +303,14 @@ class LLMEngine:
         self.stats["spec_accepted"] += accepted
         self.stats["spec_verify_steps"] += 1
 
-    def _draft_room(self, seq: Sequence) -> int:
-        """How many drafts seq may take now: up to num_draft, leaving room for the main model's own token within
-        max_tokens and the context."""
-        return min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - 1,
-                   self.max_model_len - seq.num_tokens - 1)
+    def _draft_room(self, seq: Sequence, appending: int = 0) -> int:
+        """How many drafts seq may take now (or once `appending` more tokens are appended): up to num_draft,
+        leaving room for the main model's own token within max_tokens and the context."""
+        return min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - appending - 1,
+                   self.max_model_len - seq.num_tokens - appending - 1)
 
     def _static_verify_and_draft(self, batch, n_known: list[int]
-                                 ) -> tuple[list[list[int]], list[int], None, None] | None:
+                                 ) -> tuple[list[list[int]], list[int], None, None, None] | None:
         """Greedy speculative steps with one draft through the static runner (engine/graphs.py: one replay computes
         the main model's and the MTP module's argmaxes at every row, one host read). Same result as
         _verify_and_draft_in_step; None when the step does not qualify or no static runner is on."""
@@ -324,21 +325,24 @@ class LLMEngine:
         self.runner.last = None  # no eager step context to reuse
         targets, drafts = g.run_spec(batch.seqs)
         accepted = [accept_greedy(seq.draft, t[:1 + len(seq.draft)]) for seq, t in zip(batch.seqs, targets)]
-        return accepted, [d[len(a) - 1] for a, d in zip(accepted, drafts)], None, None
+        return accepted, [d[len(a) - 1] for a, d in zip(accepted, drafts)], None, None, None
 
     @torch.inference_mode()
     def _verify_and_draft_in_step(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
                                   offsets: list[int]
-                                  ) -> tuple[list[list[int]], list[int], torch.Tensor | None,
+                                  ) -> tuple[list[list[int]], list[int], torch.Tensor | None, torch.Tensor | None,
                                              torch.Tensor | None] | None:
         """Decode/verification steps of speculating sequences, with the MTP pass in the step's own context right
-        after the main pass. Returns (accepted tokens per sequence; from MTP at its last verified row: the argmax,
-        the logits [B, V] when some sequence samples (else None), the MTP block's output [B, D] for further drafts
-        (None off the CPU kernels)), or None when the step does not qualify (prompt rows, requests that do not
-        speculate).
+        after the main pass. Returns (accepted tokens per sequence; from MTP at its last verified row: the draft
+        token, the logits [B, V] when some sequence's draft is drawn after the call (else None), the draft
+        distributions q [B, V] when the call drew the sampled drafts (else None), the MTP block's output [B, D] for
+        further drafts (None off the CPU kernels)), or None when the step does not qualify (prompt rows, requests
+        that do not speculate).
         - C++ CPU kernels (greedy and sampled rows, any number of drafts): the acceptance is known first (no device
           to wait for), so the MTP block stores the latents of every row but goes on (attention, FFN, head) from each
-          sequence's last verified row only, as one C++ call; further drafts follow after the step (_draft_more);
+          sequence's last verified row only, as one C++ call; further drafts follow after the step (_draft_more).
+          Rows that sample with a temperature alone draw their draft in that call too, from a uniform taken from
+          their generator beforehand (only for sequences that will draft: the same draws as after the step);
         - elsewhere (greedy, one draft): the MTP module runs over all rows before the single host sync (rows past a
           rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them)."""
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
@@ -363,15 +367,37 @@ class LLMEngine:
                 next_ids += a + [a[-1]] * (offsets[i + 1] - offsets[i] - len(a))
             T = len(next_ids)
             both = torch.tensor(next_ids + [offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])  # one copy
-            sampled = not all(s.params.greedy for s in seqs)
-            ids, mtp_logits, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], logits=sampled)
-            return accepted, ids.tolist(), mtp_logits, h_out
+            temps = self._draft_temperatures(seqs, accepted)
+            if temps is None:  # some row filters (top-k/top-p/min-p): its logits, drafts drawn after the step
+                ids, mtp_logits, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], logits=True)
+                return accepted, ids.tolist(), mtp_logits, None, h_out
+            if not any(temps):  # greedy
+                ids, _, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:])
+                return accepted, ids.tolist(), None, None, h_out
+            u = uniforms([s.extra["sampling"].generator if t else None for s, t in zip(seqs, temps)])
+            ids, q, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], temperatures=temps, u=u)
+            return accepted, ids.tolist(), None, q, h_out
         targets = logits.argmax(dim=-1)  # [T]
         h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
         drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
         t, d = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
         accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(seqs)]
-        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None, None
+        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None, None, None
+
+    def _draft_temperatures(self, seqs: list[Sequence], accepted: list[list[int]]) -> list[float] | None:
+        """Per sequence of a step about to append `accepted`: the temperature its next draft is drawn at inside
+        the MTP call (0: greedy, or it will not draft after this step, so its generator is left alone), or None
+        when some drafting row samples with more than a temperature (its draft is drawn after the step)."""
+        temps = []
+        for seq, a in zip(seqs, accepted):
+            p = seq.params
+            if p.greedy or self._draft_room(seq, len(a)) <= 0:
+                temps.append(0.0)
+            elif shared_temperature([seq.extra["sampling"]]) is None:
+                return None
+            else:
+                temps.append(p.temperature)
+        return temps
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -122,19 +122,22 @@ class CpuMtpDraft:
                      mtp.shared_head.norm.weight, model.lm_head.packed.t, model.cfg.vocab_size, mtp.enorm.eps)
 
     def __call__(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, ctx,
-                 keep: torch.Tensor | None = None, logits: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> (argmax ids [T], the
-        logits [T, V] bf16 when asked for, else None, the MTP block's output [T, D]); with keep [K] (increasing),
+                 keep: torch.Tensor | None = None, logits: bool = False, temperatures: list[float] | None = None,
+                 u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """h [T, D] (the main model's final hidden states), next_ids [T], positions [1, T] -> (draft ids [T], the
+        logits [T, V] bf16 when asked for (else None), the MTP block's output [T, D]); with keep [K] (increasing),
         every row's MTP latents are stored but attention, the block's FFN and the head run for the kept rows
-        alone, and the outputs have K rows."""
+        alone, and the outputs have K rows. Drafts are the argmaxes, unless temperatures (one per output row, 0 =
+        greedy) and u [K] are given: then rows with a temperature draw from q = softmax(logits / t) with their u,
+        and the second output is q [K, V] float32 instead of the logits (sampling.tempered_softmax and
+        draw_inverse_cdf's values, in the same call)."""
         k = ctx.kernel_rows
         rope = getattr(ctx, "rope", None)  # the step's own tables when this pass follows it over the same rows
         cos, sin = rope if rope is not None else self.rotary.cos_sin(positions[0])
-        ids, lg, out = self.ops.mtp_draft(self.layer.id, *self.args, h.contiguous(), next_ids.contiguous(),
-                                          ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len,
-                                          k.slots, cos, sin, keep, logits)
-        return ids, (lg if logits else None), out
+        ids, second, out = self.ops.mtp_draft(self.layer.id, *self.args, h.contiguous(), next_ids.contiguous(),
+                                              ctx.cache.kv, ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len,
+                                              k.slots, cos, sin, keep, logits, temperatures, u)
+        return ids, (second if logits or temperatures is not None else None), out
 
 
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:

@@ -1205,59 +1205,70 @@ at::Tensor draw_inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
   return out;
 }
 
-// softmax(x / t) of each row in float32: x [B, V] bf16 or float32 (contiguous rows; -inf = a masked token, which
-// gets exactly 0), t > 0 -> probs [B, V]. x / t is IEEE float32 division (the values PyTorch's
-// `x.float() / t` gives); exp is exp16 (~1 ulp), so probabilities match torch.softmax to a few ulp, not bit for bit.
+// softmax(x / t) of one row of V logits in float32 into y (-inf = a masked token, which gets exactly 0). x / t is
+// IEEE float32 division (the values PyTorch's `x.float() / t` gives); exp is exp16 (~1 ulp), so probabilities match
+// torch.softmax to a few ulp, not bit for bit. Returns false (y unspecified) when the row has no finite logit.
+template <typename T>
+bool tempered_softmax_row(const T* x, int64_t V, float t, float* y) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 tv = _mm512_set1_ps(t);
+  __m512 mx = neg_inf;
+  int64_t i = 0;
+  for (; i + 16 <= V; i += 16) {  // y = x / t, and the row's maximum
+    const __m512 q = _mm512_div_ps(load16(x + i), tv);
+    _mm512_storeu_ps(y + i, q);
+    mx = _mm512_max_ps(mx, q);
+  }
+  float m = _mm512_reduce_max_ps(mx);
+  for (; i < V; ++i) {
+    y[i] = to_f32(x[i]) / t;
+    m = std::max(m, y[i]);
+  }
+  if (!std::isfinite(m)) return false;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= V; i += 16) {  // e = exp(y - max), 0 where y = -inf; their sum
+    const __m512 q = _mm512_loadu_ps(y + i);
+    const __mmask16 live = _mm512_cmp_ps_mask(q, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(q, mv)));
+    _mm512_storeu_ps(y + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < V; ++i) {
+    y[i] = std::isinf(y[i]) && y[i] < 0 ? 0.f : std::exp(y[i] - m);
+    sum += y[i];
+  }
+  const float inv = 1.f / sum;
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (i = 0; i + 16 <= V; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), iv));
+  for (; i < V; ++i) y[i] *= inv;
+  return true;
+}
+
+float checked_temperature(double temperature, const char* op) {
+  const float t = static_cast<float>(temperature);  // (torch divides float32 rows by a scalar in float32 too)
+  TORCH_CHECK(t > 0 && std::isfinite(t), op, ": temperature ", temperature,
+              " must be finite and > 0 (greedy rows take the argmax instead)");
+  return t;
+}
+
+// softmax(x / t) of each row: x [B, V] bf16 or float32 (contiguous rows), t > 0 -> probs [B, V] float32
+// (tempered_softmax_row).
 at::Tensor tempered_softmax(const at::Tensor& x, double temperature) {
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
                   x.dim() == 2 && x.stride(1) == 1,
               "tempered_softmax: x must be a CPU bfloat16 or float32 [B, V] tensor with contiguous rows, got ",
               x.scalar_type(), " ", x.sizes());
-  const float t = static_cast<float>(temperature);  // (torch divides float32 rows by the scalar in float32 too)
-  TORCH_CHECK(t > 0 && std::isfinite(t), "tempered_softmax: temperature ", temperature,
-              " must be finite and > 0 (greedy rows take the argmax instead)");
+  const float t = checked_temperature(temperature, "tempered_softmax");
   const int64_t B = x.size(0), V = x.size(1);
   TORCH_CHECK(V > 0, "tempered_softmax: empty rows");
   at::Tensor out = at::empty({B, V}, x.options().dtype(at::kFloat));
-  const bool f32 = x.scalar_type() == at::kFloat;
-  const float* xf = f32 ? x.data_ptr<float>() : nullptr;
-  const bf16_t* xb = f32 ? nullptr : bf_ptr(x);
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t b = 0; b < B; ++b) {
     float* y = out.data_ptr<float>() + b * V;
-    const __m512 tv = _mm512_set1_ps(t);
-    __m512 mx = neg_inf;
-    int64_t i = 0;
-    for (; i + 16 <= V; i += 16) {  // y = x / t, and the row's maximum
-      const __m512 v = f32 ? load16(xf + b * x.stride(0) + i) : load16(xb + b * x.stride(0) + i);
-      const __m512 q = _mm512_div_ps(v, tv);
-      _mm512_storeu_ps(y + i, q);
-      mx = _mm512_max_ps(mx, q);
-    }
-    float m = _mm512_reduce_max_ps(mx);
-    for (; i < V; ++i) {
-      const float v = f32 ? xf[b * x.stride(0) + i] : bf2f(xb[b * x.stride(0) + i]);
-      y[i] = v / t;
-      m = std::max(m, y[i]);
-    }
-    TORCH_CHECK(std::isfinite(m), "tempered_softmax: row ", b, " has no finite logit (all masked, or inf/NaN)");
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 acc = _mm512_setzero_ps();
-    for (i = 0; i + 16 <= V; i += 16) {  // e = exp(y - max), 0 where y = -inf; their sum
-      const __m512 q = _mm512_loadu_ps(y + i);
-      const __mmask16 live = _mm512_cmp_ps_mask(q, neg_inf, _CMP_NEQ_OQ);
-      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(q, mv)));
-      _mm512_storeu_ps(y + i, e);
-      acc = _mm512_add_ps(acc, e);
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    for (; i < V; ++i) {
-      y[i] = std::isinf(y[i]) && y[i] < 0 ? 0.f : std::exp(y[i] - m);
-      sum += y[i];
-    }
-    const __m512 inv = _mm512_set1_ps(1.f / sum);
-    for (i = 0; i + 16 <= V; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), inv));
-    for (; i < V; ++i) y[i] *= 1.f / sum;
+    const bool ok = x.scalar_type() == at::kFloat ? tempered_softmax_row(x.data_ptr<float>() + b * x.stride(0), V, t, y)
+                                                  : tempered_softmax_row(bf_ptr(x) + b * x.stride(0), V, t, y);
+    TORCH_CHECK(ok, "tempered_softmax: row ", b, " has no finite logit (all masked, or inf/NaN)");
   }
   return out;
 }
@@ -1332,17 +1343,22 @@ std::tuple<std::vector<int64_t>, std::vector<int64_t>> speculative_accept(const 
 // Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
 // state h[t] and the embedding of next_ids[t]. Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation,
 // the MTP block (run_blocks), shared_head.norm, the shared LM head. With keep ([K] increasing rows), every row's
-// latents are stored but only the kept rows go through attention, the block's FFN and the head. Returns the argmax
-// of the module's logits per row [K] (the first maximum, as torch.argmax: greedy drafts), the logits themselves
-// [K, V] bf16 when return_logits (for sampled drafts; else an empty tensor) and the block's output [K, D] (what a
-// further, recurrent draft starts from).
+// latents are stored but only the kept rows go through attention, the block's FFN and the head. Returns the draft
+// token per row [K], the logits [K, V] bf16 when return_logits (else an empty tensor, or see below) and the block's
+// output [K, D] (what a further, recurrent draft starts from). The draft token is the argmax of the module's logits
+// (the first maximum, as torch.argmax: greedy drafts), unless temperatures [K] and u [K] are given: then a row with
+// temperature t > 0 draws its token from q = softmax(logits / t) with u (tempered_softmax_row and inverse_cdf_row:
+// what sampling.tempered_softmax and draw_inverse_cdf give), a row with t = 0 takes the argmax, and the second
+// output is q [K, V] float32 (rows of t = 0 unspecified): the draft distributions speculative sampling needs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(int64_t mtp, const at::Tensor& embed, const at::Tensor& enorm,
                             const at::Tensor& hnorm, const at::Tensor& eh_proj, const at::Tensor& head_norm,
                             const at::Tensor& lm_head, int64_t vocab, double eps, const at::Tensor& h,
                             const at::Tensor& next_ids, const at::Tensor& kv_all, int64_t layer_offset,
                             const at::Tensor& slot_mapping, const at::Tensor& tok, const at::Tensor& seq,
                             const at::Tensor& len, const at::Tensor& slots, const at::Tensor& cos,
-                            const at::Tensor& sin, const c10::optional<at::Tensor>& keep, bool return_logits) {
+                            const at::Tensor& sin, const c10::optional<at::Tensor>& keep, bool return_logits,
+                            const c10::optional<std::vector<double>>& temperatures,
+                            const c10::optional<at::Tensor>& u) {
   check_bf16(embed, "mtp_draft: embed", 2);
   check_bf16(h, "mtp_draft: h", 2);
   check_index(next_ids, "mtp_draft: next_ids", 1);
@@ -1366,8 +1382,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(int64_t mtp, const at::
   const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [K, V] bf16
   at::Tensor out = at::empty({K}, next_ids.options());
   const bf16_t* lp = bf_ptr(logits);
-  for (int64_t t = 0; t < K; ++t) out.data_ptr<int64_t>()[t] = argmax_row(lp + t * vocab, vocab);
-  return {out, return_logits ? logits : at::empty({0}, logits.options()), x};
+  if (!temperatures.has_value()) {
+    for (int64_t t = 0; t < K; ++t) out.data_ptr<int64_t>()[t] = argmax_row(lp + t * vocab, vocab);
+    return {out, return_logits ? logits : at::empty({0}, logits.options()), x};
+  }
+  const std::vector<double>& temps = *temperatures;
+  TORCH_CHECK(!return_logits, "mtp_draft: return_logits and temperatures exclude each other");
+  TORCH_CHECK(static_cast<int64_t>(temps.size()) == K && u.has_value() && u->device().is_cpu() &&
+                  u->scalar_type() == at::kFloat && u->dim() == 1 && u->size(0) == K,
+              "mtp_draft: sampled drafts need ", K, " temperatures (one per drafting row, 0 = greedy) and a CPU "
+              "float32 u [", K, "]");
+  const at::Tensor uc = u->contiguous();
+  at::Tensor q = at::empty({K, vocab}, logits.options().dtype(at::kFloat));
+  std::vector<double> c;
+  for (int64_t t = 0; t < K; ++t) {
+    if (temps[t] == 0) {
+      out.data_ptr<int64_t>()[t] = argmax_row(lp + t * vocab, vocab);
+      continue;
+    }
+    float* qt = q.data_ptr<float>() + t * vocab;
+    TORCH_CHECK(tempered_softmax_row(lp + t * vocab, vocab, checked_temperature(temps[t], "mtp_draft"), qt),
+                "mtp_draft: row ", t, " has no finite logit");
+    out.data_ptr<int64_t>()[t] = inverse_cdf_row(qt, vocab, uc.data_ptr<float>()[t], c);
+  }
+  return {out, q, x};
 }
 
 std::string capability() {
@@ -1403,8 +1441,8 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("mtp_draft(int mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
-        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None, bool return_logits=False) -> "
-        "(Tensor, Tensor, Tensor)", &mtp_draft);
+        "Tensor len, Tensor slots, Tensor cos, Tensor sin, Tensor? keep=None, bool return_logits=False, "
+        "float[]? temperatures=None, Tensor? u=None) -> (Tensor, Tensor, Tensor)", &mtp_draft);
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
