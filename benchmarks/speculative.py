@@ -5,12 +5,13 @@ For batch 1 and batch 8 (default), decoding of held-out prompts with speculation
 (prompt included) and in the decode phase alone (after each request's first token: what speculation changes),
 speedups, draft acceptance rate and tokens per verification step. Greedy outputs are checked to be identical;
 --temperature adds seeded sampled runs (their outputs differ from plain decoding's draw by draw, not in
-distribution, which tests/test_speculative.py checks). Plain and speculative runs alternate --repeats times and the
-speedups are medians of the per-repeat ratios, so a drift of the machine's speed hits both sides alike.
+distribution, which tests/test_speculative.py checks). Plain and speculative decoding alternate batch by batch
+(each batch of prompts goes through every engine in turn, the first engine rotating), for --repeats rounds over
+all prompts; speedups are medians of the per-round ratios, so a drift of the machine's speed hits both sides alike.
 Default model: the embedded one (trained with an MTP module, see docs/training.md).
 
   python benchmarks/speculative.py [--model PATH] [--batch-sizes 1,8] [--max-tokens 96] [--draft 1,2] [--repeats 3]
-                                   [--temperature 0.8] [--device cuda [--eager]]
+                                   [--temperature 0.8] [--device cuda [--eager]] [--speculative-max-batch N]
 """
 from __future__ import annotations
 
@@ -43,25 +44,38 @@ def held_out_prompts(n: int, chars: int = 300) -> list[str]:
     return out
 
 
-def run(llm, prompts, max_tokens: int, bs: int, temperature: float = 0.0) -> dict:
-    """Generate for all prompts, bs at a time: end-to-end and decode-phase tokens/s, the token ids."""
+def run_batch(llm, prompts, max_tokens: int, seed0: int, temperature: float = 0.0) -> dict:
+    """Generate for one batch of prompts: its tokens, time, and the decode phase's tokens and time."""
     from dsv3.engine.sampling import SamplingParams
 
-    tokens, total, elapsed, decode_tokens, decode_time = [], 0, 0.0, 0, 0.0
-    for i in range(0, len(prompts), bs):
-        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=i + j)
-                  for j in range(len(prompts[i:i + bs]))]
-        t = time.perf_counter()
-        outs = llm.generate(prompts[i:i + bs], params)
-        elapsed += time.perf_counter() - t
-        tokens += [o.token_ids for o in outs]
-        total += sum(len(o.token_ids) for o in outs)
-        # The decode phase of a batch: from its last first token to its end (every sequence decoding).
-        first = max(o.metrics["arrival_time"] + o.metrics["time_to_first_token"] for o in outs)
-        end = max(o.metrics["arrival_time"] + o.metrics["elapsed"] for o in outs)
-        decode_time += end - first
-        decode_tokens += sum(len(o.token_ids) - 1 for o in outs)
-    return {"tps": total / elapsed, "decode_tps": decode_tokens / decode_time, "tokens": tokens}
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True, seed=seed0 + j)
+              for j in range(len(prompts))]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    # The decode phase of a batch: from its last first token to its end (every sequence decoding).
+    first = max(o.metrics["arrival_time"] + o.metrics["time_to_first_token"] for o in outs)
+    end = max(o.metrics["arrival_time"] + o.metrics["elapsed"] for o in outs)
+    return {"tokens": sum(len(o.token_ids) for o in outs), "time": elapsed,
+            "decode_tokens": sum(len(o.token_ids) - 1 for o in outs), "decode_time": end - first,
+            "ids": [o.token_ids for o in outs]}
+
+
+def run_round(engines: dict, prompts, max_tokens: int, bs: int, temperature: float, shift: int) -> dict:
+    """All prompts, bs at a time, every engine on each batch in turn before the next batch (the starting engine
+    rotates), so a drift of the machine's speed hits every engine alike. Per engine: tokens/s end to end and in
+    the decode phase, the token ids."""
+    keys = list(engines)
+    acc = {k: {"tokens": 0, "time": 0.0, "decode_tokens": 0, "decode_time": 0.0, "ids": []} for k in keys}
+    for n, i in enumerate(range(0, len(prompts), bs)):
+        for j in range(len(keys)):
+            k = keys[(j + n + shift) % len(keys)]
+            r = run_batch(engines[k], prompts[i:i + bs], max_tokens, i, temperature)
+            for f in ("tokens", "time", "decode_tokens", "decode_time"):
+                acc[k][f] += r[f]
+            acc[k]["ids"] += r["ids"]
+    return {k: {"tps": v["tokens"] / v["time"], "decode_tps": v["decode_tokens"] / v["decode_time"],
+                "tokens": v["ids"]} for k, v in acc.items()}
 
 
 def main() -> int:
@@ -76,6 +90,9 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=None, help="also measure seeded sampling at this temperature")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda (issue 10's GPU target: >= 1.6x at batch 1)")
+    ap.add_argument("--speculative-max-batch", type=int, default=0,
+                    help="the engines' drafting limit (default 0: draft at every batch size, to measure speculation "
+                         "itself; -1: the device's default policy, what a user gets)")
     ap.add_argument("--eager", action="store_true",
                     help="on CUDA, run every step eagerly (default: decode and greedy one-draft speculative steps "
                          "replay CUDA graphs, engine/graphs.py)")
@@ -92,7 +109,8 @@ def main() -> int:
     drafts = [int(d) for d in a.draft.split(",")]
     engines = {0: LLM(a.model, speculative="off", **common)}
     for k in drafts:
-        engines[k] = LLM(a.model, speculative="mtp", num_draft_tokens=k, **common)
+        engines[k] = LLM(a.model, speculative="mtp", num_draft_tokens=k,
+                         speculative_max_batch=a.speculative_max_batch, **common)
     if a.device == "cuda" and not a.eager:
         top = max(int(b) for b in a.batch_sizes.split(","))
         for llm in engines.values():
@@ -101,23 +119,20 @@ def main() -> int:
     gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
     temps = [0.0] + ([a.temperature] if a.temperature else [])
     rows, result = [], {"model": engines[0].path, "dtype": a.dtype, "threads": a.threads, "repeats": a.repeats,
-                        "runs": []}
+                        "speculative_max_batch": a.speculative_max_batch, "runs": []}
     for temp in temps:
         for bs in [int(b) for b in a.batch_sizes.split(",")]:
             for llm in engines.values():
-                run(llm, prompts[:bs], 8, bs, temp)  # warm-up
+                run_batch(llm, prompts[:bs], 8, 0, temp)  # warm-up
+            fields = ("spec_drafted", "spec_accepted", "spec_verify_steps")
+            s0 = {k: dict(llm.engine.stats) for k, llm in engines.items()}
             rounds = {k: [] for k in engines}
-            stats = {k: [] for k in drafts}
-            for _ in range(a.repeats):
-                for k, llm in engines.items():
-                    s0 = dict(llm.engine.stats)
-                    rounds[k].append(run(llm, prompts, a.max_tokens, bs, temp))
-                    if k:
-                        st = llm.engine.stats
-                        stats[k].append([st[f] - s0[f] for f in ("spec_drafted", "spec_accepted", "spec_verify_steps")])
+            for n in range(a.repeats):
+                for k, r in run_round(engines, prompts, a.max_tokens, bs, temp, n).items():
+                    rounds[k].append(r)
             base = rounds[0]
             for k in drafts:
-                d, acc, steps = (sum(x[i] for x in stats[k]) for i in range(3))
+                d, acc, steps = (engines[k].engine.stats[f] - s0[k][f] for f in fields)
                 spec = rounds[k]
                 r = {"temperature": temp, "batch": bs, "draft_tokens": k,
                      "plain_tokens_per_s": statistics.median(x["tps"] for x in base),
@@ -136,7 +151,7 @@ def main() -> int:
     where = f"{a.threads} threads" if a.device == "cpu" else (torch.cuda.get_device_name() +
                                                               (", eager" if a.eager else ", CUDA graphs"))
     print(f"model {result['model']} ({a.dtype}, {where}, {len(prompts)} prompts x {a.max_tokens} tokens, "
-          f"median of {a.repeats} alternating rounds)")
+          f"median of {a.repeats} rounds, engines alternating batch by batch)")
     print(f"{'temp':>4} {'batch':>5} {'k':>2} {'plain tok/s':>11} {'mtp tok/s':>9} {'speedup':>7} "
           f"{'decode: plain':>13} {'mtp':>7} {'speedup':>7} {'accept':>6} {'tok/step':>8} {'same':>5}")
     for r in rows:

@@ -9,6 +9,9 @@ from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
 from dsv3.engine.speculative import propose, propose_rows, target_probs, verify, verify_rows
 from hf_ref import run_all
 
+# Speculation at every batch size (the engine's default pauses drafting above a device-dependent batch size).
+SPEC = dict(speculative="mtp", speculative_max_batch=0)
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
@@ -28,7 +31,7 @@ def test_greedy_identical_with_random_mtp(tiny_model, k):
     prompts = prompts_for(tiny_model.cfg.vocab_size)
     cfg = dict(num_blocks=256, block_size=8, max_num_batched_tokens=64)
     plain = run_all(LLMEngine(tiny_model, config=EngineConfig(speculative="off", **cfg)), prompts, params)
-    spec_eng = LLMEngine(tiny_model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    spec_eng = LLMEngine(tiny_model, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg))
     spec = run_all(spec_eng, prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert spec_eng.stats["spec_drafted"] > 0
@@ -64,7 +67,7 @@ def test_perfect_mtp_accepts_every_draft(tiny_ckpt):
     params = SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True)
     prompts = prompts_for(model.cfg.vocab_size, n=3)
     plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", num_blocks=64)), prompts, params)
-    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=3, num_blocks=64))
+    eng = LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=3, num_blocks=64))
     spec = run_all(eng, prompts, params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     s = eng.spec_stats()
@@ -82,18 +85,18 @@ def test_max_tokens_and_stop_token_inside_an_accepted_run(tiny_ckpt):
     plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", **eng_cfg)), [prompt],
                     SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0].token_ids
     for max_tokens in (1, 2, 5, 6):
-        out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg)), [prompt],
+        out = run_all(LLMEngine(model, config=EngineConfig(**SPEC, **eng_cfg)), [prompt],
                       SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))[0]
         assert out.token_ids == plain[:max_tokens] and out.finish_reason == "length"
     stop_at = plain[4]
     first = plain.index(stop_at)
-    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg))
+    eng = LLMEngine(model, config=EngineConfig(**SPEC, **eng_cfg))
     out = run_all(eng, [prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
                                                 stop_token_ids=[stop_at]))[0]
     assert out.token_ids == plain[:first + 1] and out.finish_reason == "stop"
     assert eng.cache.allocator.num_used == 0
     # EOS inside an accepted run: the same token as the model's end of sequence.
-    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", **eng_cfg))
+    eng = LLMEngine(model, config=EngineConfig(**SPEC, **eng_cfg))
     eng.eos_ids = {stop_at}
     out = run_all(eng, [prompt], SamplingParams(max_tokens=10, temperature=0.0))[0]
     assert out.token_ids == plain[:first + 1] and out.finish_reason == "stop"
@@ -112,7 +115,7 @@ def test_stop_string_inside_an_accepted_run(tiny_ckpt):
                     SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
     stop = tok.decode(plain.token_ids[5:7])  # text of the 6th and 7th tokens: inside the second verified run
     assert stop and stop in plain.text
-    eng = LLMEngine(model, tok, EngineConfig(speculative="mtp", **eng_cfg))
+    eng = LLMEngine(model, tok, EngineConfig(**SPEC, **eng_cfg))
     out = run_all(eng, [prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == plain.text[:plain.text.index(stop)]
     assert out.token_ids == plain.token_ids[:len(out.token_ids)]
@@ -156,7 +159,7 @@ def test_speculative_sampling_keeps_the_distribution(path, monkeypatch):
 def test_seeded_sampling_reproduces_with_speculation(tiny_model):
     params = SamplingParams(max_tokens=15, temperature=0.9, top_p=0.9, seed=42, ignore_eos=True)
     prompts = prompts_for(tiny_model.cfg.vocab_size, n=3)
-    cfg = EngineConfig(speculative="mtp", num_draft_tokens=2, num_blocks=128)
+    cfg = EngineConfig(**SPEC, num_draft_tokens=2, num_blocks=128)
     a = run_all(LLMEngine(tiny_model, config=cfg), prompts, params)
     b = run_all(LLMEngine(tiny_model, config=cfg), list(reversed(prompts)), params)
     assert [o.token_ids for o in a] == [o.token_ids for o in reversed(b)]
@@ -165,7 +168,7 @@ def test_seeded_sampling_reproduces_with_speculation(tiny_model):
 def test_speculation_flags(tiny_ckpt, tmp_path):
     model = dsv3.load_model(tiny_ckpt, dtype=torch.float32, with_mtp=False)
     with pytest.raises(ValueError, match="needs MTP weights"):
-        LLMEngine(model, config=EngineConfig(speculative="mtp", num_blocks=8))
+        LLMEngine(model, config=EngineConfig(**SPEC, num_blocks=8))
     assert LLMEngine(model, config=EngineConfig(num_blocks=8)).num_draft == 0  # auto: off without MTP
     with pytest.raises(ValueError, match="speculative="):
         LLMEngine(model, config=EngineConfig(speculative="eagle", num_blocks=8))
@@ -204,7 +207,7 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         plain = run_all(LLMEngine(model, config=EngineConfig(speculative="off", **cfg)), prompts, params)
         fused.clear()
-        eng = counted(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg)))
+        eng = counted(LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg)))
         spec = run_all(eng, prompts, params)
         assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
         assert any(fused) and eng.cache.allocator.num_used == 0
@@ -212,7 +215,7 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
         # module-by-module path (every row through the MTP block, logits in Python).
         assert model.cpu_mtp_draft is not None
         one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
-        eng2 = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+        eng2 = LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg))
         spec2 = run_all(eng2, prompts, params)
         model.cpu_mtp_draft = one_call
         assert [o.token_ids for o in spec2] == [o.token_ids for o in spec]
@@ -222,12 +225,12 @@ def test_fused_greedy_drafting_on_the_cpu_kernels(tiny_ckpt, monkeypatch):
             assert eng.spec_stats()["acceptance_rate"] > 0.9
             want = plain[0].token_ids
             for max_tokens in (1, 2, 5):
-                out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)),
+                out = run_all(LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=1, **cfg)),
                               [prompts[0]], SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                            ignore_eos=True))[0]
                 assert out.token_ids == want[:max_tokens] and out.finish_reason == "length"
             stop_at = want[4]
-            out = run_all(LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg)),
+            out = run_all(LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=1, **cfg)),
                           [prompts[0]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
                                                        stop_token_ids=[stop_at]))[0]
             assert out.token_ids == want[:want.index(stop_at) + 1] and out.finish_reason == "stop"
@@ -240,7 +243,7 @@ def test_prompt_drafting_stores_every_mtp_latent_and_drafts_from_the_last_row(ti
     # second draft a pass that takes the first MTP output as the next position's hidden state.
     m = tiny_model
     prompt = prompts_for(m.cfg.vocab_size, n=1, seed=3)[0] + [7] * 20  # 23..62 tokens
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=2, num_blocks=64, block_size=8,
+    eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=2, num_blocks=64, block_size=8,
                                            max_num_batched_tokens=chunk))
     eng.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     while not eng.scheduler.running or not eng.scheduler.running[0].output_ids:
@@ -324,14 +327,15 @@ def test_sampled_drafting_in_the_step_draws_what_the_module_path_draws(tiny_ckpt
         params = [SamplingParams(max_tokens=n, temperature=t, seed=s, ignore_eos=True)
                   for n, t, s in ((14, 0.9, 1), (9, 0.0, None), (6, 1.3, 2), (11, 0.6, 3))]
     for k in (1, 2):
-        cfg = EngineConfig(speculative="mtp", num_draft_tokens=k, num_blocks=128, block_size=8)
+        cfg = EngineConfig(**SPEC, num_draft_tokens=k, num_blocks=128,
+                           block_size=8)
         eng = LLMEngine(model, config=cfg)
         in_step = []
         f = eng._verify_and_draft_in_step
         monkeypatch.setattr(eng, "_verify_and_draft_in_step", lambda *a: in_step.append(f(*a)) or in_step[-1])
         got = run_to_completion(eng, prompts, params)
         assert any(r is not None for r in in_step)
-        drawn_in_call = any(r is not None and r[3] is not None for r in in_step)  # (q from the call)
+        drawn_in_call = any(r is not None and r.q is not None for r in in_step)  # (q from the call)
         assert drawn_in_call == (rows == "temperatures")
         one_call, model.cpu_mtp_draft = model.cpu_mtp_draft, None
         try:
@@ -404,7 +408,7 @@ def test_two_modules_draft_as_the_training_chain(two_module_ckpt, k, chunk, firs
         make_perfect_mtp(m)
         with torch.no_grad():
             m.mtp_layers[1].eh_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, num_blocks=64, block_size=8,
+    eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, num_blocks=64, block_size=8,
                                            max_num_batched_tokens=chunk))
     assert eng.chain == 2
     prompt = prompts_for(m.cfg.vocab_size, n=1, seed=5)[0] + [9] * 12
@@ -434,17 +438,105 @@ def test_two_modules_keep_greedy_output_and_perfect_ones_accept_everything(two_m
     prompts = prompts_for(m.cfg.vocab_size, n=4, seed=2)
     cfg = dict(num_blocks=128, block_size=8, max_num_batched_tokens=64)
     plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg))
     assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
     assert eng.stats["spec_drafted"] > 0 and eng.cache.allocator.num_used == 0
     # a cache so small that sequences are preempted and recomputed (the chain's saved outputs go stale then)
     small = dict(cfg, num_blocks=14)
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **small))
+    eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, **small))
     assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
     assert eng.scheduler.num_preemptions > 0 and eng.cache.allocator.num_used == 0
     make_perfect_mtp(m)
     plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
-    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", num_draft_tokens=k, **cfg))
+    eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg))
     assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
     s = eng.spec_stats()
     assert s["acceptance_rate"] == 1.0 and s["drafted"] > 0
+
+
+@pytest.mark.parametrize("path", ["pytorch", "kernels"])
+def test_drafting_pauses_above_max_batch_and_keeps_every_mtp_latent(tiny_model, tiny_ckpt, path):
+    # speculative_max_batch=2: while three sequences run, the greedy ones verify no drafts (plain decode rows) but
+    # still store their MTP latents, so once the others finish, sequence A drafts again over a complete MTP cache
+    # layer (every entry equal to a cache-free MTP pass); the seeded sampled one drafts throughout, so its output
+    # does not depend on the load. Greedy output equals plain decoding's. "kernels": the bf16 model on the C++
+    # kernels, whose MTP pass then runs for the drafting rows only (latents only when none drafts).
+    m, tol = tiny_model, 1e-5
+    if path == "kernels":  # (bf16 rounding through 4 layers: ~1% per position, 10% at one; a missing entry ~1)
+        from dsv3.kernels import cpu_ext
+        from dsv3.kernels.cpu_pack import prepack_for_cpu
+
+        if cpu_ext.load() is None:
+            pytest.skip("C++ CPU kernels unavailable")
+        m, tol = dsv3.load_model(tiny_ckpt, dtype=torch.bfloat16), 0.25
+        assert prepack_for_cpu(m) and m.cpu_kernels
+    pa, pb, pc = prompts_for(m.cfg.vocab_size, n=3, seed=4)
+    greedy_a = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    greedy_b = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=5, temperature=0.9, seed=3, ignore_eos=True)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", speculative_max_batch=2, num_blocks=64, block_size=8))
+    assert eng.spec_stats()["max_batch"] == 2
+    ids = [eng.add_request(p, sp) for p, sp in ((pa, greedy_a), (pb, greedy_b), (pc, seeded))]
+    a, c = eng.seqs[ids[0]], eng.seqs[ids[2]]
+    paused = drafted_alone = 0
+    while not a.is_finished:
+        eng.step()
+        if eng._spec_paused:
+            paused += 1
+            assert not a.draft
+            assert c.is_finished or c.draft or eng._draft_room(c) <= 0 or not c.output_ids
+        elif a.draft:
+            drafted_alone += 1
+        if len(a.output_ids) == 12:  # A alone by now; its MTP cache layer against a cache-free pass
+            assert len(eng.scheduler.running) == 1
+            n = a.num_computed
+            toks = torch.tensor([a.tokens[:n + 1]])
+            layer = m.mtp_layers[0]
+            with torch.no_grad():
+                h = m.hidden_states(toks[:, :n])
+                cos, sin = m.rotary.cos_sin(torch.arange(n)[None])
+                x = layer.input_layernorm(m._mtp_input(layer, h, toks[:, 1:]))
+                _, _, c_kv, k_pe = layer.self_attn.latents(x, cos, sin)
+            got = eng.cache.kv[layer.layer_idx][eng.runner.slots(a, 0, n)]
+            want = torch.cat([c_kv, k_pe], dim=-1)[0].float()
+            err = (got.float() - want).norm(dim=-1) / want.norm(dim=-1)  # per position: a missing entry is ~1
+            assert err.max() < tol, err
+    assert paused >= 3 and drafted_alone >= 2
+    plain = LLMEngine(m, config=EngineConfig(speculative="off", num_blocks=64, block_size=8))
+    want = run_to_completion(plain, [pa, pb], [greedy_a, greedy_b])
+    assert a.output_ids == want[0].token_ids
+    # speculative_max_batch=1 with two greedy sequences: steps where nobody drafts (latents only, no MTP row)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", speculative_max_batch=1, num_blocks=64, block_size=8))
+    assert [o.token_ids for o in run_to_completion(eng, [pa, pb], [greedy_a, greedy_b])] == \
+        [o.token_ids for o in want]
+    assert eng.spec_stats()["drafted"] > 0  # (A alone at the end)
+    with pytest.raises(ValueError, match="speculative_max_batch must be -1"):
+        LLMEngine(m, config=EngineConfig(speculative="mtp", speculative_max_batch=-2, num_blocks=8))
+    assert LLMEngine(m, config=EngineConfig(num_blocks=8)).spec_max_batch == 2  # the CPU's default
+
+
+def test_a_long_pause_stops_speculation_instead_of_holding_its_backlog(tiny_model, monkeypatch):
+    # A paused sequence keeps one hidden state per position for its deferred MTP latents; past MTP_BACKLOG_LIMIT
+    # of them it stops speculating (and frees them): no drafts afterwards, output unchanged.
+    import dsv3.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MTP_BACKLOG_LIMIT", 6)
+    m = tiny_model
+    pa, pb = prompts_for(m.cfg.vocab_size, n=2, seed=6)
+    pa = pa[:4]  # a short prompt, so the limit is crossed while decoding
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (16, 12)]
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", speculative_max_batch=1, num_blocks=64, block_size=8))
+    ids = [eng.add_request(p, sp) for p, sp in zip((pa, pb), params)]
+    a = eng.seqs[ids[0]]
+    while not a.is_finished and a.extra["speculate"]:
+        eng.step()
+        assert a.extra.get("mtp_backlog_rows", 0) <= 6
+    assert not a.extra["speculate"] and "mtp_backlog" not in a.extra and not a.is_finished
+    drafted = a.extra["spec"][0]
+    while eng.has_unfinished():  # B finishes first; A, alone then, still does not draft
+        eng.step()
+        assert not a.draft
+    assert a.extra["spec"][0] == drafted
+    plain = run_to_completion(LLMEngine(m, config=EngineConfig(speculative="off", num_blocks=64, block_size=8)),
+                              [pa, pb], params)
+    assert a.output_ids == plain[0].token_ids

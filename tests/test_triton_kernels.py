@@ -25,6 +25,9 @@ from dsv3.model import build_model
 from dsv3.model.moe import Experts
 from hf_ref import v3
 
+# Speculation at every batch size (the engine's default pauses drafting above a device-dependent batch size).
+SPEC = dict(speculative="mtp", speculative_max_batch=0)
+
 _prev = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
@@ -224,10 +227,10 @@ def test_static_speculative_step_matches_eager_speculation(monkeypatch):
                                       "class Stack:\n    def __init__(self):\n        self.")]
     cfg = dict(num_blocks=48, block_size=4, max_num_batched_tokens=64)
     want = _generate(LLMEngine(model, config=EngineConfig(speculative="off", **cfg)), prompts, 12)
-    eager = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+    eager = LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=1, **cfg))
     assert _generate(eager, prompts, 12) == want
     assert eager.spec_stats()["acceptance_rate"] > 0.5
-    eng = LLMEngine(model, config=EngineConfig(speculative="mtp", num_draft_tokens=1, **cfg))
+    eng = LLMEngine(model, config=EngineConfig(**SPEC, num_draft_tokens=1, **cfg))
     eng.runner.enable_decode_graphs(max_batch=4, max_model_len=64, capture=False)
     calls = _count_without_host_reads(monkeypatch, eng.runner.graphs, "forward_spec")
     assert _generate(eng, prompts, 12) == want

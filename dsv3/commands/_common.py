@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding (auto: on when the checkpoint has MTP layers)")
     g.add_argument("--num-draft-tokens", type=int, default=1,
                    help="drafts per step; beyond the checkpoint's MTP modules the last one runs recurrently")
+    g.add_argument("--speculative-max-batch", type=int, default=-1, metavar="N",
+                   help="drafting pauses while more than N sequences run (seeded sampled requests draft on); "
+                        "-1: the device's default (CPU: 2; GPU: no limit), 0: no limit")
     g = p.add_argument_group("parallel (launch with torchrun --nproc-per-node N -m dsv3 ...)")
     g.add_argument("--tp", type=int, help="tensor-parallel ranks: attention heads, dense MLPs, vocabulary, expert "
                                          "widths (default: the world size / --ep)")
@@ -81,7 +84,8 @@ def make_llm(args, **extra):
     from ..engine.llm import LLM
 
     kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              speculative=args.speculative, num_draft_tokens=args.num_draft_tokens)
+              speculative=args.speculative, num_draft_tokens=args.num_draft_tokens,
+              speculative_max_batch=args.speculative_max_batch)
     if args.max_model_len:
         kw["max_model_len"] = args.max_model_len
     if args.cache_memory:

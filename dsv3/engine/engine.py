@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "QueueFullError"]
 
 
+# Largest batch at which drafting goes on, per device type, when EngineConfig.speculative_max_batch is -1. CPU: on
+# the embedded model speculation gains at batch 1 (1.14x), breaks even at 2 and loses from 4 on (docs/benchmarks.md);
+# a large MoE model, whose extra rows read their own experts, gains a little at 2 by a weight-traffic estimate.
+DEFAULT_SPEC_MAX_BATCH = {"cpu": 2}
+# Most positions a paused sequence's MTP latents may wait for (LLMEngine._defer_mtp_latents); past it, it stops
+# speculating. The wait holds one hidden state per position (14 KB for DeepSeek-V3 in bf16).
+MTP_BACKLOG_LIMIT = 4096
+
+
 @dataclass
 class EngineConfig:
     """Runtime limits (the model config holds architecture only)."""
@@ -42,6 +51,21 @@ class EngineConfig:
     prefill_impl: str | None = None  # None: naive for fresh prompts, absorbed over long cached prefixes
     speculative: str = "auto"  # "auto" (MTP drafting when the model has MTP layers), "mtp", "off"
     num_draft_tokens: int = 1  # drafts per step; beyond the number of MTP modules the last one runs recurrently
+    # Drafting pauses while more sequences than this run (they keep storing their MTP latents, so drafting resumes
+    # at full acceptance); seeded sampled requests draft on, so their output does not depend on the load. -1: the
+    # device's default (CPU: 2, measured in docs/benchmarks.md; elsewhere no limit until measured), 0: no limit.
+    speculative_max_batch: int = -1
+
+
+@dataclass
+class StepDrafts:
+    """What a step that verified its drafts and ran the MTP pass in one go hands back to LLMEngine.step."""
+    accepted: list[list[int]]  # per sequence of the batch: the tokens it appends
+    rows: list[int]  # the batch indices the MTP pass drafted for, in the order of its output rows
+    ids: list[int]  # their draft tokens (argmaxes; drawn from q for the rows the call sampled)
+    logits: torch.Tensor | None = None  # [K, V] when the drafts are drawn after the step instead (top-k/top-p rows)
+    q: torch.Tensor | None = None  # [K, V] float32 draft distributions of the rows the call sampled (others unused)
+    h: torch.Tensor | None = None  # [K, D] the MTP block's output, for further drafts (CPU kernels)
 
 
 @dataclass
@@ -101,6 +125,12 @@ class LLMEngine:
                              f"(num_nextn_predict_layers={self.cfg.num_nextn_predict_layers}); use speculative='off'")
         if config.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {config.num_draft_tokens}")
+        if not isinstance(config.speculative_max_batch, int) or config.speculative_max_batch < -1:
+            raise ValueError(f"speculative_max_batch must be -1 (the device's default), 0 (no limit) or a number of "
+                             f"sequences >= 1, got {config.speculative_max_batch!r}")
+        self.spec_max_batch = (config.speculative_max_batch if config.speculative_max_batch >= 0
+                               else DEFAULT_SPEC_MAX_BATCH.get(self.device.type, 0))
+        self._spec_paused = False  # this step runs more sequences than spec_max_batch
         self.num_draft = config.num_draft_tokens if (config.speculative != "off" and model.mtp_layers) else 0
         # With D >= 2 MTP modules and several drafts, drafts 1..min(k, D) follow DeepSeek's chain: module j at the
         # last verified position, on module j-1's output there (_draft_chain); 0 when module 1 alone drafts.
@@ -205,6 +235,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._spec_paused = 0 < self.spec_max_batch < len(self.scheduler.running)
+        if self.num_draft and not self.chain:
+            self._flush_mtp_backlog([s for s in batch.seqs if "mtp_backlog" in s.extra and not self._pauses(s)])
         # A sequence samples when all its known tokens are computed in this step; a draft adds one verified row.
         rows, n_known = [], []
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -229,7 +262,7 @@ class LLMEngine:
         if fused is None:
             fused = self._verify_and_draft_in_step(batch, n_known, logits, hidden, offsets)
         if fused is not None:  # accepted tokens and the MTP pass for the next drafts already computed
-            new_tokens, mtp_ids, mtp_logits, mtp_q, mtp_out = fused
+            new_tokens = fused.accepted
             for i, seq in enumerate(batch.seqs):
                 if seq.draft:
                     self._count_verified(seq, len(new_tokens[i]) - 1)
@@ -272,23 +305,26 @@ class LLMEngine:
             if seq.is_finished:
                 self.scheduler.finish(seq)
         if fused is not None:
-            # MTP at each sequence's last verified row proposes its next draft (drawn only now, for the sequences
-            # that go on drafting, so a seeded sequence's generator advances exactly as on the module path).
-            drafting = [(i, seq, room) for i, seq in enumerate(batch.seqs)
-                        if not seq.is_finished and (room := self._draft_room(seq)) > 0]
+            # MTP at each drafting sequence's last verified row proposes its next draft: drawn in the MTP call, or
+            # only now (top-k/top-p rows), for the sequences that go on drafting, so a seeded sequence's generator
+            # advances exactly as on the module path.
+            at = {i: r for r, i in enumerate(fused.rows)}  # batch index -> output row of the MTP pass
+            drafting = [(at[i], seq, room) for i, seq in enumerate(batch.seqs)
+                        if i in at and not seq.is_finished and (room := self._draft_room(seq)) > 0]
             if drafting:
                 seqs = [seq for _, seq, _ in drafting]
-                if mtp_logits is None:  # drafts drawn in the MTP call (argmaxes; q for the sampled rows)
-                    toks = [mtp_ids[i] for i, _, _ in drafting]
-                    qs = [None if mtp_q is None or seq.params.greedy else mtp_q[i] for i, seq, _ in drafting]
+                rows = [r for r, _, _ in drafting]
+                if fused.logits is None:  # drafts drawn in the MTP call (argmaxes; q for the sampled rows)
+                    toks = [fused.ids[r] for r in rows]
+                    qs = [None if fused.q is None or seq.params.greedy else fused.q[r] for r, seq, _ in drafting]
                 else:
-                    every = len(drafting) == mtp_logits.shape[0]  # (the usual case: no row indexing)
-                    toks, qs = self._propose(mtp_logits if every else mtp_logits[[i for i, _, _ in drafting]], seqs)
+                    every = rows == list(range(fused.logits.shape[0]))  # (the usual case: no row indexing)
+                    toks, qs = self._propose(fused.logits if every else fused.logits[rows], seqs)
                 for seq, tok, q in zip(seqs, toks, qs):
                     seq.draft, seq.extra["draft_q"] = [tok], [q]
-                more = [(i, seq, room) for i, seq, room in drafting if room > 1]
+                more = [(r, seq, room) for r, seq, room in drafting if room > 1]
                 if more:
-                    self._draft_more([(seq, room) for _, seq, room in more], mtp_out[[i for i, _, _ in more]])
+                    self._draft_more([(seq, room) for _, seq, room in more], fused.h[[r for r, _, _ in more]])
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
         return outputs
@@ -305,12 +341,47 @@ class LLMEngine:
 
     def _draft_room(self, seq: Sequence, appending: int = 0) -> int:
         """How many drafts seq may take now (or once `appending` more tokens are appended): up to num_draft,
-        leaving room for the main model's own token within max_tokens and the context."""
+        leaving room for the main model's own token within max_tokens and the context; 0 while drafting pauses
+        for the batch size (seeded sampled sequences excepted)."""
+        if self._pauses(seq):
+            return 0
         return min(self.num_draft, seq.params.max_tokens - len(seq.output_ids) - appending - 1,
                    self.max_model_len - seq.num_tokens - appending - 1)
 
-    def _static_verify_and_draft(self, batch, n_known: list[int]
-                                 ) -> tuple[list[list[int]], list[int], None, None, None] | None:
+    def _pauses(self, seq: Sequence) -> bool:
+        """Whether seq's drafting pauses in this step (more sequences run than spec_max_batch; a seeded sampled
+        sequence drafts on, so its output does not depend on the load)."""
+        return self._spec_paused and (seq.params.greedy or seq.extra["sampling"].generator is None)
+
+    def _defer_mtp_latents(self, seq: Sequence, start: int, h: torch.Tensor) -> None:
+        """While seq's drafting pauses, its MTP latents wait: the main model's final hidden states h [n, D] of
+        positions start.. (a copy, not a view of the step's buffer) are kept and stored in one batched call when it
+        drafts again (_flush_mtp_backlog), so a paused step runs no MTP pass and a sequence that never drafts again
+        never pays for one. Past MTP_BACKLOG_LIMIT waiting positions the sequence stops speculating for good (the
+        wait would hold too much memory)."""
+        backlog = seq.extra.setdefault("mtp_backlog", [])
+        backlog.append((start, h))
+        seq.extra["mtp_backlog_rows"] = seq.extra.get("mtp_backlog_rows", 0) + h.shape[0]
+        if seq.extra["mtp_backlog_rows"] > MTP_BACKLOG_LIMIT:
+            seq.extra["speculate"] = False
+            del seq.extra["mtp_backlog"], seq.extra["mtp_backlog_rows"]
+
+    @torch.inference_mode()
+    def _flush_mtp_backlog(self, seqs: list[Sequence]) -> None:
+        """Store the waiting MTP latents of seqs (see _defer_mtp_latents) in one call. Entries past a sequence's
+        computed positions (it was preempted and recomputes, which stores them again) are dropped."""
+        work = []
+        for s in seqs:
+            del s.extra["mtp_backlog_rows"]
+            work += [(s, p, h) for p, h in s.extra.pop("mtp_backlog") if p + h.shape[0] <= s.num_computed]
+        if not work:
+            return
+        positions, slots = self.runner.positions_and_slots([s for s, _, _ in work], [p for _, p, _ in work],
+                                                           [h.shape[0] for _, _, h in work])
+        ids = torch.tensor([t for s, p, h in work for t in s.tokens[p + 1:p + 1 + h.shape[0]]], device=self.device)
+        self.runner.store_mtp_latents(1, torch.cat([h for _, _, h in work]), ids, positions, slots)
+
+    def _static_verify_and_draft(self, batch, n_known: list[int]) -> StepDrafts | None:
         """Greedy speculative steps with one draft through the static runner (engine/graphs.py: one replay computes
         the main model's and the MTP module's argmaxes at every row, one host read). Same result as
         _verify_and_draft_in_step; None when the step does not qualify or no static runner is on."""
@@ -325,24 +396,19 @@ class LLMEngine:
         self.runner.last = None  # no eager step context to reuse
         targets, drafts = g.run_spec(batch.seqs)
         accepted = [accept_greedy(seq.draft, t[:1 + len(seq.draft)]) for seq, t in zip(batch.seqs, targets)]
-        return accepted, [d[len(a) - 1] for a, d in zip(accepted, drafts)], None, None, None
+        return StepDrafts(accepted, list(range(len(accepted))), [d[len(a) - 1] for a, d in zip(accepted, drafts)])
 
     @torch.inference_mode()
     def _verify_and_draft_in_step(self, batch, n_known: list[int], logits: torch.Tensor, hidden: torch.Tensor,
-                                  offsets: list[int]
-                                  ) -> tuple[list[list[int]], list[int], torch.Tensor | None, torch.Tensor | None,
-                                             torch.Tensor | None] | None:
+                                  offsets: list[int]) -> StepDrafts | None:
         """Decode/verification steps of speculating sequences, with the MTP pass in the step's own context right
-        after the main pass. Returns (accepted tokens per sequence; from MTP at its last verified row: the draft
-        token, the logits [B, V] when some sequence's draft is drawn after the call (else None), the draft
-        distributions q [B, V] when the call drew the sampled drafts (else None), the MTP block's output [B, D] for
-        further drafts (None off the CPU kernels)), or None when the step does not qualify (prompt rows, requests
-        that do not speculate).
+        after the main pass (StepDrafts), or None when the step does not qualify (prompt rows, requests that do not
+        speculate).
         - C++ CPU kernels (greedy and sampled rows, any number of drafts): the acceptance is known first (no device
-          to wait for), so the MTP block stores the latents of every row but goes on (attention, FFN, head) from each
-          sequence's last verified row only, as one C++ call; further drafts follow after the step (_draft_more).
-          Rows that sample with a temperature alone draw their draft in that call too, from a uniform taken from
-          their generator beforehand (only for sequences that will draft: the same draws as after the step);
+          to wait for), so the MTP block stores the latents of every row but goes on (attention, FFN, head) only
+          from the last verified row of each sequence that will draft after this step, as one C++ call; further
+          drafts follow after the step (_draft_more). Rows that sample with a temperature alone draw their draft in
+          that call too, from a uniform taken from their generator beforehand (the same draws as after the step);
         - elsewhere (greedy, one draft): the MTP module runs over all rows before the single host sync (rows past a
           rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them)."""
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
@@ -353,6 +419,8 @@ class LLMEngine:
         for seq, k in zip(seqs, n_known):
             if k != 1 or not seq.extra["speculate"] or (fused_mtp is None and not seq.params.greedy):
                 return None
+        if self._spec_paused and all(not s.draft and self._pauses(s) for s in seqs):
+            return None  # a plain decode step: sampled as such, the MTP latents deferred (_draft)
         reuse = self.runner.reuse_context()
         if reuse is None or logits.shape[0] != hidden.shape[0]:
             return None
@@ -366,38 +434,44 @@ class LLMEngine:
             for i, a in enumerate(accepted):
                 next_ids += a + [a[-1]] * (offsets[i + 1] - offsets[i] - len(a))
             T = len(next_ids)
-            both = torch.tensor(next_ids + [offsets[i] + len(a) - 1 for i, a in enumerate(accepted)])  # one copy
-            temps = self._draft_temperatures(seqs, accepted)
+            rows, temps = self._next_drafters(seqs, accepted)
+            both = torch.tensor(next_ids + [offsets[i] + len(accepted[i]) - 1 for i in rows])  # (one copy)
+            ids, keep = both[:T], both[T:]
             if temps is None:  # some row filters (top-k/top-p/min-p): its logits, drafts drawn after the step
-                ids, mtp_logits, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], logits=True)
-                return accepted, ids.tolist(), mtp_logits, None, h_out
-            if not any(temps):  # greedy
-                ids, _, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:])
-                return accepted, ids.tolist(), None, None, h_out
-            u = uniforms([s.extra["sampling"].generator if t else None for s, t in zip(seqs, temps)])
-            ids, q, h_out = fused_mtp(hidden, both[:T], positions, ctx, keep=both[T:], temperatures=temps, u=u)
-            return accepted, ids.tolist(), None, q, h_out
+                out, mtp_logits, h_out = fused_mtp(hidden, ids, positions, ctx, keep=keep, logits=True)
+                return StepDrafts(accepted, rows, out.tolist(), logits=mtp_logits, h=h_out)
+            if not any(temps):  # greedy (or nobody drafts: latents only)
+                out, _, h_out = fused_mtp(hidden, ids, positions, ctx, keep=keep)
+                return StepDrafts(accepted, rows, out.tolist(), h=h_out)
+            u = uniforms([seqs[i].extra["sampling"].generator if t else None for i, t in zip(rows, temps)])
+            out, q, h_out = fused_mtp(hidden, ids, positions, ctx, keep=keep, temperatures=temps, u=u)
+            return StepDrafts(accepted, rows, out.tolist(), q=q, h=h_out)
         targets = logits.argmax(dim=-1)  # [T]
         h_out = self.model.mtp_hidden(1, hidden[None], targets[None], positions, cache=ctx)[0]  # [T, D]
         drafts = self.model.mtp_logits(1, h_out).argmax(dim=-1)  # [T]
         t, d = torch.stack([targets, drafts]).tolist()  # the one host sync of the step
         accepted = [accept_greedy(seq.draft, t[offsets[i]:offsets[i + 1]]) for i, seq in enumerate(seqs)]
-        return accepted, [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)], None, None, None
+        return StepDrafts(accepted, list(range(len(seqs))),
+                          [d[offsets[i] + len(a) - 1] for i, a in enumerate(accepted)])
 
-    def _draft_temperatures(self, seqs: list[Sequence], accepted: list[list[int]]) -> list[float] | None:
-        """Per sequence of a step about to append `accepted`: the temperature its next draft is drawn at inside
-        the MTP call (0: greedy, or it will not draft after this step, so its generator is left alone), or None
-        when some drafting row samples with more than a temperature (its draft is drawn after the step)."""
-        temps = []
-        for seq, a in zip(seqs, accepted):
+    def _next_drafters(self, seqs: list[Sequence], accepted: list[list[int]]) -> tuple[list[int], list[float] | None]:
+        """For a step about to append `accepted`: the indices of the sequences that will draft after it (room left;
+        one that finishes on a stop string instead just wastes its draft) and the temperature each one's draft is
+        drawn at inside the MTP call (0: greedy), or None for the temperatures when one of them samples with more
+        than a temperature (top-k/top-p/min-p: drafts drawn after the step)."""
+        rows, temps, filtered = [], [], False
+        for i, (seq, a) in enumerate(zip(seqs, accepted)):
+            if self._draft_room(seq, len(a)) <= 0:
+                continue
+            rows.append(i)
             p = seq.params
-            if p.greedy or self._draft_room(seq, len(a)) <= 0:
+            if p.greedy:
                 temps.append(0.0)
             elif shared_temperature([seq.extra["sampling"]]) is None:
-                return None
+                filtered = True
             else:
                 temps.append(p.temperature)
-        return temps
+        return rows, (None if filtered else temps)
 
     # ------------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -409,10 +483,13 @@ class LLMEngine:
         if self.chain:
             return self._draft_chain(batch, starts, computed, hidden)
         seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []
+        paused = []  # (seq, first position, rows of hidden) whose MTP latents wait
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
             valid = done - start  # positions start..done-1 are verified; their next tokens are all known
-            if seq.extra["speculate"] and not seq.is_finished and valid > 0:
+            if seq.extra["speculate"] and not seq.is_finished and valid > 0 and self._pauses(seq):
+                paused.append((seq, start, range(t, t + valid)))
+            elif seq.extra["speculate"] and not seq.is_finished and valid > 0:
                 seqs.append(seq)
                 counts.append(valid)
                 toks.append(seq.tokens[start + 1:start + 1 + valid])
@@ -420,6 +497,12 @@ class LLMEngine:
                 pos0.append(start)
                 want.append(done == seq.num_tokens - 1)  # the next token is the sampled one: draft from here
             t += n
+        if paused:  # one copy of their rows for all of them (the step's hidden states are not kept)
+            kept = hidden[[r for _, _, rs in paused for r in rs]]
+            r = 0
+            for seq, start, rs in paused:
+                self._defer_mtp_latents(seq, start, kept[r:r + len(rs)])
+                r += len(rs)
         if not seqs:
             return
         keep = torch.cat(rows)
@@ -676,5 +759,6 @@ class LLMEngine:
     def spec_stats(self) -> dict:
         """Speculative decoding so far: draft acceptance rate and tokens gained per verification step."""
         d, a, v = self.stats["spec_drafted"], self.stats["spec_accepted"], self.stats["spec_verify_steps"]
-        return {"enabled": self.num_draft > 0, "num_draft_tokens": self.num_draft, "drafted": d, "accepted": a,
+        return {"enabled": self.num_draft > 0, "num_draft_tokens": self.num_draft,
+                "max_batch": self.spec_max_batch or None, "drafted": d, "accepted": a,
                 "acceptance_rate": a / d if d else None, "tokens_per_step": (a + v) / v if v else None}

@@ -1379,6 +1379,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mtp_draft(int64_t mtp, const at::
   const at::Tensor x = run_blocks(mtp, linear(cat, eh_proj, D), kv_all, layer_offset, slot_mapping, tok, seq, len,
                                   slots, cos, sin, keep);  // [K, D]
   const int64_t K = x.size(0);
+  if (K == 0)  // latents only: no row drafts
+    return {at::empty({0}, next_ids.options()), at::empty({0, vocab}, h.options().dtype(temperatures ? at::kFloat
+                                                                                                     : at::kBFloat16)),
+            x};
   const at::Tensor logits = linear(rms_norm(x, head_norm, eps), lm_head, vocab);  // [K, V] bf16
   at::Tensor out = at::empty({K}, next_ids.options());
   const bf16_t* lp = bf_ptr(logits);
