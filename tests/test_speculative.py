@@ -446,6 +446,12 @@ def test_two_modules_keep_greedy_output_and_perfect_ones_accept_everything(two_m
     eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, **small))
     assert [o.token_ids for o in run_all(eng, prompts, params)] == [o.token_ids for o in plain]
     assert eng.scheduler.num_preemptions > 0 and eng.cache.allocator.num_used == 0
+    # drafting paused while more than 2 sequences run (the chain's modules still finalise their entries meanwhile)
+    plist = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (17, 6, 17, 4)]
+    want = run_to_completion(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, plist)
+    eng = LLMEngine(m, config=EngineConfig(speculative="mtp", speculative_max_batch=2, num_draft_tokens=k, **cfg))
+    assert [o.token_ids for o in run_to_completion(eng, prompts, plist)] == [o.token_ids for o in want]
+    assert eng.stats["spec_drafted"] > 0 and eng.cache.allocator.num_used == 0
     make_perfect_mtp(m)
     plain = run_all(LLMEngine(m, config=EngineConfig(speculative="off", **cfg)), prompts, params)
     eng = LLMEngine(m, config=EngineConfig(**SPEC, num_draft_tokens=k, **cfg))
