@@ -27,8 +27,8 @@ __all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "QueueFullError"]
 
 
 # Largest batch at which drafting goes on, per device type, when EngineConfig.speculative_max_batch is -1. CPU: on
-# the embedded model speculation gains at batch 1 (1.14x), breaks even at 2 and loses from 4 on (docs/benchmarks.md);
-# a large MoE model, whose extra rows read their own experts, gains a little at 2 by a weight-traffic estimate.
+# the embedded model speculation gains at batch 1 (1.08-1.12x), breaks even at 2 and loses at 4 and 8 (0.93-0.94x;
+# docs/benchmarks.md). GPUs: no limit until measured.
 DEFAULT_SPEC_MAX_BATCH = {"cpu": 2}
 # Most positions a paused sequence's MTP latents may wait for (LLMEngine._defer_mtp_latents); past it, it stops
 # speculating. The wait holds one hidden state per position (14 KB for DeepSeek-V3 in bf16).
@@ -51,9 +51,9 @@ class EngineConfig:
     prefill_impl: str | None = None  # None: naive for fresh prompts, absorbed over long cached prefixes
     speculative: str = "auto"  # "auto" (MTP drafting when the model has MTP layers), "mtp", "off"
     num_draft_tokens: int = 1  # drafts per step; beyond the number of MTP modules the last one runs recurrently
-    # Drafting pauses while more sequences than this run (they keep storing their MTP latents, so drafting resumes
-    # at full acceptance); seeded sampled requests draft on, so their output does not depend on the load. -1: the
-    # device's default (CPU: 2, measured in docs/benchmarks.md; elsewhere no limit until measured), 0: no limit.
+    # Drafting pauses while more sequences than this run (their MTP latents wait and are stored when drafting
+    # resumes, at full acceptance); seeded sampled requests draft on, so their output does not depend on the load.
+    # -1: the device's default (DEFAULT_SPEC_MAX_BATCH: 2 on the CPU, elsewhere no limit), 0: no limit.
     speculative_max_batch: int = -1
 
 
