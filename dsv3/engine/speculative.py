@@ -148,33 +148,38 @@ def accept_and_draw(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], 
 
 def accept_and_draw_reference(p: torch.Tensor, qs: list[torch.Tensor], drafts: list[int], counts: list[int],
                               u: torch.Tensor) -> tuple[list[int], list[int]]:
-    """accept_and_draw in PyTorch operations (any device; the kernel's test oracle). Draft j is kept while
-    u_j * q_j(x_j) < p_j(x_j) (u < p/q without dividing by a tiny q); at the first rejection the final token comes
-    from max(0, p_j - q_j) renormalised (from p_j when that is all zero: p == q up to rounding); when every draft is
-    kept, from the last row's p."""
+    """accept_and_draw in PyTorch operations (any device, two host reads whatever the batch; the kernel's test
+    oracle). Draft j is kept while u_j * q_j(x_j) < p_j(x_j) (u < p/q without dividing by a tiny q); at the first
+    rejection the final token comes from max(0, p_j - q_j) renormalised (from p_j when that is all zero: p == q up
+    to rounding); when every draft is kept, from the last row's p."""
     rows, r = [], 0  # the row of p of each draft
     for d in counts:
         rows += range(r, r + d)
         r += d + 1
-    if drafts:  # p and q at each draft token: two gathers and one host copy
-        V = p.shape[1]
-        at_p = torch.tensor([i * V + x for i, x in zip(rows, drafts)], device=p.device)
-        at_q = torch.tensor([j * V + x for j, x in enumerate(drafts)], device=p.device)
-        px, qx = torch.stack([p.take(at_p), torch.stack(qs).take(at_q)]).tolist()
-    uh = u.tolist()
-    accepted, finals = [], []
+    V = p.shape[1]
+    at_p = torch.tensor([i * V + x for i, x in zip(rows, drafts)], dtype=torch.long, device=p.device)
+    at_q = torch.tensor([j * V + x for j, x in enumerate(drafts)], dtype=torch.long, device=p.device)
+    qx = torch.stack(qs).take(at_q) if qs else p.new_empty(0)
+    host = torch.cat([p.take(at_p), qx, u.to(p.dtype)]).tolist()  # p and q at each draft token, and u
+    D = len(drafts)
+    px, qx, uh = host[:D], host[D:2 * D], host[2 * D:]
+    accepted, dist_rows, resid, last = [], [], [], []  # per sequence: kept drafts, p row of its final draw, its
+    # rejected draft (or -1), its last row (whose uniform draws the final token)
     r = k = 0  # this sequence's first row of p and first draft
     for d in counts:
         a = 0
         while a < d and uh[r + a] * qx[k + a] < px[k + a]:
             a += 1
-        dist = p[r + a]
-        if a < d:
-            residual = (p[r + a] - qs[k + a]).clamp(min=0)
-            if float(residual.sum()) > 0:
-                dist = residual
         accepted.append(a)
-        finals.append(int(draw_inverse_cdf_reference(dist[None], u[r + d:r + d + 1])[0]))
+        dist_rows.append(r + a)
+        resid.append(k + a if a < d else -1)
+        last.append(r + d)
         r += d + 1
         k += d
-    return accepted, finals
+    dist = p[dist_rows]  # [S, V]
+    rej = [s for s, j in enumerate(resid) if j >= 0]
+    if rej:
+        residual = (dist[rej] - torch.stack([qs[resid[s]] for s in rej])).clamp(min=0)
+        keep_p = residual.sum(dim=-1, keepdim=True) > 0  # all zero: p == q up to rounding, draw from p
+        dist[rej] = torch.where(keep_p, residual, dist[rej])
+    return accepted, draw_inverse_cdf_reference(dist, u[last]).tolist()
