@@ -353,27 +353,29 @@ class LLMEngine:
         sequence drafts on, so its output does not depend on the load)."""
         return self._spec_paused and (seq.params.greedy or seq.extra["sampling"].generator is None)
 
-    def _defer_mtp_latents(self, seq: Sequence, start: int, h: torch.Tensor) -> None:
-        """While seq's drafting pauses, its MTP latents wait: the main model's final hidden states h [n, D] of
-        positions start.. (a copy, not a view of the step's buffer) are kept and stored in one batched call when it
-        drafts again (_flush_mtp_backlog), so a paused step runs no MTP pass and a sequence that never drafts again
-        never pays for one. Past MTP_BACKLOG_LIMIT waiting positions the sequence stops speculating for good (the
-        wait would hold too much memory)."""
-        backlog = seq.extra.setdefault("mtp_backlog", [])
-        backlog.append((start, h))
-        seq.extra["mtp_backlog_rows"] = seq.extra.get("mtp_backlog_rows", 0) + h.shape[0]
-        if seq.extra["mtp_backlog_rows"] > MTP_BACKLOG_LIMIT:
-            seq.extra["speculate"] = False
-            del seq.extra["mtp_backlog"], seq.extra["mtp_backlog_rows"]
+    def _defer_mtp_latents(self, seq: Sequence, start: int, kept: torch.Tensor, row: int, n: int) -> None:
+        """While seq's drafting pauses, its MTP latents wait: the main model's final hidden states of positions
+        start..start+n-1, rows row.. of `kept` (the step's paused rows, copied once for all its paused sequences),
+        are kept and stored in one batched call when it drafts again (_flush_mtp_backlog), so a paused step runs no
+        MTP pass and a sequence that never drafts again never pays for one. Past MTP_BACKLOG_LIMIT waiting
+        positions the sequence stops speculating for good (the wait would hold too much memory)."""
+        ex = seq.extra
+        if "mtp_backlog" not in ex:
+            ex["mtp_backlog"], ex["mtp_backlog_rows"] = [], 0
+        ex["mtp_backlog"].append((start, kept, row, n))
+        ex["mtp_backlog_rows"] += n
+        if ex["mtp_backlog_rows"] > MTP_BACKLOG_LIMIT:
+            ex["speculate"] = False
+            del ex["mtp_backlog"], ex["mtp_backlog_rows"]
 
     @torch.inference_mode()
     def _flush_mtp_backlog(self, seqs: list[Sequence]) -> None:
         """Store the waiting MTP latents of seqs (see _defer_mtp_latents) in one call. Entries past a sequence's
         computed positions (it was preempted and recomputes, which stores them again) are dropped."""
-        work = []
+        work = []  # (seq, first position, its hidden states)
         for s in seqs:
             del s.extra["mtp_backlog_rows"]
-            work += [(s, p, h) for p, h in s.extra.pop("mtp_backlog") if p + h.shape[0] <= s.num_computed]
+            work += [(s, p, kept[r:r + n]) for p, kept, r, n in s.extra.pop("mtp_backlog") if p + n <= s.num_computed]
         if not work:
             return
         positions, slots = self.runner.positions_and_slots([s for s, _, _ in work], [p for _, p, _ in work],
@@ -483,13 +485,15 @@ class LLMEngine:
         if self.chain:
             return self._draft_chain(batch, starts, computed, hidden)
         seqs, counts, toks, rows, pos0, want = [], [], [], [], [], []
-        paused = []  # (seq, first position, rows of hidden) whose MTP latents wait
+        paused = []  # (seq, first position, first row of hidden, rows) whose MTP latents wait
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
             valid = done - start  # positions start..done-1 are verified; their next tokens are all known
-            if seq.extra["speculate"] and not seq.is_finished and valid > 0 and self._pauses(seq):
-                paused.append((seq, start, range(t, t + valid)))
-            elif seq.extra["speculate"] and not seq.is_finished and valid > 0:
+            if not (seq.extra["speculate"] and valid > 0 and not seq.is_finished):
+                pass
+            elif self._pauses(seq):
+                paused.append((seq, start, t, valid))
+            else:
                 seqs.append(seq)
                 counts.append(valid)
                 toks.append(seq.tokens[start + 1:start + 1 + valid])
@@ -498,11 +502,15 @@ class LLMEngine:
                 want.append(done == seq.num_tokens - 1)  # the next token is the sampled one: draft from here
             t += n
         if paused:  # one copy of their rows for all of them (the step's hidden states are not kept)
-            kept = hidden[[r for _, _, rs in paused for r in rs]]
+            total = sum(v for _, _, _, v in paused)
+            if total == hidden.shape[0]:  # every row (they are in order): no index list
+                kept = hidden.clone()
+            else:
+                kept = hidden[[r for _, _, t0, v in paused for r in range(t0, t0 + v)]]
             r = 0
-            for seq, start, rs in paused:
-                self._defer_mtp_latents(seq, start, kept[r:r + len(rs)])
-                r += len(rs)
+            for seq, start, _, v in paused:
+                self._defer_mtp_latents(seq, start, kept, r, v)
+                r += v
         if not seqs:
             return
         keep = torch.cat(rows)
