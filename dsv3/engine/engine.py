@@ -236,8 +236,10 @@ class LLMEngine:
         if not batch:
             return []
         self._spec_paused = 0 < self.spec_max_batch < len(self.scheduler.running)
-        if self.num_draft and not self.chain:
-            self._flush_mtp_backlog([s for s in batch.seqs if "mtp_backlog" in s.extra and not self._pauses(s)])
+        if self.num_draft and not self.chain:  # sequences drafting again store the MTP latents they owe
+            owing = [s for s in batch.seqs if "mtp_backlog" in s.extra and not self._pauses(s)]
+            if owing:
+                self._flush_mtp_backlog(owing)
         # A sequence samples when all its known tokens are computed in this step; a draft adds one verified row.
         rows, n_known = [], []
         for seq, n in zip(batch.seqs, batch.num_new):
@@ -489,11 +491,10 @@ class LLMEngine:
         t = 0
         for seq, start, n, done in zip(batch.seqs, starts, batch.num_new, computed):
             valid = done - start  # positions start..done-1 are verified; their next tokens are all known
-            if not (seq.extra["speculate"] and valid > 0 and not seq.is_finished):
-                pass
-            elif self._pauses(seq):
+            speculating = seq.extra["speculate"] and valid > 0 and not seq.is_finished
+            if speculating and self._pauses(seq):
                 paused.append((seq, start, t, valid))
-            else:
+            elif speculating:
                 seqs.append(seq)
                 counts.append(valid)
                 toks.append(seq.tokens[start + 1:start + 1 + valid])

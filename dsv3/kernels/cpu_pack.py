@@ -112,7 +112,7 @@ class CpuBlocks:
 
 class CpuMtpDraft:
     """Drafting with MTP module 1 as one C++ call (mtp_draft): embedding, the two input norms, eh_proj, the MTP
-    block, its head norm and the shared LM head, then the argmax of every row (and the logits, for sampling)."""
+    block, its head norm and the shared LM head, then each row's draft (argmax, or a draw at a temperature)."""
 
     def __init__(self, ops, model: nn.Module):
         mtp = model.mtp_layers[0]
