@@ -5,7 +5,9 @@ Wraps the engine's phases with timers (scheduling, context tables, the C++ block
 pass, verification, sampling, appending tokens) and decodes held-out prompts one at a time, greedy or sampled.
 Prompt steps are left out: the numbers are per decode step, averaged over the decode steps of a round; the fastest
 of the rounds is reported for each mode (this VM's speed drifts). Nested phases are included in their parents
-(e.g. `runner.run` holds `context tables` and `blocks`). Prints a table and a JSON line.
+(e.g. `runner.run` holds `context tables` and `blocks`). With the C++ kernels and plain decoding among --drafts, also
+the speedup of each draft length and its bound: the speedup if speculation cost nothing beyond the extra rows in the
+blocks and the MTP passes (the work it cannot avoid). Prints a table and a JSON line.
 
   python benchmarks/step_phases.py [--model PATH] [--drafts 0,1] [--prompts 8] [--max-tokens 96] [--temperature 0]
 """
@@ -119,7 +121,21 @@ def main() -> int:
     for label in labels:
         print(f"{label:28s}" + "".join(f"{best[k].get(label, 0.0):12.1f}" if label != "tokens per step" else
                                        f"{best[k][label]:12.2f}" for k in ks))
-    print(json.dumps({"temperature": a.temperature, "threads": a.threads, "us_per_step": {str(k): best[k] for k in ks}}))
+    bounds = {}
+    if 0 in best and "  blocks (C++)" in best[0]:
+        plain = best[0]
+        print("speedup over plain (tokens per step x plain step / step), measured, and its bound if speculation added "
+              "only the extra rows in the blocks and the MTP passes (no verification, glue or extra bookkeeping):")
+        for k in ks:
+            if k == 0:
+                continue
+            b = best[k]
+            floor = plain["step"] + b.get("  blocks (C++)", 0.0) - plain["  blocks (C++)"] + b.get("  MTP pass (C++)", 0.0)
+            bounds[str(k)] = {"measured": b["tokens per step"] * plain["step"] / b["step"],
+                              "bound": b["tokens per step"] * plain["step"] / floor}
+            print(f"  {k} draft(s): {bounds[str(k)]['measured']:.2f}x measured, {bounds[str(k)]['bound']:.2f}x bound")
+    print(json.dumps({"temperature": a.temperature, "threads": a.threads, "us_per_step": {str(k): best[k] for k in ks},
+                      "speedup": bounds}))
     return 0
 
 
