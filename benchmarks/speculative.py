@@ -102,6 +102,12 @@ def main() -> int:
         ap.error("--repeats must be at least 1")
     torch.set_num_threads(a.threads)
     from dsv3.engine.llm import LLM
+    from dsv3.weights import parse_device
+
+    try:
+        parse_device(a.device)
+    except ValueError as e:
+        ap.error(str(e))
 
     prompts = held_out_prompts(a.prompts)
     common = dict(dtype=a.dtype, device=a.device, progress=False, max_num_seqs=64, num_blocks=4096,

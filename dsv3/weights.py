@@ -76,6 +76,27 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(_DTYPE_NAMES)}") from None
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device to load a model on: the CPU, or a CUDA device that this machine has. Anything else raises a
+    ValueError that says what is available (torch's own errors here are an assertion deep in torch.cuda)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: dsv3 runs on cpu or cuda devices")
+    if not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device {device!r}: {why}; use cpu")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return dev
+
+
 def official_fp8(name: str) -> bool:
     """Whether the official FP8 checkpoints store checkpoint tensor `name` as FP8 with a weight_scale_inv."""
     return bool(_OFFICIAL_FP8_RE.search(name))
@@ -593,6 +614,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat1
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode {fp8_mode!r}: choose one of {FP8_MODES}")
     dtype = parse_dtype(dtype)
+    device = parse_device(device)
     path, cfg, layout, with_mtp = open_checkpoint(path, with_mtp)
     model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
     load_weights(model, path, dtype, device, fp8_mode, progress, layout=layout)

@@ -143,3 +143,23 @@ def test_non_finite_scale(ckpt, tmp_path):
                                               rf".weight_scale_inv' holds non-finite scales"):
         dsv3.load_model(ckpt)
     assert snapshot(ckpt) == before
+
+
+def test_device_that_is_not_here(tiny_ckpt, tmp_path, capsys):
+    """A device this machine cannot load onto is refused before any weight is read, with what to use instead (torch
+    itself fails with an assertion deep in torch.cuda), by the Python API and the commands alike."""
+    from dsv3.cli import main
+
+    with pytest.raises(ValueError, match="not a device name: use cpu, cuda or cuda:N"):
+        dsv3.load_model(tiny_ckpt, device="gpu0")
+    with pytest.raises(ValueError, match="dsv3 runs on cpu or cuda devices"):
+        dsv3.load_model(tiny_ckpt, device="mps")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = "cuda" if n == 0 else f"cuda:{n}"
+    with pytest.raises(ValueError, match="CPU-only build; use cpu|no CUDA device is visible|CUDA device\\(s\\)"):
+        dsv3.load_model(tiny_ckpt, device=missing)
+    assert main(["generate", "--model", str(tiny_ckpt), "--device", missing, "x"]) == 1
+    assert f"dsv3 generate: error: device '{missing}'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["train", "--device", "mps", "--out", str(out), "--steps", "1"]) == 1
+    assert "dsv3 train: error: device 'mps'" in capsys.readouterr().err and not out.exists()

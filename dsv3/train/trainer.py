@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..model.transformer import Transformer, build_model
 from ..tokenizer_build import BOS, EOS, save_tokenizer_files
+from ..weights import parse_device
 from .balance import BALANCE_MODES, Balancer, Schedule, max_violation, moe_modules, set_recording
 from .checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import resolve_model_config
@@ -154,7 +155,7 @@ def _device(cfg: TrainConfig, rank: int) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", rank % torch.cuda.device_count())
         return torch.device("cpu")
-    return torch.device(cfg.device)
+    return parse_device(cfg.device)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
