@@ -1,5 +1,7 @@
 """MTP speculative decoding: identical greedy output, exact sampling distribution, acceptance bookkeeping."""
 
+import time
+
 import pytest
 import torch
 
@@ -163,6 +165,30 @@ def test_seeded_sampling_reproduces_with_speculation(tiny_model):
     a = run_all(LLMEngine(tiny_model, config=cfg), prompts, params)
     b = run_all(LLMEngine(tiny_model, config=cfg), list(reversed(prompts)), params)
     assert [o.token_ids for o in a] == [o.token_ids for o in reversed(b)]
+
+
+def test_time_to_first_token_counts_the_mtp_pass_over_the_prompt(tiny_model, monkeypatch):
+    """The MTP pass over a prompt runs after its first token is appended, and the caller gets that token only when
+    the step ends: the reported time to first token (and the end of a request finishing in that step) count it."""
+    eng = LLMEngine(tiny_model, config=EngineConfig(**SPEC, num_blocks=64))
+    draft = eng._draft
+
+    def slow_draft(*args):
+        time.sleep(0.05)
+        return draft(*args)
+
+    monkeypatch.setattr(eng, "_draft", slow_draft)
+    prompt = prompts_for(tiny_model.cfg.vocab_size, n=1)[0]
+    first = []
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    one = eng.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished():
+        first += [o for o in eng.step() if len(o.token_ids) == 1]
+    assert [o.request_id for o in first] == [rid, one]
+    for o in first:
+        assert o.metrics["time_to_first_token"] >= 0.05
+    assert first[1].finished and first[1].metrics["elapsed"] >= 0.05
+    assert eng.stats["spec_drafted"] > 0
 
 
 def test_speculation_flags(tiny_ckpt, tmp_path):

@@ -288,6 +288,7 @@ class LLMEngine:
         if self.sync_tokens is not None:
             new_tokens = self.sync_tokens(new_tokens)
         outputs, computed = [], []
+        ends = []  # (seq, output, first?): first tokens and ends of requests, stamped again when handed back
         for i, seq in enumerate(batch.seqs):
             start = seq.num_computed
             computed.append(start + (n_known[i] + len(new_tokens[i]) - 1 if new_tokens[i] else batch.num_new[i]))
@@ -298,7 +299,10 @@ class LLMEngine:
                 if i in results and seq.extra["logprobs"] is not None:
                     res, j = results[i]
                     lp = res.logprob_entry(j)
+                first = seq.first_token_time is None
                 outputs.append(self._append(seq, tok, lp))
+                if first or seq.is_finished:
+                    ends.append((seq, outputs[-1], first))
                 if seq.is_finished:
                     break
         starts = [s.num_computed for s in batch.seqs]
@@ -329,6 +333,16 @@ class LLMEngine:
                     self._draft_more([(seq, room) for _, seq, room in more], fused.h[[r for r, _, _ in more]])
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
+        if ends and self.num_draft:
+            # Drafting after the appends (the MTP pass over a prompt, further drafts) delays the outputs: a caller
+            # gets the first token and the end only now, so time to first token and elapsed count it.
+            now = time.perf_counter()
+            for seq, out, first in ends:
+                if first:
+                    seq.first_token_time = now
+                if seq.is_finished:
+                    seq.finish_time = now
+                out.metrics = self._metrics(seq, now)
         return outputs
 
     def _count_verified(self, seq: Sequence, accepted: int) -> None:
