@@ -288,7 +288,7 @@ class LLMEngine:
         if self.sync_tokens is not None:
             new_tokens = self.sync_tokens(new_tokens)
         outputs, computed = [], []
-        ends = []  # (seq, output, first?): first tokens and ends of requests, stamped again when handed back
+        ends = []  # (seq, output, first?) when drafting follows the appends: stamped again when handed back
         for i, seq in enumerate(batch.seqs):
             start = seq.num_computed
             computed.append(start + (n_known[i] + len(new_tokens[i]) - 1 if new_tokens[i] else batch.num_new[i]))
@@ -301,7 +301,7 @@ class LLMEngine:
                     lp = res.logprob_entry(j)
                 first = seq.first_token_time is None
                 outputs.append(self._append(seq, tok, lp))
-                if first or seq.is_finished:
+                if self.num_draft and (first or seq.is_finished):
                     ends.append((seq, outputs[-1], first))
                 if seq.is_finished:
                     break
@@ -333,7 +333,7 @@ class LLMEngine:
                     self._draft_more([(seq, room) for _, seq, room in more], fused.h[[r for r, _, _ in more]])
         elif self.num_draft:
             self._draft(batch, starts, computed, hidden)
-        if ends and self.num_draft:
+        if ends:
             # Drafting after the appends (the MTP pass over a prompt, further drafts) delays the outputs: a caller
             # gets the first token and the end only now, so time to first token and elapsed count it.
             now = time.perf_counter()
