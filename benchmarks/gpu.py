@@ -155,7 +155,7 @@ def make_engine(model, max_batch: int, prefill: int, steps: int, graphs: bool, m
 
 def decode_logits(eng, prompts, steps):
     """Greedy decode with the runner's logits recorded per pure-decode step: (tokens per prompt, [logits [B, V]])."""
-    from dsv3.engine.engine import run_to_completion
+    from dsv3.engine.request import run_to_completion
     from dsv3.engine.sampling import SamplingParams
 
     seen = []

@@ -102,7 +102,7 @@ def main() -> int:
         ap.error("--repeats must be at least 1")
     torch.set_num_threads(a.threads)
     from dsv3.engine.llm import LLM
-    from dsv3.weights import parse_device
+    from dsv3.devices import parse_device
 
     try:
         parse_device(a.device)

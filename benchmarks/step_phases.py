@@ -59,7 +59,7 @@ def main() -> int:
     if any(k < 0 for k in ks) or a.rounds < 1 or a.prompts < 1:
         ap.error("--drafts must be >= 0 and --rounds/--prompts >= 1")
     torch.set_num_threads(a.threads)
-    import dsv3.engine.engine as engine_module
+    import dsv3.engine.spec_verify as engine_module
     from dsv3.engine.llm import LLM
     from dsv3.engine.sampling import SamplingParams
 

@@ -2,7 +2,7 @@
 from .config import ModelConfig
 from .engine.llm import LLM
 from .engine.sampling import SamplingParams
-from .weights import CheckpointError, load_model, save_model
+from .checkpoint import CheckpointError, load_model, save_model
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "LLM", "SamplingParams", "load_model", "save_model", "CheckpointError"]

@@ -15,6 +15,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2", "deepseek_v2")
 SUPPORTED_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+INT_QUANT_METHOD = "dsv3_int"  # quantization_config.quant_method of checkpoints written by `dsv3 quantize`
 # Fields that only exist in models we do not implement; their presence means the checkpoint is something else.
 _FOREIGN_FIELDS = {
     "index_n_heads": "DeepSeek-V3.2's sparse-attention indexer",
@@ -210,11 +211,16 @@ class ModelConfig:
         if self.num_nextn_predict_layers < 0:
             raise bad("num_nextn_predict_layers", "must be >= 0")
         q = self.quantization_config
-        if q is not None:
+        if q is not None and q.get("quant_method") == INT_QUANT_METHOD:
+            for key, allowed in (("bits", (4, 8)), ("group_size", (32,)), ("lm_head_bits", (None, 4, 8))):
+                if q.get(key) not in allowed:
+                    raise ValueError(f"{source}: quantization_config.{key} = {q.get(key)!r}; dsv3's int format "
+                                     f"supports {' or '.join(map(str, allowed))}")
+        elif q is not None:
             method = q.get("quant_method")
             if method != "fp8":
-                raise ValueError(f"{source}: quantization_config.quant_method = {method!r}; only the official "
-                                 f"'fp8' block format is supported")
+                raise ValueError(f"{source}: quantization_config.quant_method = {method!r}; supported are the "
+                                 f"official 'fp8' block format and dsv3's {INT_QUANT_METHOD!r} (dsv3 quantize)")
             if list(q.get("weight_block_size", [128, 128])) != [128, 128]:
                 raise ValueError(f"{source}: quantization_config.weight_block_size = {q.get('weight_block_size')}; "
                                  f"only [128, 128] blocks are supported")
@@ -246,7 +252,14 @@ class ModelConfig:
 
     @property
     def is_fp8(self) -> bool:
-        return self.quantization_config is not None
+        """The checkpoint stores its projections in the official FP8 block format."""
+        return self.quantization_config is not None and self.quantization_config.get("quant_method") == "fp8"
+
+    @property
+    def int_quantization(self) -> dict | None:
+        """The quantization_config of a checkpoint written by `dsv3 quantize` (int8/int4 codes), else None."""
+        q = self.quantization_config
+        return q if q is not None and q.get("quant_method") == INT_QUANT_METHOD else None
 
     @property
     def eos_token_ids(self) -> list[int]:

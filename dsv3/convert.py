@@ -20,10 +20,13 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ModelConfig
-from .kernels import fp8
-from .weights import (FP8_QUANTIZATION_CONFIG, INDEX_FILE, SCALE_SUFFIX, ST_NAMES, CheckpointError,
-                      CheckpointLayout, TensorInfo, TensorReader, fp8_scale_problems, official_fp8, output_directory, parse_dtype,
-                      progress_bar, write_json)
+from .kernels import fp8, quant
+from .checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, SCALE_SUFFIX, fp8_scale_problems, official_fp8
+from .checkpoint.layout import INDEX_FILE, ST_NAMES, CheckpointError, CheckpointLayout, TensorInfo
+from .checkpoint.load import load_model, progress_bar
+from .checkpoint.reader import TensorReader
+from .checkpoint.write import model_quantization, output_directory, save_model, write_json
+from .devices import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +257,23 @@ def to_fp8(src: str | os.PathLike, dst: str | os.PathLike, other_dtype: str | to
     tensors are cast to `other_dtype` (None: left as they are), the router bias stays float32."""
     other = None if other_dtype in (None, "keep") else parse_dtype(other_dtype)
     return _convert(src, dst, "quantize", other, overwrite, progress)
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, dtype: str | torch.dtype =
+                        torch.bfloat16, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Write an int8/int4 copy of checkpoint `src` (bf16, fp32 or official FP8) to `dst`: the model is loaded with
+    quantize=`to`, one matrix quantised at a time, so memory holds the quantised model and one matrix; the other
+    tensors become `dtype` (the router and its bias stay float32). The result loads without re-quantising (its
+    config.json's quantization_config says how it is stored, checkpoint/quantized.py). DST appears only when
+    complete; the tokenizer and other plain files of SRC are copied. Returns a summary."""
+    src = os.fspath(src)
+    quant.scheme(to)  # an unknown name fails before anything is read
+    model = load_model(src, dtype=dtype, quantize=to, progress=progress)
+    others = sorted(n for n in os.listdir(src) if n not in (INDEX_FILE, "config.json")
+                    and not n.endswith(".safetensors"))
+    copies = [n for n in others if os.path.isfile(os.path.join(src, n))]
+    with output_directory(dst, overwrite, sources=[src]) as tmp:
+        info = save_model(model, tmp)
+        for n in copies:
+            shutil.copy2(os.path.join(src, n), os.path.join(tmp, n))
+    return {**info, "path": os.fspath(dst), "quantization": model_quantization(model).config(), "copied": copies}

@@ -26,8 +26,8 @@ from .config import ModelConfig
 from .kernels import fp8
 from .model.transformer import build_model
 from .tokenizer_build import save_tokenizer_files, train_bpe
-from .weights import (FP8_QUANTIZATION_CONFIG, SCALE_SUFFIX, checkpoint_tensors, official_fp8, output_directory,
-                      write_checkpoint)
+from .checkpoint.fp8 import FP8_QUANTIZATION_CONFIG, SCALE_SUFFIX, official_fp8
+from .checkpoint.write import checkpoint_tensors, output_directory, write_checkpoint
 
 TINY_CONFIG: dict[str, Any] = dict(
     model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], vocab_size=320, hidden_size=160,

@@ -58,6 +58,6 @@ def hf_model(cfg: dict, seed: int = 0):
 
 def run_all(engine, prompts, params):
     """Drive an LLMEngine until every prompt finished; the final outputs in prompt order."""
-    from dsv3.engine.engine import run_to_completion
+    from dsv3.engine.request import run_to_completion
 
     return run_to_completion(engine, prompts, [params] * len(prompts))

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import dsv3
-from dsv3 import convert, weights
+from dsv3 import convert
+from dsv3.checkpoint.layout import CheckpointError, CheckpointLayout
 from dsv3.commands import convert as convert_cmd
 from dsv3.kernels import fp8
 from test_fp8 import read_checkpoint, reference_weights
@@ -86,7 +87,7 @@ def test_round_trip_bf16_to_fp8_to_load_reproduces_quantised_weights(bf16_ckpt, 
     info = convert.to_fp8(bf16_ckpt, tmp_path / "fp8")
     raw = read_checkpoint(tmp_path / "fp8")
     src = read_checkpoint(bf16_ckpt)
-    layout = weights.CheckpointLayout.read(tmp_path / "fp8")
+    layout = CheckpointLayout.read(tmp_path / "fp8")
     fp8_names = {n for n, i in layout.tensors.items() if i.dtype == fp8.FP8_DTYPE}
     # the official set: projections incl. kv_a_proj_with_mqa; not the head, the MTP eh_proj, the router, embeddings
     assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in fp8_names
@@ -154,9 +155,9 @@ def test_refuses_to_overwrite_without_being_asked(tiny_ckpt, bf16_ckpt, tmp_path
     with pytest.raises(ValueError, match="does not look like a checkpoint"):
         convert.fp8_to_dtype(tiny_ckpt, notes, overwrite=True)
     assert (notes / "todo.txt").read_text() == "mine"
-    with pytest.raises(weights.CheckpointError, match="already quantised"):
+    with pytest.raises(CheckpointError, match="already quantised"):
         convert.to_fp8(tiny_ckpt, tmp_path / "again")
-    with pytest.raises(weights.CheckpointError, match="no FP8"):
+    with pytest.raises(CheckpointError, match="no FP8"):
         convert.fp8_to_dtype(bf16_ckpt, tmp_path / "again")
     assert snapshot(tiny_ckpt) == before and not (tmp_path / "again").exists()
     # an empty DST is fine without --overwrite, and --overwrite replaces a checkpoint

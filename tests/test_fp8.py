@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
-from dsv3 import weights
+from dsv3.checkpoint import load as weights
+from dsv3.checkpoint import reader
+from dsv3.checkpoint.layout import CheckpointError, CheckpointLayout
 from dsv3.config import ModelConfig
 from dsv3.kernels import fp8
 from dsv3.model import build_model
@@ -118,7 +120,7 @@ def test_loader_dequantizes_bit_exact(tiny_ckpt, monkeypatch):
     assert_loaded_exactly(dsv3.load_model(tiny_ckpt, dtype=torch.float32), ref, skip)
     assert_loaded_exactly(dsv3.load_model(tiny_ckpt, dtype=torch.float32, fp8_mode="keep"), ref, skip)
     # Chunks smaller than one block row force the chunked and the unaligned paths.
-    monkeypatch.setattr(weights, "_CHUNK_BYTES", 700)
+    monkeypatch.setattr(reader, "_CHUNK_BYTES", 700)
     assert_loaded_exactly(dsv3.load_model(tiny_ckpt, dtype=torch.float32), ref, skip)
 
 
@@ -193,12 +195,12 @@ def test_fp8_logits_match_transformers_on_exactly_dequantised_weights(tmp_path):
 # Reading only what is loaded
 def record_reads(monkeypatch) -> list[tuple[str, int, int]]:
     reads = []
-    real = weights._read_at
+    real = reader._read_at
 
     def spy(f, offset, view):
         reads.append((f.name, offset, len(view)))
         return real(f, offset, view)
-    monkeypatch.setattr(weights, "_read_at", spy)
+    monkeypatch.setattr(reader, "_read_at", spy)
     return reads
 
 
@@ -215,7 +217,7 @@ def bytes_read_per_tensor(layout, reads) -> dict[str, int]:
 
 
 def test_mtp_skip_reads_no_mtp_bytes(tiny_ckpt, monkeypatch):
-    layout = weights.CheckpointLayout.read(tiny_ckpt)
+    layout = CheckpointLayout.read(tiny_ckpt)
     mtp = {n for n in layout.tensors if n.startswith("model.layers.3.")}
     assert len(mtp) > 50
     reads = record_reads(monkeypatch)
@@ -256,7 +258,7 @@ def test_select_hook_reads_only_the_window(tiny_ckpt, monkeypatch):
     for name, sl in windows.items():
         assert torch.equal(model.get_parameter(name), full.get_parameter(name)[sl]), name
     assert torch.equal(model.model.layers[1].mlp.experts.up_proj.weight, full.model.layers[1].mlp.experts.up_proj.weight)
-    layout = weights.CheckpointLayout.read(tiny_ckpt)
+    layout = CheckpointLayout.read(tiny_ckpt)
     got = bytes_read_per_tensor(layout, reads)
     read_experts = {n for n in got if n.startswith("model.layers.1.mlp.experts.") and ".gate_proj." in n}
     assert read_experts == {f"model.layers.1.mlp.experts.{e}.gate_proj.weight{s}" for e in range(4, 8)
@@ -274,7 +276,7 @@ def test_select_hook_reads_only_the_window(tiny_ckpt, monkeypatch):
     windows = {"model.layers.0.self_attn.q_b_proj.weight": (slice(100, 192),)}
     with pytest.raises(ValueError, match="block boundaries"):
         weights.load_weights(local_model(), tiny_ckpt, fp8_mode="keep", select=lambda n, shape: windows.get(n))
-    with pytest.raises(weights.CheckpointError, match="selected window"):
+    with pytest.raises(CheckpointError, match="selected window"):
         weights.load_weights(build_model(cfg, "meta", with_mtp=False), tiny_ckpt,
                              select=lambda n, shape: windows.get(n))
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -69,18 +70,19 @@ def _join(port: int, rank: int, world: int, tp: int | None, ep: int | None, time
 
 def _scenario(out: Path, tag: str, ckpt: str, port: int, rank: int, world: int, tp: int, ep: int,
               fp8_mode: str = "dequantize", placement=None, fail_at_step: int | None = None, fail: str = "kill",
-              timeout_s: float = TIMEOUT_S) -> None:
+              timeout_s: float = TIMEOUT_S, quantize: str | None = None) -> None:
     """One multi-rank run: every rank's logits of LOGIT_IDS, then rank 0 generates PROMPTS through the engine.
     fail_at_step: this rank dies (fail='kill') or freezes (fail='stop') at the start of that engine step."""
     result: dict = {"rank": rank}
     ps = _join(port, rank, world, tp, ep, timeout_s)
     try:
         llm = LLM(ckpt, dtype="float32", fp8_mode=fp8_mode, parallel=ps, expert_placement=placement, num_blocks=64,
-                  max_num_seqs=8)
+                  max_num_seqs=8, quantize=quantize)
         with torch.inference_mode():
             torch.save(llm.model(LOGIT_IDS), out / f"{tag}-logits-{rank}.pt")
         result["fp8_weights"] = sum(p.dtype == torch.float8_e4m3fn for p in llm.model.parameters())
         result["weight_bytes"] = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+        result["int_weights"] = sum(getattr(m, "quant", None) is not None for m in llm.model.modules())
         engine = llm.engine.engine
         if fail_at_step is not None:
             real_step, calls = engine.step, [0]
@@ -101,6 +103,8 @@ def _scenario(out: Path, tag: str, ckpt: str, port: int, rank: int, world: int, 
         result["stats"] = {k: engine.stats[k] for k in ("steps", "generated_tokens", "finished")}
     except ParallelError as e:
         result.update(error=str(e), error_time=time.time())
+    except Exception:  # anything else: the traceback in the result, where the test shows it
+        result.update(error=traceback.format_exc(), error_time=time.time())
     finally:
         (out / f"{tag}-{rank}.json").write_text(json.dumps(result))
         ps.shutdown()
@@ -116,6 +120,11 @@ def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int]) -> None:
         _scenario(out, "tp2", ckpt, ports[1], proc, 2, 2, 1)
     else:
         _scenario(out, "ep2", ckpt, ports[2], proc - 2, 2, 1, 2, placement=PLACEMENT)
+    # Phase 2b: int4 weights under TP 2 and int8 under EP 2, quantised by each rank from its own slices.
+    if proc < 2:
+        _scenario(out, "tp2-int4", ckpt, ports[7], proc, 2, 2, 1, quantize="int4")
+    else:
+        _scenario(out, "ep2-int8", ckpt, ports[8], proc - 2, 2, 1, 2, quantize="int8")
     # Phase 3: a follower killed mid-run (procs 0, 1) and a driver killed mid-run (procs 2, 3).
     if proc < 2:
         _scenario(out, "kill-follower", ckpt, ports[3], proc, 2, 2, 1, fail_at_step=3 if proc == 1 else None)
@@ -141,7 +150,7 @@ def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int]) -> None:
 def pool(tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     ctx = mp.get_context("spawn")
-    ports = _free_ports(7)
+    ports = _free_ports(9)
     procs = [ctx.Process(target=_pool_worker, args=(i, out, str(tiny_ckpt), ports)) for i in range(4)]
     for p in procs:
         p.start()
@@ -179,6 +188,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.fixture(scope="module")
+def reference_quantized(tiny_ckpt):
+    out = {}
+    for q in ("int4", "int8"):
+        llm = LLM(tiny_ckpt, dtype="float32", num_blocks=64, max_num_seqs=8, quantize=q)
+        with torch.inference_mode():
+            logits = llm.model(LOGIT_IDS)
+        outs = llm.generate(PROMPTS, _params())
+        out[q] = {"logits": logits, "tokens": [o.token_ids for o in outs],
+                  "int_weights": sum(getattr(m, "quant", None) is not None for m in llm.model.modules())}
+    return out
+
+
 def _check_run(pool, reference, tag: str, world: int) -> list[dict]:
     results = [pool["load"](f"{tag}-{r}") for r in range(world)]
     for r, res in enumerate(results):
@@ -212,6 +234,16 @@ def test_tp2_ep2_fp8_kept_matches_single_process(pool, reference):
     results = _check_run(pool, reference, "tp2ep2", 4)
     # Block-aligned slices stay FP8 (with their scales sliced alike); the rest were cut exactly.
     assert all(res["fp8_weights"] > 0 for res in results)
+
+
+@pytest.mark.parametrize("tag,q", [("tp2-int4", "int4"), ("ep2-int8", "int8")])
+def test_quantized_tp2_and_ep2_match_the_single_process(pool, reference_quantized, reference, tag, q):
+    # Groups of 32 never straddle these splits, so each rank's codes and scales are the single process's slices:
+    # the same quantised model, computed in parts.
+    results = _check_run(pool, reference_quantized[q], tag, 2)
+    # Every weight quantised on every rank (none left in float32 for cutting a group).
+    assert all(res["int_weights"] == reference_quantized[q]["int_weights"] for res in results)
+    assert _rel(reference_quantized[q]["logits"], reference["logits"]) > 1e-3  # really quantised
 
 
 def test_killed_follower_ends_the_driver_with_an_error(pool):

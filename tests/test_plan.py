@@ -1,5 +1,6 @@
 """`dsv3 plan`: published facts, deployment verdicts, agreement with what load_model allocates, bad input, CLI."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from dsv3.hardware import (CPU, GIB, GPUS, Hardware, find_gpu, measure_cpu_bandw
                            parse_bandwidth, parse_gpus, parse_size, resolve_hardware)
 from dsv3.model import build_model
 from dsv3.plan import (PlanRequest, expected_experts_touched, linear_bytes, plan, predicted_cache_bytes,
-                       predicted_weight_bytes, render)
+                       predicted_checkpoint_bytes, predicted_weight_bytes, render)
 from dsv3.presets import preset
-from dsv3.weights import model_bytes
+from dsv3.checkpoint import model_bytes
 from hf_ref import v2, v3
 
 # Fixed CPU figures so no test measures this (shared, busy) machine.
@@ -67,11 +68,33 @@ def test_precision_rules():
     assert linear_bytes(7168, 2048, "fp8") == 7168 * 2048 + 4 * 56 * 16
     assert linear_bytes(576, 7168, "fp8") == 576 * 7168 + 4 * 5 * 56
     assert linear_bytes(100, 200, "bf16") == 40_000
-    assert linear_bytes(7168, 2048, "int8") * 8 / (7168 * 2048) == pytest.approx(8.125)
-    assert linear_bytes(7168, 2048, "int4") * 8 / (7168 * 2048) == pytest.approx(4.25)
+    # int8/int4 as dsv3 runs them (kernels/quant.py): 8- or 4-bit codes plus one float16 scale per 32 inputs of a
+    # row, no zero point.
+    assert linear_bytes(7168, 2048, "int8") == 7168 * 2048 + 2 * 7168 * 2048 // 32
+    assert linear_bytes(7168, 2048, "int4") == 7168 * 2048 // 2 + 2 * 7168 * 2048 // 32
+    assert linear_bytes(7168, 2048, "int8") * 8 / (7168 * 2048) == 8.5
+    assert linear_bytes(7168, 2048, "int4") * 8 / (7168 * 2048) == 4.5
     sizes = {p: run_plan(precision=p)["weights_bytes"] for p in ("bf16", "fp8", "int8", "int4")}
     assert sizes["bf16"] > sizes["int8"] > sizes["fp8"] > sizes["int4"]
     assert sizes["bf16"] == pytest.approx(2 * 683e9, rel=0.01)
+
+
+@pytest.mark.parametrize("precision,bits", [("int8", 8.5), ("int4", 4.5)])
+def test_v3_int_bytes_from_first_principles(precision, bits):
+    # Main model: the projections at `bits` per weight, the head at int8 (8.5 bits) for both, embedding and norms
+    # bf16, the router weight and bias float32 (as loaded).
+    cfg = preset("deepseek-v3")
+    c, D, L = cfg.param_counts(), cfg.hidden_size, cfg.num_hidden_layers
+    norms = L * (2 * D + cfg.q_lora_rank + cfg.kv_lora_rank) + D
+    proj = c["main"] - c["embedding"] - c["lm_head"] - norms - c["router"]
+    assert proj == c["attention"] - L * (2 * D + cfg.q_lora_rank + cfg.kv_lora_rank) + c["dense_mlp"] + \
+        c["routed_experts"] + c["shared_experts"]
+    expected = proj * bits / 8 + c["lm_head"] * 8.5 / 8 + 2 * (c["embedding"] + norms) + 4 * c["router"]
+    got = predicted_weight_bytes(cfg, precision)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert run_plan(precision=precision, with_mtp=False)["weights_bytes"] == got
+    if precision == "int4":  # issue 20's memory target: int4 resident weights <= 0.30x bf16
+        assert got / predicted_weight_bytes(cfg, "bf16") < 0.29
 
 
 def test_cache_bytes_hook_matches_the_config():
@@ -100,7 +123,9 @@ def test_v3_fp8_fits_8x_h200():
     gpu = layout(r, "gpu")
     assert gpu["tp"] == gpu["ep"] == 8 and gpu["max_concurrency"] >= 8
     assert r["decode_tokens_per_s_upper"] > 0 and r["prefill_tokens_per_s_upper"] > 0
-    assert "--tensor-parallel 8 --expert-parallel 8" in r["recommended_command"]
+    cmd = r["recommended_command"]
+    assert cmd.startswith("torchrun --nproc-per-node 8 -m dsv3 serve ") and cmd.endswith(" --tp 8")
+    assert r["recommended_not_yet_available"] == [] and r["runnable_command"] == cmd
 
 
 def test_v3_fp8_does_not_fit_8x_h100_without_offload():
@@ -123,7 +148,14 @@ def test_single_24gb_gpu_needs_hybrid_int4():
     assert hyb["devices"]["gpu"]["need_bytes"] <= 24 * GIB
     # The CPU side reads the touched experts at CPU bandwidth: that bounds decode to tens of tokens/s at most.
     assert 1 < r["decode_tokens_per_s_upper"] < 50
-    assert "--experts-device cpu" in r["recommended_command"]
+    # Experts in CPU memory beside a GPU is later work: marked, not printed as runnable. The int4 model (~360 GiB)
+    # does not fit 400 GB all in CPU memory, so no layout runs as planned today; with 512 GB the CPU layout does.
+    assert "--experts-device cpu" in r["recommended_not_yet_available"]
+    assert "--experts-device" not in r["recommended_command"]
+    assert r["runnable_layout"] is None and r["runnable_command"] is None
+    r = run_plan(gpus="1xRTX4090", cpu_mem="512GB", precision="int4")
+    assert r["layout"] == "hybrid" and r["runnable_layout"] == "cpu"
+    assert "--device cpu --dtype bfloat16 --quantize int4" in r["runnable_command"]
     assert not run_plan(gpus="1xRTX4090", cpu_mem="400GB", precision="fp8")["fits"]  # fp8 needs ~650 GB
 
 
@@ -208,6 +240,25 @@ def test_predicted_fp8_bytes_equal_what_load_model_keeps(tmp_path, config):
     cfg, with_mtp = _saved(tmp_path, config, fp8_weights=True)
     got = model_bytes(dsv3.load_model(tmp_path, dtype=torch.bfloat16, fp8_mode="keep"))
     assert got == pytest.approx(predicted_weight_bytes(cfg, "fp8", with_mtp), rel=0.01)
+
+
+@pytest.mark.parametrize("config", [  # every input dimension a multiple of 32, as int8/int4 need
+    v3(kv_lora_rank=32, v_head_dim=16),  # MTP, untied head
+    v3(kv_lora_rank=32, v_head_dim=16, num_nextn_predict_layers=0, tie_word_embeddings=True),
+], ids=["v3-mtp", "v3-tied-no-mtp"])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_predicted_int_bytes_equal_what_dsv3_quantize_writes_and_loads(tmp_path, config, precision):
+    from dsv3.checkpoint import CheckpointLayout
+    from dsv3.convert import quantize_checkpoint
+
+    cfg, with_mtp = _saved(tmp_path / "src", config, fp8_weights=False)
+    predicted = predicted_weight_bytes(cfg, precision, with_mtp)
+    assert model_bytes(dsv3.load_model(tmp_path / "src", dtype=torch.bfloat16, quantize=precision)) == predicted
+    quantize_checkpoint(tmp_path / "src", tmp_path / precision, precision)
+    tensors = CheckpointLayout.read(tmp_path / precision).tensors.values()
+    on_disk = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
+    assert on_disk == predicted_checkpoint_bytes(cfg, precision, with_mtp)
+    assert model_bytes(dsv3.load_model(tmp_path / precision, dtype=torch.bfloat16)) == predicted
 
 
 # ------------------------------------------------------------------------------------------------------------------

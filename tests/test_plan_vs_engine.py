@@ -6,7 +6,7 @@ import dsv3
 from dsv3.engine.engine import EngineConfig, LLMEngine
 from dsv3.model import build_model
 from dsv3.plan import predicted_cache_bytes, predicted_weight_bytes
-from dsv3.weights import model_bytes
+from dsv3.checkpoint import model_bytes
 
 BENCH_SMALL = dict(  # ../shared/bench/hf_anchor.py's CPU shape (~220M parameters)
     model_type="deepseek_v3", vocab_size=32000, hidden_size=512, intermediate_size=1408, moe_intermediate_size=256,

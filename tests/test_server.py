@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams
@@ -421,6 +422,20 @@ def test_metrics_exposition(server):
                  "dsv3_spec_decode_draft_tokens_total", "dsv3_spec_decode_accepted_tokens_total",
                  "dsv3_spec_decode_verify_steps_total", "dsv3_spec_decode_tokens_per_step"):
         assert f"# TYPE {name} " in text, name
+    # The names and types /metrics has always exported, read back with prometheus_client's own parser.
+    fams = {f.name + ("_total" if f.type == "counter" else ""): f.type for f in text_string_to_metric_families(text)}
+    assert fams == {
+        "dsv3_requests_total": "counter", "dsv3_request_finished_total": "counter",
+        "dsv3_prompt_tokens_total": "counter", "dsv3_generation_tokens_total": "counter",
+        "dsv3_time_to_first_token_seconds": "histogram", "dsv3_inter_token_latency_seconds": "histogram",
+        "dsv3_request_latency_seconds": "histogram", "dsv3_num_requests_waiting": "gauge",
+        "dsv3_num_requests_running": "gauge", "dsv3_num_requests_in_flight": "gauge",
+        "dsv3_cache_blocks_used": "gauge", "dsv3_cache_blocks_total": "gauge", "dsv3_cache_usage_ratio": "gauge",
+        "dsv3_prefix_cache_hit_ratio": "gauge", "dsv3_preemptions_total": "counter",
+        "dsv3_spec_decode_draft_tokens_total": "counter", "dsv3_spec_decode_accepted_tokens_total": "counter",
+        "dsv3_spec_decode_acceptance_ratio": "gauge", "dsv3_spec_decode_verify_steps_total": "counter",
+        "dsv3_spec_decode_tokens_per_step": "gauge"}
+    assert "_created" not in text
     m = parse_metrics(text)
     assert m['dsv3_requests_total{endpoint="/v1/chat/completions",status="200"}'] > 0
     assert m['dsv3_requests_total{endpoint="/v1/chat/completions",status="400"}'] > 0

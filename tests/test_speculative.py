@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
+from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.request import run_to_completion
 from dsv3.engine.sampling import SamplingParams, SequenceSamplingState
 from dsv3.engine.speculative import propose, propose_rows, target_probs, verify, verify_rows
 from hf_ref import run_all
@@ -550,7 +551,7 @@ def test_drafting_pauses_above_max_batch_and_keeps_every_mtp_latent(tiny_model, 
 def test_a_long_pause_stops_speculation_instead_of_holding_its_backlog(tiny_model, monkeypatch):
     # A paused sequence keeps one hidden state per position for its deferred MTP latents; past MTP_BACKLOG_LIMIT
     # of them it stops speculating (and frees them): no drafts afterwards, output unchanged.
-    import dsv3.engine.engine as engine_module
+    import dsv3.engine.spec_draft as engine_module
 
     monkeypatch.setattr(engine_module, "MTP_BACKLOG_LIMIT", 6)
     m = tiny_model

@@ -14,7 +14,8 @@ tied (bf16 logits tie exactly at a few positions of these prompts), so the preem
 
 import pytest
 
-from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
+from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.request import run_to_completion
 from dsv3.engine.llm import LLM
 from dsv3.engine.sampling import SamplingParams
 

@@ -12,7 +12,8 @@ from dsv3.assets import default_model_path
 from dsv3.commands import init_tiny as init_tiny_cmd
 from dsv3.kernels import fp8
 from dsv3.tiny import write_tiny_checkpoint
-from dsv3.weights import CheckpointLayout, official_fp8
+from dsv3.checkpoint.fp8 import official_fp8
+from dsv3.checkpoint.layout import CheckpointLayout
 
 
 def test_official_format(tiny_ckpt):

@@ -18,7 +18,8 @@ import dsv3
 from dsv3 import ModelConfig
 from dsv3.assets import default_model_path
 from dsv3.tokenizer import Tokenizer
-from dsv3.engine.engine import EngineConfig, LLMEngine, run_to_completion
+from dsv3.engine.engine import EngineConfig, LLMEngine
+from dsv3.engine.request import run_to_completion
 from dsv3.engine.sampling import SamplingParams
 from dsv3.kernels import dispatch
 from dsv3.model import build_model

@@ -14,6 +14,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--fp8-mode", default="dequantize", choices=["dequantize", "keep"],
                    help="FP8 checkpoints: dequantise while loading, or keep FP8 in memory")
+    g.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantise the projections while loading (weight-only, groups of 32; see docs/quantization.md)"
+                        "; a checkpoint written by `dsv3 quantize` needs no flag")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     g.add_argument("--cache-memory", type=_size, help="latent cache budget, e.g. 2GB (default: up to 1 GiB)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together")
@@ -95,7 +98,7 @@ def make_llm(args, **extra):
         from ..engine.distributed import make_parallel_llm
 
         return make_parallel_llm(args, kw)  # returns on rank 0 only
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, **kw)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, quantize=args.quantize, **kw)
     # This process exists for the model: move everything loaded so far out of the cyclic garbage collector's view,
     # so the collections a step's small allocations trigger stop walking the model again and again (a few percent
     # of a CPU decode step). A library user can do the same after building an LLM; dsv3 does not do it for them.

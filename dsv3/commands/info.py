@@ -34,11 +34,23 @@ def summary(cfg: ModelConfig) -> dict:
         "softmax_scale": cfg.softmax_scale,
         "mtp_modules": cfg.num_nextn_predict_layers,
         "fp8": cfg.is_fp8,
+        "quantization": _quantization(cfg),
         "params_main": counts["main"],
         "params_active_per_token": counts["active_per_token"],
         "params_mtp_unique": counts["mtp_unique"],
         "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
     }
+
+
+def _quantization(cfg: ModelConfig) -> str:
+    q = cfg.quantization_config
+    if q is None:
+        return "none"
+    if cfg.is_fp8:
+        return f"fp8 {q.get('fmt', 'e4m3')}, {'x'.join(map(str, q.get('weight_block_size', [128, 128])))} blocks"
+    head = q.get("lm_head_bits")
+    return (f"{q['quant_method']}: int{q['bits']} weights, groups of {q['group_size']} with float16 scales, lm_head "
+            f"{'int%d' % head if head else 'unquantised'}")
 
 
 def run(args) -> int:

@@ -15,7 +15,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="deepseek-v3",
                    help=f"preset name ({', '.join(sorted(PRESETS))}), checkpoint directory or config.json "
                         f"(default: deepseek-v3)")
-    p.add_argument("--precision", help=f"weight precision: {', '.join(PRECISIONS)} (default: the checkpoint's own)")
+    p.add_argument("--precision", help=f"weight precision: {', '.join(PRECISIONS)} (int8/int4: what --quantize loads, "
+                                       f"8.5/4.5 bits per weight with the head int8; default: the checkpoint's own)")
     p.add_argument("--cache-dtype", default="bf16", help=f"KV cache dtype: {', '.join(CACHE_DTYPES)} (default bf16)")
     p.add_argument("--gpus", help="COUNTxNAME, e.g. 8xH200, 2xRTX4090, or 'none' (default: detected)")
     p.add_argument("--cpu-mem", help="CPU memory, e.g. 512GB (default: detected)")

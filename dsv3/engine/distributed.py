@@ -13,6 +13,10 @@ Idle time (a chat waiting for input, a server without requests) would trip the c
 followers, so the driver sends a heartbeat every timeout / 4 while idle; a follower that hears nothing for the
 whole timeout, or sees rank 0's connection drop, ends with an error; a driver whose follower is gone fails its
 next step or heartbeat the same way.
+
+Owns Driver, Follower, attach (the wrapper a multi-rank LLM gets: installed into engine/llm.py's
+set_parallel_engine hook below, so the dependency runs from here to the LLM, never back) and make_parallel_llm,
+the CLI's LLM under torchrun.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 
 from ..parallel import ParallelError, ParallelState
 from .engine import LLMEngine
+from .llm import LLM, set_parallel_engine
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +182,14 @@ def attach(engine: LLMEngine, ps: ParallelState) -> Driver | Follower:
     return Driver(engine, ps) if ps.is_driver else Follower(engine, ps)
 
 
+set_parallel_engine(attach)  # what LLM(parallel=...) does with its engine on several ranks
+
+
 def make_parallel_llm(args, engine_kwargs: dict):
     """The CLI's LLM under torchrun. On rank 0 it returns the LLM (its engine a Driver); on the other ranks it
     follows rank 0 until the command there is done, then exits the process, so the commands' own code (which
     prints results) runs on rank 0 only."""
     from ..parallel import init_parallel
-    from .llm import LLM
 
     # The device flag decides the backend: NCCL for GPUs, gloo for a CPU run even on a machine with GPUs.
     backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
@@ -191,6 +198,7 @@ def make_parallel_llm(args, engine_kwargs: dict):
         logging.getLogger("dsv3").setLevel(logging.WARNING)  # one rank's log is enough
     try:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, fp8_mode=args.fp8_mode, parallel=ps,
+                  quantize=args.quantize,
                   expert_placement=args.expert_placement, progress=False if not ps.is_driver else None,
                   **engine_kwargs)
     except BaseException:

@@ -1,35 +1,52 @@
-"""LLM: the offline API. Load a checkpoint (the embedded model by default), then generate, chat or stream."""
+"""LLM: the offline API. Load a checkpoint (the embedded model by default), then generate, chat or stream.
+
+Owns LLM and the hook through which a multi-rank LLM gets its lockstep engine (set_parallel_engine): the torchrun
+wrapper, engine/distributed.py, builds on this module and installs itself there, so this module never imports it.
+"""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import fields
-from typing import Iterator, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
 from ..assets import resolve_model
 from ..kernels.cpu_pack import prepack_for_cpu
-from ..weights import load_model, parse_dtype
-from .engine import EngineConfig, LLMEngine, RequestOutput, run_to_completion
+from ..checkpoint import load_model
+from ..devices import parse_dtype
+from .engine import EngineConfig, LLMEngine
+from .request import RequestOutput, run_to_completion
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 Message = dict
 
+# (engine, ParallelState) -> the engine a multi-rank LLM uses: engine/distributed.py's attach (a Driver on rank 0, a
+# Follower elsewhere), installed when that module is imported (the dsv3.engine package imports it).
+_parallel_engine: Callable[[LLMEngine, Any], Any] | None = None
+
+
+def set_parallel_engine(factory: Callable[[LLMEngine, Any], Any]) -> None:
+    """Install how an LLM given a ParallelState of several ranks wraps its engine (engine/distributed.py does)."""
+    global _parallel_engine
+    _parallel_engine = factory
+
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, dtype: str | torch.dtype = "bfloat16",
                  device: str | torch.device = "cpu", fp8_mode: str = "dequantize", with_mtp: bool | None = None,
                  progress: bool | None = None, parallel=None, expert_placement=None, cpu_prepack: bool = True,
-                 **engine_kwargs):
+                 quantize: str | None = None, **engine_kwargs):
         """model: checkpoint directory (default: the embedded model). cpu_prepack: on the CPU in bf16, pack the
         weights for oneDNN (faster, bit-identical, inference only). engine_kwargs: EngineConfig fields
         (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...).
         parallel: a dsv3.parallel.ParallelState (init_parallel under torchrun): this rank loads only its shard and
         the engine becomes a Driver (rank 0) or a Follower (call llm.engine.run() there), see engine/distributed.py.
-        expert_placement: see dsv3.parallel.resolve_placement."""
+        expert_placement: see dsv3.parallel.resolve_placement. quantize: "int8" / "int4" weights, quantised while
+        loading (see load_model)."""
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
@@ -41,18 +58,18 @@ class LLM:
             from ..parallel import load_sharded
 
             self.model = load_sharded(self.path, parallel, dtype=dtype, fp8_mode=fp8_mode, with_mtp=with_mtp,
-                                      progress=progress, placement=expert_placement)
+                                      progress=progress, placement=expert_placement, quantize=quantize)
         else:
             self.model = load_model(self.path, dtype=dtype, device=device, fp8_mode=fp8_mode, with_mtp=with_mtp,
-                                    progress=progress)
+                                    progress=progress, quantize=quantize)
         if cpu_prepack and (parallel is None or parallel.world_size == 1):  # sharded layers keep plain weights
             prepack_for_cpu(self.model)
         self.tokenizer = _load_tokenizer(self.path)
         self.engine = LLMEngine(self.model, self.tokenizer, EngineConfig(**engine_kwargs))
         if parallel is not None and parallel.world_size > 1:
-            from .distributed import attach
-
-            self.engine = attach(self.engine, parallel)
+            if _parallel_engine is None:
+                raise RuntimeError("no multi-rank engine is installed; import dsv3.engine.distributed first")
+            self.engine = _parallel_engine(self.engine, parallel)
 
     # ------------------------------------------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Seq[str | list[int]], params: SamplingParams | Seq[SamplingParams]

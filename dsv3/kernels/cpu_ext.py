@@ -1,4 +1,5 @@
-"""The C++ CPU kernels (csrc/cpu_kernels.cpp): built on first use, then loaded from a cache directory.
+"""The C++ CPU kernels (csrc/: cpu_kernels.cpp and the kernel-family headers it includes): built on first use, then
+loaded from a cache directory.
 
 `load()` returns the `torch.ops.dsv3_cpu` namespace, or None when the kernels cannot be used here; callers then keep
 the pure PyTorch path, which stays the reference. The reason for None is logged once: disabled by
@@ -7,8 +8,9 @@ failed build.
 
 The build (`torch.utils.cpp_extension`, -O3 -march=native for the machine it runs on) takes ~15 s once; the shared
 library is cached under $DSV3_KERNEL_CACHE (default ~/.cache/dsv3/kernels) in a directory named by the hash of the
-source, the flags, the torch/Python versions and the CPU's features, so an edit rebuilds it, a stale library is never
-loaded and a home directory shared by different machines never hands one a library built for another CPU.
+sources (every file of csrc/), the flags, the torch/Python versions and the CPU's features, so an edit rebuilds it, a
+stale library is never loaded and a home directory shared by different machines never hands one a library built for
+another CPU.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cpp")
+SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCE = os.path.join(SOURCE_DIR, "cpu_kernels.cpp")  # the translation unit; it includes the headers beside it
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
@@ -61,9 +64,13 @@ def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = ()) -> ob
     from torch.utils import cpp_extension
 
     flags = CFLAGS + list(extra_cflags) + [f"-DDSV3_NS={namespace}"]
-    with open(SOURCE, "rb") as f:
-        # -march=native: a library built on one CPU may not run on another, so the CPU's features are in the key.
-        key = f.read() + " ".join(flags + [torch.__version__, sys.version, *sorted(cpu_flags())]).encode()
+    key = b""
+    for name in sorted(os.listdir(SOURCE_DIR)):  # an edit of any header rebuilds too
+        if name.endswith((".cpp", ".h")):
+            with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+                key += name.encode() + b"\0" + f.read()
+    # -march=native: a library built on one CPU may not run on another, so the CPU's features are in the key.
+    key += " ".join(flags + [torch.__version__, sys.version, *sorted(cpu_flags())]).encode()
     root = os.environ.get("DSV3_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsv3", "kernels")
     build_dir = os.path.join(root, f"{namespace}-{hashlib.sha256(key).hexdigest()[:16]}")
     os.makedirs(build_dir, exist_ok=True)

@@ -92,7 +92,7 @@ def experts(module, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     """The routed experts (dsv3.model.moe.Experts) on x [T, D] with routing weights/indices [T, K] -> [T, D],
     or None when the torch path should run."""
     g, u, d = module.gate_proj, module.up_proj, module.down_proj
-    if module.packed is not None or g.weight.numel() == 0 or not use_triton(x, "moe", g.weight, u.weight, d.weight):
+    if module.packed is not None or g.quant is not None or g.weight.numel() == 0 or not use_triton(x, "moe", g.weight, u.weight, d.weight):
         return None
     from . import triton_moe
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import dispatch, fp8
+from ..kernels import dispatch, fp8, quant
 from ..kernels.grouped import grouped_mm
-from .layers import MLP
+from .layers import MLP, set_quantized
 
 
 def route(logits: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None
@@ -58,15 +58,28 @@ class Gate(nn.Module):
 
 
 class StackedLinear(nn.Module):
-    """E per-expert weights [E, O, I] in one tensor (checkpoint: experts.{e}.<name>.weight [O, I])."""
+    """E per-expert weights [E, O, I] in one tensor (checkpoint: experts.{e}.<name>.weight [O, I]); FP8 with block
+    scales, or int8/int4 codes with group scales (`quant`, as in layers.Linear)."""
 
     def __init__(self, n: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set by set_fp8 when the weight is kept in FP8
+        self.register_buffer("weight_scale", None)  # set by set_quantized (int8/int4 group scales)
+        self.quant: quant.Scheme | None = None
 
     def set_fp8(self, scale_inv: torch.Tensor) -> None:
         self.register_buffer("weight_scale_inv", scale_inv)
+
+    def set_quantized(self, codes: torch.Tensor, scales: torch.Tensor, scheme: quant.Scheme) -> None:
+        """Hold codes [E, O, I * bits / 8] and float16 scales [E, O, I / group] of `scheme` as the weights."""
+        set_quantized(self, codes, scales, scheme)
+
+    def project(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [N, I] through expert e: [N, O] in x's dtype (quantised weights: the float32 reference product)."""
+        if self.quant is not None:
+            return quant.linear(x, self.weight[e], self.weight_scale[e], self.quant)
+        return F.linear(x, self.dense(e, x.dtype))
 
     @property
     def is_fp8(self) -> bool:
@@ -75,6 +88,8 @@ class StackedLinear(nn.Module):
     def dense(self, experts: torch.Tensor | slice, dtype: torch.dtype) -> torch.Tensor:
         """Weights of the selected experts in `dtype`: [len(experts), O, I]."""
         w = self.weight[experts]
+        if self.quant is not None:
+            return quant.dequantize(w, self.weight_scale[experts], self.quant, dtype)
         if self.is_fp8:
             return fp8.dequantize(w, self.weight_scale_inv[experts], dtype)
         return w.to(dtype)
@@ -117,6 +132,8 @@ class Experts(nn.Module):
         if self.packed is not None:
             return False
         aligned = all(d % 8 == 0 for d in self.down_proj.weight.shape[1:])  # _grouped_mm needs 16-byte strides
+        if self.gate_proj.quant is not None:
+            return False
         return aligned and (self.force_grouped_mm or (x.device.type != "cpu" and not self.gate_proj.is_fp8))
 
     force_grouped_mm = False
@@ -128,7 +145,6 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(g) * u, self.down_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, D]
 
     def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        dt = xs.dtype
         parts, start = [], 0
         for e, c in enumerate(counts):
             if c and self.packed is not None:
@@ -138,8 +154,8 @@ class Experts(nn.Module):
                 start += c
             elif c:
                 xe = xs[start:start + c]
-                h = F.silu(F.linear(xe, self.gate_proj.dense(e, dt))) * F.linear(xe, self.up_proj.dense(e, dt))
-                parts.append(F.linear(h, self.down_proj.dense(e, dt)))
+                h = F.silu(self.gate_proj.project(e, xe)) * self.up_proj.project(e, xe)
+                parts.append(self.down_proj.project(e, h))
                 start += c
         return torch.cat(parts) if parts else xs.new_zeros(0, xs.shape[1])
 

@@ -19,7 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ..engine.engine import LLMEngine, RequestOutput
+from ..engine.engine import LLMEngine
+from ..engine.request import RequestOutput
 from ..engine.sampling import SamplingParams, sample_seed
 from ..engine.scheduler import QueueFullError
 

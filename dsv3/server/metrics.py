@@ -1,16 +1,37 @@
-"""Prometheus text exposition for the server, without a client library: counters, gauges and histograms.
+"""The server's /metrics: counters, gauges and histograms, written in Prometheus' text format by prometheus_client.
 
-Counters and histograms are updated from two threads (the engine thread records tokens and latencies, the event
-loop records HTTP statuses), so every update takes the registry's lock. Gauges are read from the engine snapshot
-when /metrics is scraped.
+The engine thread records tokens and latencies and the event loop records HTTP statuses into plain Python counters
+and histograms below, under one lock; a custom prometheus_client collector turns them into metric families when
+/metrics is scraped, and prometheus_client does the formatting. Gauges are read from the engine snapshot at scrape
+time.
+
+Why not prometheus_client's own Counter/Histogram objects: measured (one engine step's on_outputs, best of 15,
+2-core shared x86_64 CPU, prometheus_client 0.26) they cost 3.2 / 169 / 288 us per step at batch 1 / 64 decode /
+64 speculative (2 tokens each, 4 finishing) against 2.4 / 120 / 151 us for these plain counters, and 1.7 against
+0.5 us per HTTP request: a lock per value, label lookups, and no weighted observe for the tokens of one speculative
+step. They would also add `_created` series unless disabled process-wide. The custom collector keeps the engine
+loop's cost where it was and changes nothing in the exported names, types, labels or buckets.
+
+Each ServerMetrics has its own CollectorRegistry, so several servers (or tests) in one process do not collide.
 """
 from __future__ import annotations
 
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # Latency buckets in seconds: from one fast GPU decode step up to a long CPU prefill.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -18,47 +39,18 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 PREFIX = "dsv3_"
 
 
-def _fmt(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    if float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))
+class Counter:
+    """A counter, optionally labelled, updated under the shared lock. Unlabelled counters are exported as 0 before
+    their first event; a labelled one has no samples until a label set is first used."""
 
-
-def _labels(names: tuple[str, ...], values: tuple[Any, ...], extra: str = "") -> str:
-    parts = [f'{k}="{_escape(str(v))}"' for k, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, registry: Registry, name: str, help_text: str, labels: tuple[str, ...] = ()):
+    def __init__(self, lock: threading.Lock, name: str, help_text: str, labels: tuple[str, ...] = ()):
         self.name = PREFIX + name
         self.help = help_text
         self.label_names = labels
-        self._lock = registry.lock
-        registry.metrics.append(self)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        self._lock = lock
         self.values: dict[tuple, float] = defaultdict(float)
-        if not self.label_names:
-            self.values[()] = 0.0  # unlabelled counters are exported as 0 before their first event
+        if not labels:
+            self.values[()] = 0.0
 
     def inc(self, amount: float = 1.0, *labels: Any) -> None:
         with self._lock:
@@ -67,30 +59,26 @@ class Counter(_Metric):
     def get(self, *labels: Any) -> float:
         return self.values.get(tuple(labels), 0.0)
 
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}"
-                                for k, v in sorted(self.values.items())]
+    def copy(self) -> Any:  # under the lock
+        return list(self.values.items())
+
+    def family(self, values) -> Metric:  # from copy(), outside the lock
+        f = CounterMetricFamily(self.name, self.help, labels=self.label_names)
+        for key, value in sorted(values):
+            f.add_metric([str(v) for v in key], value)
+        return f
 
 
-class Gauge(_Metric):
-    """Set just before rendering (from the engine snapshot), so it holds no lock of its own. kind="counter" for
-    cumulative values the engine counts itself."""
+class Histogram:
+    """Bucket counts (not cumulative), sum and count, updated under the shared lock. observe(value, times) records
+    `times` equal observations at once (the tokens of one speculative step share their gap)."""
 
-    def __init__(self, *args, kind: str = "gauge", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kind = kind
-        self.value = 0.0
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {_fmt(self.value)}"]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, *args, buckets: Iterable[float] = LATENCY_BUCKETS, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, lock: threading.Lock, name: str, help_text: str, buckets: Iterable[float] = LATENCY_BUCKETS):
+        self.name = PREFIX + name
+        self.help = help_text
+        self._lock = lock
         self.bounds = tuple(sorted(buckets)) + (math.inf,)
+        self._le = [floatToGoString(b) for b in self.bounds]
         self.counts = [0] * len(self.bounds)
         self.sum = 0.0
         self.count = 0
@@ -104,61 +92,87 @@ class Histogram(_Metric):
             self.sum += value * times
             self.count += times
 
-    def render(self) -> list[str]:
-        lines = self.header()
-        running = 0
-        for b, c in zip(self.bounds, self.counts):
+    def copy(self) -> Any:  # under the lock
+        return list(self.counts), self.sum
+
+    def family(self, values) -> Metric:  # from copy(), outside the lock
+        counts, total = values
+        running, buckets = 0, []
+        for le, c in zip(self._le, counts):
             running += c
-            lines.append(f'{self.name}_bucket{{le="{_fmt(b)}"}} {running}')
-        lines += [f"{self.name}_sum {_fmt(self.sum)}", f"{self.name}_count {self.count}"]
-        return lines
+            buckets.append((le, running))
+        # _count is the +Inf bucket: equal to self.count except for NaN observations, which land in no bucket.
+        f = HistogramMetricFamily(self.name, self.help)
+        f.add_metric([], buckets, total)
+        return f
 
 
-class Registry:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.metrics: list[_Metric] = []
+class _Collector(Collector):
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
 
-    def render(self) -> str:
-        with self.lock:
-            lines = [line for m in self.metrics for line in m.render()]
-        return "\n".join(lines) + "\n"
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        with m.lock:  # the engine thread waits on this: copy the numbers, build the families after
+            values = [x.copy() for x in m.recorded]
+        families = [x.family(v) for x, v in zip(m.recorded, values)]
+        families += [(CounterMetricFamily if counter else GaugeMetricFamily)(PREFIX + name, help_text, value=value)
+                     for (name, help_text, counter, _), value in zip(GAUGES, m.gauge_values)]
+        # The order /metrics has always had: counters, histograms, then what the snapshot gives.
+        return iter(families)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _stat(key: str) -> Callable[[dict[str, Any]], float]:
+    return lambda s: s["stats"].get(key, 0)
+
+
+# Read from the engine snapshot at scrape time: (name, help, exported as a counter (cumulative), value).
+GAUGES: tuple[tuple[str, str, bool, Callable[[dict[str, Any]], float]], ...] = (
+    ("num_requests_waiting", "Engine requests queued, not yet scheduled.", False, lambda s: s["waiting"]),
+    ("num_requests_running", "Engine requests in the running batch.", False, lambda s: s["running"]),
+    ("num_requests_in_flight", "Engine requests the server is waiting on.", False, lambda s: s["in_flight"]),
+    ("cache_blocks_used", "Latent cache blocks held by requests.", False, lambda s: s["blocks_used"]),
+    ("cache_blocks_total", "Latent cache blocks in all.", False, lambda s: s["blocks_total"]),
+    ("cache_usage_ratio", "cache_blocks_used / cache_blocks_total.", False, lambda s: s["cache_usage"]),
+    ("prefix_cache_hit_ratio", "Prompt blocks found in the prefix cache.", False, lambda s: s["prefix_hit_rate"]),
+    ("preemptions_total", "Sequences preempted for cache space.", True, lambda s: s["preemptions"]),
+    ("spec_decode_draft_tokens_total", "Speculative draft tokens proposed.", True, _stat("spec_drafted")),
+    ("spec_decode_accepted_tokens_total", "Speculative draft tokens accepted.", True, _stat("spec_accepted")),
+    ("spec_decode_acceptance_ratio", "Accepted / proposed draft tokens (0 if none).", False,
+     lambda s: _ratio(_stat("spec_accepted")(s), _stat("spec_drafted")(s))),
+    ("spec_decode_verify_steps_total", "Speculative verification steps (per sequence).", True,
+     _stat("spec_verify_steps")),
+    ("spec_decode_tokens_per_step", "Tokens a verification step appends: accepted drafts + 1 (0 if none).", False,
+     lambda s: _ratio(_stat("spec_accepted")(s) + _stat("spec_verify_steps")(s), _stat("spec_verify_steps")(s))),
+)
 
 
 class ServerMetrics:
     """Everything /metrics exports, and the AsyncEngine observer hooks that feed it."""
 
     def __init__(self):
-        r = self.registry = Registry()
-        self.requests = Counter(r, "requests_total", "HTTP requests answered, by endpoint and status code.",
+        lock = self.lock = threading.Lock()
+        self.requests = Counter(lock, "requests_total", "HTTP requests answered, by endpoint and status code.",
                                 ("endpoint", "status"))
-        self.finished = Counter(r, "request_finished_total", "Completions (one per choice) by finish reason.",
+        self.finished = Counter(lock, "request_finished_total", "Completions (one per choice) by finish reason.",
                                 ("reason",))
-        self.prompt_tokens = Counter(r, "prompt_tokens_total", "Prompt tokens of admitted requests.")
-        self.generation_tokens = Counter(r, "generation_tokens_total", "Tokens generated.")
-        self.ttft = Histogram(r, "time_to_first_token_seconds",
+        self.prompt_tokens = Counter(lock, "prompt_tokens_total", "Prompt tokens of admitted requests.")
+        self.generation_tokens = Counter(lock, "generation_tokens_total", "Tokens generated.")
+        self.ttft = Histogram(lock, "time_to_first_token_seconds",
                               "From receiving the HTTP request to the first generated token.")
-        self.itl = Histogram(r, "inter_token_latency_seconds",
+        self.itl = Histogram(lock, "inter_token_latency_seconds",
                              "Between consecutive generated tokens of one completion.")
-        self.e2e = Histogram(r, "request_latency_seconds",
+        self.e2e = Histogram(lock, "request_latency_seconds",
                              "From receiving the HTTP request to the completion's last token.")
-        self.waiting = Gauge(r, "num_requests_waiting", "Engine requests queued, not yet scheduled.")
-        self.running = Gauge(r, "num_requests_running", "Engine requests in the running batch.")
-        self.in_flight = Gauge(r, "num_requests_in_flight", "Engine requests the server is waiting on.")
-        self.blocks_used = Gauge(r, "cache_blocks_used", "Latent cache blocks held by requests.")
-        self.blocks_total = Gauge(r, "cache_blocks_total", "Latent cache blocks in all.")
-        self.cache_usage = Gauge(r, "cache_usage_ratio", "cache_blocks_used / cache_blocks_total.")
-        self.prefix_hit = Gauge(r, "prefix_cache_hit_ratio", "Prompt blocks found in the prefix cache.")
-        self.preemptions = Gauge(r, "preemptions_total", "Sequences preempted for cache space.", kind="counter")
-        self.spec_drafted = Gauge(r, "spec_decode_draft_tokens_total", "Speculative draft tokens proposed.",
-                                  kind="counter")
-        self.spec_accepted = Gauge(r, "spec_decode_accepted_tokens_total", "Speculative draft tokens accepted.",
-                                   kind="counter")
-        self.spec_rate = Gauge(r, "spec_decode_acceptance_ratio", "Accepted / proposed draft tokens (0 if none).")
-        self.spec_steps = Gauge(r, "spec_decode_verify_steps_total", "Speculative verification steps (per sequence).",
-                                kind="counter")
-        self.spec_tokens_per_step = Gauge(r, "spec_decode_tokens_per_step",
-                                          "Tokens a verification step appends: accepted drafts + 1 (0 if none).")
+        self.recorded = (self.requests, self.finished, self.prompt_tokens, self.generation_tokens, self.ttft,
+                         self.itl, self.e2e)
+        self.gauge_values = [0.0] * len(GAUGES)  # from the last snapshot render() was given
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
 
     # -- AsyncEngine observer (engine thread) ---------------------------------------------------------------------
     def on_added(self, group) -> None:
@@ -190,30 +204,19 @@ class ServerMetrics:
 
     # -- exposition (event loop) ----------------------------------------------------------------------------------
     def render(self, snapshot: dict[str, Any]) -> str:
-        self.waiting.value = snapshot["waiting"]
-        self.running.value = snapshot["running"]
-        self.in_flight.value = snapshot["in_flight"]
-        self.blocks_used.value = snapshot["blocks_used"]
-        self.blocks_total.value = snapshot["blocks_total"]
-        self.cache_usage.value = snapshot["cache_usage"]
-        self.prefix_hit.value = snapshot["prefix_hit_rate"]
-        self.preemptions.value = snapshot["preemptions"]
-        stats = snapshot["stats"]
-        drafted, accepted = stats.get("spec_drafted", 0), stats.get("spec_accepted", 0)
-        self.spec_drafted.value = drafted
-        self.spec_accepted.value = accepted
-        self.spec_rate.value = accepted / drafted if drafted else 0.0
-        steps = stats.get("spec_verify_steps", 0)
-        self.spec_steps.value = steps
-        self.spec_tokens_per_step.value = (accepted + steps) / steps if steps else 0.0
-        return self.registry.render()
+        """The text for /metrics (Prometheus text format 0.0.4), with the gauges taken from `snapshot`."""
+        self.gauge_values = [value(snapshot) for _, _, _, value in GAUGES]
+        return generate_latest(self.registry).decode()
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sample name (with labels, as written) -> value; for tests and the load benchmark."""
+    """Sample name with its labels as written (`name{a="x",b="y"}`) -> value; for tests and the load benchmark."""
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
     out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{esc(v)}"' for k, v in s.labels.items())
+            out[s.name + ("{" + labels + "}" if labels else "")] = s.value
     return out

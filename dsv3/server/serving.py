@@ -14,7 +14,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..engine.engine import RequestOutput
+from ..engine.request import RequestOutput
 from ..engine.sampling import LogprobEntry, SamplingParams
 from .engine_loop import AsyncEngine, EngineStopped, QueueFullError, RequestAborted, RequestGroup
 from .metrics import ServerMetrics

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model.transformer import Transformer
-from ..weights import load_model, save_model
+from ..checkpoint import load_model, save_model
 
 log = logging.getLogger(__name__)
 

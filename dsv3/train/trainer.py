@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..model.transformer import Transformer, build_model
 from ..tokenizer_build import BOS, EOS, save_tokenizer_files
-from ..weights import parse_device
+from ..devices import parse_device
 from .balance import BALANCE_MODES, Balancer, Schedule, max_violation, moe_modules, set_recording
 from .checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import resolve_model_config

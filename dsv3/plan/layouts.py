@@ -1,149 +1,29 @@
-"""Deployment planner: memory, layouts and speed bounds for a model of the family on given hardware.
-
-Pure arithmetic on a ModelConfig and hardware figures. `plan()` returns a dict with stable keys (what `dsv3 plan
---json` prints); `render()` turns it into the text report. docs/plan.md states every formula and assumption.
+"""The planner's layouts and the report they make: what a request asks (PlanRequest), the candidate layouts (all on
+GPUs with tensor/expert parallelism, GPUs with the routed experts offloaded to CPU memory, CPU only), each one's
+memory per device and roofline speed bounds, the choice among those that fit, the precision default, the `dsv3
+serve` command of each layout (what the CLI runs today, and apart from it the flags of later work) and the cost
+figures. plan() returns the report dict (what `dsv3 plan --json` prints).
 """
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 
-from .config import ModelConfig
-from .hardware import GIB, Hardware
+from ..config import ModelConfig
+from ..hardware import GIB, Hardware
+from .inventory import (CACHE_DTYPES, COMPONENTS, HEAD_PRECISION, PRECISIONS, QUANT_GROUP, QUANT_PRECISIONS,
+                        ModelTotals, Tensor, expected_experts_touched, gib, linear_bytes, model_tensors,
+                        predicted_cache_bytes, predicted_checkpoint_bytes, tensor_bytes)
 
-PRECISIONS = ("fp8", "bf16", "int8", "int4")
-CACHE_DTYPES = {"bf16": 2, "fp8": 1}
-FP8_BLOCK = 128  # the official checkpoints' 128x128 weight blocks, one float32 scale each
-QUANT_GROUP = 128  # int8/int4: one bf16 scale (int4: and one bf16 zero point) per 128 input values of a row
 ACT_BYTES = 2  # activations in bf16
 PREFILL_CHUNK = 8192  # tokens per prefill step (chunked prefill), the activation estimate's batch
 GPU_RESERVE = int(1.5 * GIB)  # CUDA context, cuBLAS/NCCL workspaces, allocator slack per GPU
 CPU_RESERVE_MIN, CPU_RESERVE_FRAC = 8 * GIB, 0.05  # OS, page cache, the Python process itself
 EP_IMBALANCE = 2.0  # headroom over the mean tokens an expert-parallel rank receives in one step
-COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "head", "mtp")
 LAYOUT_ORDER = ("gpu", "hybrid", "cpu")  # preference when several fit: fastest first
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One kind of weight tensor, repeated `count` times (over layers, experts)."""
-
-    component: str
-    role: str  # linear (quantised at the chosen precision) | norm | router | bias | embed | head | bf16
-    shard: str  # how the GPU layout splits it: heads | tp | vocab | experts | replicated
-    shape: tuple[int, ...]
-    count: int = 1
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape) * self.count
-
-
-def _layer_tensors(cfg: ModelConfig, moe: bool, n: int, comp: str | None) -> list[Tensor]:
-    D, H, C, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    c = (lambda name: comp or name)
-    # The down-projections (q_a, kv_a) produce one latent per token shared by all heads: tensor-parallel engines
-    # replicate them rather than split them; everything per head splits by heads.
-    ts = [Tensor(c("attention"), "norm", "replicated", (D,), 2 * n)]
-    if cfg.q_lora_rank is None:
-        ts.append(Tensor(c("attention"), "linear", "heads", (H * cfg.qk_head_dim, D), n))
-    else:
-        ts += [Tensor(c("attention"), "linear", "replicated", (cfg.q_lora_rank, D), n),
-               Tensor(c("attention"), "norm", "replicated", (cfg.q_lora_rank,), n),
-               Tensor(c("attention"), "linear", "heads", (H * cfg.qk_head_dim, cfg.q_lora_rank), n)]
-    ts += [Tensor(c("attention"), "linear", "replicated", (C + R, D), n),
-           Tensor(c("attention"), "norm", "replicated", (C,), n),
-           Tensor(c("attention"), "linear", "heads", (H * (cfg.qk_nope_head_dim + cfg.v_head_dim), C), n),
-           Tensor(c("attention"), "linear", "heads", (D, H * cfg.v_head_dim), n)]
-    if moe:
-        E, I, S = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
-        ts.append(Tensor(c("router"), "router", "replicated", (E, D), n))
-        if cfg.uses_score_bias:
-            ts.append(Tensor(c("router"), "bias", "replicated", (E,), n))
-        ts += [Tensor(c("routed_experts"), "linear", "experts", (I, D), 2 * E * n),
-               Tensor(c("routed_experts"), "linear", "experts", (D, I), E * n)]
-        if S:
-            ts += [Tensor(c("shared_experts"), "linear", "tp", (S, D), 2 * n),
-                   Tensor(c("shared_experts"), "linear", "tp", (D, S), n)]
-    else:
-        I = cfg.intermediate_size
-        ts += [Tensor(c("dense_mlp"), "linear", "tp", (I, D), 2 * n), Tensor(c("dense_mlp"), "linear", "tp", (D, I), n)]
-    return ts
-
-
-def model_tensors(cfg: ModelConfig, with_mtp: bool = False) -> list[Tensor]:
-    """Every weight the model holds in memory (MTP layers share the main embedding and head, as load_model does).
-    The MTP layers' tensors come last, after everything of the main model."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    kinds = cfg.layer_kinds
-    ts = [Tensor("embedding", "embed", "vocab", (V, D))]
-    ts += _layer_tensors(cfg, False, kinds.count("dense"), None) if kinds.count("dense") else []
-    ts += _layer_tensors(cfg, True, kinds.count("moe"), None) if kinds.count("moe") else []
-    ts.append(Tensor("head", "norm", "replicated", (D,)))
-    if not cfg.tie_word_embeddings:
-        ts.append(Tensor("head", "head", "vocab", (V, D)))
-    if with_mtp:
-        for k in range(cfg.num_nextn_predict_layers):
-            ts += _layer_tensors(cfg, cfg.is_moe_layer(cfg.num_hidden_layers + k), 1, "mtp")
-            ts += [Tensor("mtp", "norm", "replicated", (D,), 3),  # enorm, hnorm, shared_head.norm
-                   Tensor("mtp", "bf16", "replicated", (D, 2 * D))]  # eh_proj: bf16 in the official checkpoint
-    return ts
-
-
-def linear_bytes(out_features: int, in_features: int, precision: str) -> int:
-    n = out_features * in_features
-    groups = out_features * -(-in_features // QUANT_GROUP)
-    if precision == "bf16":
-        return 2 * n
-    if precision == "fp8":
-        return n + 4 * -(-out_features // FP8_BLOCK) * -(-in_features // FP8_BLOCK)
-    if precision == "int8":
-        return n + 2 * groups
-    if precision == "int4":
-        return out_features * -(-in_features // 2) + 4 * groups
-    raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
-
-
-def tensor_bytes(t: Tensor, precision: str, on_disk: bool = False) -> int:
-    """Resident bytes (what load_model allocates with dtype bf16): projections at `precision`; norms, embedding,
-    head and the MTP eh_proj in bf16 (the official FP8 checkpoint keeps them so); the router weight and bias in
-    float32 (routing decisions are precision sensitive). On disk the router weight is bf16."""
-    if t.role == "linear":
-        return linear_bytes(*t.shape, precision) * t.count
-    if t.role == "router":
-        return t.numel * (2 if on_disk else 4)
-    if t.role == "bias":
-        return t.numel * 4
-    return t.numel * 2
-
-
-def predicted_weight_bytes(cfg: ModelConfig, precision: str, with_mtp: bool = False) -> int:
-    return sum(tensor_bytes(t, precision) for t in model_tensors(cfg, with_mtp))
-
-
-def predicted_checkpoint_bytes(cfg: ModelConfig, precision: str, with_mtp: bool = True) -> int:
-    """Size of the safetensors files: the MTP layers carry their own copies of the embedding and head."""
-    n = sum(tensor_bytes(t, precision, on_disk=True) for t in model_tensors(cfg, with_mtp))
-    if with_mtp:
-        n += cfg.num_nextn_predict_layers * 2 * (2 * cfg.vocab_size * cfg.hidden_size)
-    return n
-
-
-def predicted_cache_bytes(cfg: ModelConfig, tokens: int, cache_dtype: str = "bf16", with_mtp: bool = False) -> int:
-    """Latent cache bytes for `tokens` cached positions: (kv_lora_rank + qk_rope_head_dim) x layers x element size.
-    The hook the engine's cache test compares its allocation against."""
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype {cache_dtype!r}: choose one of {sorted(CACHE_DTYPES)}")
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
-    return tokens * cfg.kv_cache_values_per_token_per_layer * layers * CACHE_DTYPES[cache_dtype]
-
-
-def expected_experts_touched(n_experts: int, top_k: int, batch: float) -> float:
-    """Distinct experts one MoE layer reads for `batch` tokens, routing uniform and independent per token."""
-    return n_experts * (1 - (1 - top_k / n_experts) ** batch)
-
-
-# ------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlanRequest:
     precision: str | None = None  # None: the checkpoint's own (fp8 when config.json says so, else bf16)
@@ -168,33 +48,6 @@ class PlanRequest:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {v}: a price cannot be negative")
-
-
-class _Model:
-    """Byte and FLOP totals of one model at one precision, grouped the ways the layouts need them."""
-
-    def __init__(self, cfg: ModelConfig, precision: str, cache_dtype: str, with_mtp: bool):
-        self.cfg, self.precision = cfg, precision
-        self.kv_tok = predicted_cache_bytes(cfg, 1, cache_dtype)
-        self.kv_all = predicted_cache_bytes(cfg, 1, cache_dtype, with_mtp)
-        self.tensors = model_tensors(cfg, with_mtp)
-        self.main = model_tensors(cfg, False)
-        self.n_moe = cfg.layer_kinds.count("moe")
-        I, D = cfg.moe_intermediate_size, cfg.hidden_size
-        self.expert_bytes = linear_bytes(I, D, precision) * 2 + linear_bytes(D, I, precision) if cfg.has_moe else 0
-        counts = cfg.param_counts()
-        self.expert_flops_tok = 2 * self.n_moe * cfg.num_experts_per_tok * (cfg.expert_params() if cfg.has_moe else 0)
-        self.other_flops_tok = 2 * counts["active_read_per_token"] - self.expert_flops_tok
-
-    def bytes(self, tensors: list[Tensor], keep=lambda t: True, frac=lambda t: 1.0) -> float:
-        return sum(tensor_bytes(t, self.precision) * frac(t) for t in tensors if keep(t))
-
-    def attn_flops_tok(self, position: float, absorbed: bool) -> float:
-        # Scores plus weighted values, per head and attended position: naive form in qk/v head dims; the absorbed
-        # (decode) form attends over the latent, C + R for scores and C for values.
-        cfg = self.cfg
-        dims = (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) if absorbed else (cfg.qk_head_dim + cfg.v_head_dim)
-        return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * position * dims
 
 
 def _workspace(cfg: ModelConfig, chunk: int, context: int, concurrency: int, parts: set[str], tp: int = 1,
@@ -222,17 +75,13 @@ def _workspace(cfg: ModelConfig, chunk: int, context: int, concurrency: int, par
     return int(ws)
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
-
-
 def _need(parts: dict[str, float], capacity: float, per: str) -> dict:
     need = sum(parts.values())
     fits = need <= capacity
     detail = " + ".join(f"{k.replace('_', ' ')} {v / GIB:.1f}" for k, v in parts.items() if v)
     return {"per": per, "parts": {k: int(v) for k, v in parts.items()}, "need_bytes": int(need),
             "capacity_bytes": int(capacity), "fits": fits,
-            "text": f"{'uses' if fits else 'needs'} {_gib(need)} {per} ({detail}), has {_gib(capacity)}"}
+            "text": f"{'uses' if fits else 'needs'} {gib(need)} {per} ({detail}), has {gib(capacity)}"}
 
 
 def _roofline(bytes_: float, flops: float, bandwidth: float | None, compute: float | None) -> float | None:
@@ -241,7 +90,7 @@ def _roofline(bytes_: float, flops: float, bandwidth: float | None, compute: flo
     return max(bytes_ / bandwidth, flops / compute)
 
 
-def _layout_gpu(m: _Model, req: PlanRequest, hw: Hardware, n: int, cache: int, chunk: int) -> dict:
+def _layout_gpu(m: ModelTotals, req: PlanRequest, hw: Hardware, n: int, cache: int, chunk: int) -> dict:
     cfg, gpu = m.cfg, hw.gpu
     H, E = cfg.num_attention_heads, cfg.n_routed_experts or 1
 
@@ -266,13 +115,14 @@ def _layout_gpu(m: _Model, req: PlanRequest, hw: Hardware, n: int, cache: int, c
         flops = T * (m.other_flops_tok + m.expert_flops_tok + m.attn_flops_tok(req.context / 2, False)) / n
         return _roofline(m.bytes(m.main, frac=frac), flops, gpu.bandwidth, gpu.flops(m.precision))
 
-    label = f"{n}x {gpu.name}, TP{n}" + (f" x EP{n}" if n > 1 and cfg.has_moe else "")
+    # dsv3's --tp n splits each routed expert's width n ways: 1/n of the expert bytes per rank, as EP n would hold.
+    label = f"{n}x {gpu.name}, TP{n}" + (f", routed experts split {n} ways" if n > 1 and cfg.has_moe else "")
     return {"name": "gpu", "label": label, "tp": n, "ep": n if cfg.has_moe else 1, "gpus": n,
             "devices": {"gpu": mem}, "fits": mem["fits"], "cache_per_seq": {"gpu": req.context * m.kv_all},
             "_decode": decode, "_prefill": prefill}
 
 
-def _layout_hybrid(m: _Model, req: PlanRequest, hw: Hardware, cache: int, chunk: int) -> dict:
+def _layout_hybrid(m: ModelTotals, req: PlanRequest, hw: Hardware, cache: int, chunk: int) -> dict:
     cfg, gpu, cpu, n = m.cfg, hw.gpu, hw.cpu, hw.gpu_count
     E = cfg.n_routed_experts or 1
     # Routed experts and the embedding (only gathered, a row per token) in CPU memory; the rest split by layers
@@ -310,7 +160,7 @@ def _layout_hybrid(m: _Model, req: PlanRequest, hw: Hardware, cache: int, chunk:
             "cache_per_seq": {"gpu": req.context * m.kv_all / n}, "_decode": decode, "_prefill": prefill}
 
 
-def _layout_cpu(m: _Model, req: PlanRequest, hw: Hardware, cache: int, chunk: int) -> dict:
+def _layout_cpu(m: ModelTotals, req: PlanRequest, hw: Hardware, cache: int, chunk: int) -> dict:
     cfg, cpu = m.cfg, hw.cpu
     E = cfg.n_routed_experts or 1
     w = m.bytes(m.tensors)
@@ -358,34 +208,45 @@ def _finish(layout: dict, req: PlanRequest, chunk: int) -> dict:
     return layout
 
 
-def _command(layout: dict, req: PlanRequest, precision: str, cache_per_device: int, is_preset: bool) -> str:
-    """The `dsv3 serve` line for the layout, in the engine's flag names (--model wants a checkpoint directory)."""
+def _command(layout: dict, req: PlanRequest, precision: str, stored: str | None, with_mtp: bool, has_mtp: bool,
+             is_preset: bool) -> dict:
+    """The layout's `dsv3 serve` line in the CLI's own flags (each one is in dsv3/commands; tests/test_plan_commands.py
+    parses every line with the real parser), and apart from it the flags the layout needs that belong to later work
+    (`not_yet_available`: the CLI rejects them today). --model wants a checkpoint directory."""
+    n, name = layout["gpus"], layout["name"]
     model = f"PATH/TO/{req.model_arg}" if is_preset else req.model_arg
-    cmd = ["dsv3 serve", f"--model {model}", f"--device {'cpu' if layout['name'] == 'cpu' else 'cuda'}",
-           "--dtype bfloat16"]
+    cache = math.ceil(_cache_per_device(layout) / GIB * 10) / 10
+    cmd = (["torchrun", "--nproc-per-node", str(n), "-m", "dsv3", "serve"] if name == "gpu" and n > 1
+           else ["dsv3", "serve"])
+    cmd += ["--model", model, "--device", "cpu" if name == "cpu" else "cuda", "--dtype", "bfloat16"]
     if precision == "fp8":
-        cmd.append("--fp8-mode keep")
-    elif precision != "bf16":
-        cmd.append(f"--quantize {precision}")
-    cmd += [f"--max-model-len {req.context}", f"--max-num-seqs {req.concurrency}",
-            f"--cache-memory {math.ceil(cache_per_device / GIB * 10) / 10:g}GiB"]
+        cmd += ["--fp8-mode", "keep"]
+    elif precision in QUANT_PRECISIONS and precision != stored:  # a checkpoint dsv3 quantize wrote needs no flag
+        cmd += ["--quantize", precision]
+    cmd += ["--max-model-len", str(req.context), "--max-num-seqs", str(req.concurrency),
+            "--cache-memory", f"{cache:g}GiB"]
+    if name == "gpu" and n > 1:
+        cmd += ["--tp", str(n)]
+    later = []
+    if name == "hybrid":
+        later.append("--experts-device cpu")  # routed experts in CPU memory beside the GPUs
+        if n > 1:
+            later.append(f"--pipeline-parallel {n}")  # layers split over the GPUs
     if req.cache_dtype != "bf16":
-        cmd.append(f"--kv-cache-dtype {req.cache_dtype}")
-    if layout["name"] == "gpu" and layout["tp"] > 1:
-        cmd.append(f"--tensor-parallel {layout['tp']}" + (f" --expert-parallel {layout['ep']}" if layout["ep"] > 1
-                                                          else ""))
-    elif layout["name"] == "hybrid":
-        cmd.append("--experts-device cpu" + (f" --pipeline-parallel {layout['gpus']}" if layout["gpus"] > 1 else ""))
-    return " ".join(cmd)
+        later.append(f"--kv-cache-dtype {req.cache_dtype}")
+    if has_mtp and not with_mtp:
+        later.append("--no-mtp")  # dsv3 serve loads the MTP layers whenever the checkpoint has them
+    return {"command": shlex.join(cmd), "not_yet_available": later}
 
 
 def plan(cfg: ModelConfig, hw: Hardware, req: PlanRequest, model_name: str = "", is_preset: bool = False) -> dict:
     req.validate()
-    precision = req.precision or ("fp8" if cfg.is_fp8 else "bf16")
+    stored = f"int{cfg.int_quantization['bits']}" if cfg.int_quantization else None  # written by dsv3 quantize
+    precision = req.precision or stored or ("fp8" if cfg.is_fp8 else "bf16")
     with_mtp = cfg.num_nextn_predict_layers > 0 if req.with_mtp is None else req.with_mtp
     if with_mtp and not cfg.num_nextn_predict_layers:
         raise ValueError("--mtp: this model has no MTP layers (num_nextn_predict_layers = 0)")
-    m = _Model(cfg, precision, req.cache_dtype, with_mtp)
+    m = ModelTotals(cfg, precision, req.cache_dtype, with_mtp)
     counts = cfg.param_counts()
     comps = {c: {"params": 0, "bytes": 0} for c in COMPONENTS}
     for t in m.tensors:
@@ -416,7 +277,15 @@ def plan(cfg: ModelConfig, hw: Hardware, req: PlanRequest, model_name: str = "",
             notes.append(f"{hw.gpu.name} is not in the hardware table: no GPU speed bounds (pass --gpus NAME)")
     layouts.append(_layout_cpu(m, req, hw, cache, chunk))
     layouts = [_finish(lay, req, chunk) for lay in layouts]
-    best = next((lay for name in LAYOUT_ORDER for lay in layouts if lay["name"] == name and lay["fits"]), None)
+    for lay in layouts:
+        lay.update({"command": None, "not_yet_available": []})
+        if lay["fits"]:
+            lay.update(_command(lay, req, precision, stored, with_mtp, cfg.num_nextn_predict_layers > 0, is_preset))
+    fitting = [lay for name in LAYOUT_ORDER for lay in layouts if lay["name"] == name and lay["fits"]]
+    best = fitting[0] if fitting else None
+    # The first layout that fits and that the CLI runs as planned today (the recommended one when it needs no flag
+    # of later work).
+    runnable = next((lay for lay in fitting if not lay["not_yet_available"]), None)
     min_gpus = None
     if hw.gpu is not None:
         # Tensor parallelism splits heads: engines need the degree to divide the head count.
@@ -428,9 +297,20 @@ def plan(cfg: ModelConfig, hw: Hardware, req: PlanRequest, model_name: str = "",
         if hw.gpu_count > 1:
             notes.append("GPU speed bounds ignore communication: two all-reduces (or all-to-alls) per layer add "
                          "latency that dominates single-stream decode on several GPUs")
-    if precision in ("int8", "int4"):
-        notes.append(f"dsv3 loads fp8 and bf16 weights today; the {precision} figures describe a weight-only "
-                     f"quantised runtime (groups of {QUANT_GROUP})")
+    if precision in QUANT_PRECISIONS:
+        bpw = linear_bytes(1, QUANT_GROUP, precision) * 8 / QUANT_GROUP
+        head = HEAD_PRECISION[precision]
+        notes.append(f"{precision}: projections at {bpw:g} bits per weight ({precision} codes and one float16 scale "
+                     f"per {QUANT_GROUP} inputs of a row), the output head {head} "
+                     f"({linear_bytes(1, QUANT_GROUP, head) * 8 / QUANT_GROUP:g} bits), embeddings, norms, router "
+                     f"and MTP eh_proj unquantised: what --quantize {precision} loads and dsv3 quantize --to "
+                     f"{precision} writes")
+    if stored and precision != stored:
+        notes.append(f"this checkpoint is stored as {stored} (written by dsv3 quantize): dsv3 loads it only as "
+                     f"{stored}; the {precision} figures need the original checkpoint")
+    elif precision == "fp8" and not cfg.is_fp8:
+        notes.append("fp8 weights need a checkpoint in the official FP8 format: dsv3 loads a bf16 checkpoint as "
+                     "bf16 (--fp8-mode keep only keeps FP8 weights FP8)")
     if with_mtp:
         notes.append("MTP weights and cache are counted (loaded by default); speed bounds exclude MTP speculative "
                      "decoding (the V3 report measures 1.8x tokens/s with it)")
@@ -461,8 +341,11 @@ def plan(cfg: ModelConfig, hw: Hardware, req: PlanRequest, model_name: str = "",
         "decode_aggregate_tokens_per_s_upper": best["decode"]["tokens_per_s_aggregate_upper"] if best else None,
         "prefill_tokens_per_s_upper": best["prefill"]["tokens_per_s_upper"] if best else None,
         "min_gpus_for_gpu_layout": min_gpus,
-        "recommended_command": _command(best, req, precision, _cache_per_device(best), is_preset) if best
-        else None,
+        "recommended_command": best["command"] if best else None,
+        "recommended_not_yet_available": best["not_yet_available"] if best else [],
+        "runnable_layout": runnable["name"] if runnable else None,
+        "runnable_layout_label": runnable["label"] if runnable else None,
+        "runnable_command": runnable["command"] if runnable else None,
         "cost": _cost(best, req),
         "notes": notes,
     }
@@ -499,74 +382,3 @@ def _cost(best: dict | None, req: PlanRequest) -> dict | None:
         if req.api_price_per_mtok:
             out["break_even_tokens_per_s"] = per_hour / 3600 / (req.api_price_per_mtok / 1e6)
     return out
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Text report
-def _num(n: float) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,.0f}"
-
-
-def _rate(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
-
-
-def render(r: dict) -> str:
-    hw = r["hardware"]
-    g, c = hw["gpu"], hw["cpu"]
-    lines = [f"{r['model']} ({r['model_type']}): {_num(r['params_total'])} parameters, {_num(r['params_active'])} "
-             f"active per token" + (f", MTP {_num(r['params_mtp'])}" if r["params_mtp"] else ""),
-             f"weights {r['precision']}, KV cache {r['cache_dtype']}, context {r['context']:,} x concurrency "
-             f"{r['concurrency']}" + (", MTP loaded" if r["mtp"] else ""),
-             "hardware: " + (f"{g['count']}x {g['name']} ({g['memory_bytes'] / GIB:g} GiB"
-                             + (f", {g['bandwidth'] / 1e12:.2f} TB/s" if g["bandwidth"] else "") + f", {g['from']})"
-                             if g else "no GPU")
-             + f"; CPU {_gib(c['memory_bytes'])} ({c['sources'].get('memory', '')}), "
-               f"{c['bandwidth'] / 1e9:.0f} GB/s ({c['sources'].get('bandwidth', '')}), "
-               f"{c['flops'] / 1e12:.2f} TFLOPS ({c['sources'].get('flops', '')})",
-             "",
-             f"{'component':<16}{'parameters':>12}{'bytes':>14}"]
-    for comp in r["components"]:
-        note = "" if r["mtp"] or comp["name"] != "mtp" else "   (not loaded)"
-        lines.append(f"{comp['name']:<16}{_num(comp['params']):>12}{_gib(comp['bytes']):>14}{note}")
-    lines += [f"{'resident total':<16}{'':>12}{_gib(r['weights_bytes']):>14}",
-              f"checkpoint on disk: {_gib(r['checkpoint_bytes'])} ({r['checkpoint_bytes'] / 1e9:.1f} GB)",
-              "",
-              f"KV cache (MLA latent, {r['cache_dtype']}): {r['kv_bytes_per_token']:,} bytes/token"
-              + (f" ({r['kv_bytes_per_token_loaded']:,} with the MTP layer)" if r["mtp"] else "")
-              + f"; {r['context']:,} x {r['concurrency']} tokens = {_gib(r['kv_cache_bytes'])}"
-                f" per replica (every tensor-parallel rank holds the whole latent)",
-              f"workspace: activations of a {r['workspace_chunk_tokens']:,}-token step (see docs/plan.md)",
-              "",
-              "layouts (per device: weights + KV cache + workspace + runtime reserve; speeds are upper bounds)"]
-    for lay in r["layouts"]:
-        d = lay["decode"]
-        verdict = "fits" if lay["fits"] else "does not fit"
-        lines.append(f"  {lay['name']:<7}{lay['label']}: {verdict}: {lay['reason']}")
-        if lay["fits"]:
-            batch = "" if r["concurrency"] == 1 else (
-                f", <= {_rate(d['tokens_per_s_per_seq_upper'])} per sequence and "
-                f"{_rate(d['tokens_per_s_aggregate_upper'])} aggregate at {r['concurrency']} sequences")
-            lines.append(f"  {'':<7}decode <= {_rate(d['tokens_per_s_single_stream_upper'])} tok/s single stream"
-                         f"{batch}; prefill <= {_rate(lay['prefill']['tokens_per_s_upper'])} tok/s; room for "
-                         f"{lay['max_concurrency']} sequences of {r['context']:,} tokens")
-    lines.append("")
-    if r["fits"]:
-        lines += [f"recommendation: {r['layout']} ({r['layout_label']})", f"  {r['recommended_command']}"]
-    else:
-        lines.append("recommendation: nothing fits at this precision, context and concurrency"
-                     + (f"; the GPU layout needs at least {r['min_gpus_for_gpu_layout']}x {g['name']}"
-                        if g and r["min_gpus_for_gpu_layout"] else "")
-                     + "; try --precision int4, a shorter --context, --cache-dtype fp8 or more memory")
-    cost = r["cost"]
-    if cost:
-        parts = []
-        if cost["local_per_mtok"] is not None:
-            parts.append(f"local >= ${cost['local_per_mtok']:.2f} per million output tokens at the bound")
-        if cost["api_price_per_mtok"] is not None:
-            parts.append(f"hosted ${cost['api_price_per_mtok']:.2f}")
-        if cost["break_even_tokens_per_s"] is not None:
-            parts.append(f"break-even at {cost['break_even_tokens_per_s']:,.0f} tok/s aggregate")
-        lines.append("cost: " + ("; ".join(parts) if parts else "needs a GPU layout that fits and --gpu-hour-price"))
-    lines += [f"note: {n}" for n in r["notes"]]
-    return "\n".join(lines)

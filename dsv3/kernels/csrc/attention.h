@@ -1,0 +1,273 @@
+// RMSNorm and MLA attention: rotary, latent normalisation and cache writes (mla_prepare, store_latents), and
+// the absorbed decode attention straight from the latent cache (mla_decode, online softmax).
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm with the reference rounding: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), statistics in float32.
+
+void rms_norm_row(const bf16_t* x, const bf16_t* w, double eps, int64_t D, bf16_t* y) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = load16(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (int64_t i = d; i < D; ++i) ss += bf2f(x[i]) * bf2f(x[i]);
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  const __m512 rv = _mm512_set1_ps(r);
+  for (d = 0; d + 16 <= D; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + d),
+                        to_bf16x16(_mm512_mul_ps(load16(w + d), round_bf16x16(_mm512_mul_ps(load16(x + d), rv)))));
+  for (; d < D; ++d) y[d] = f2bf(bf2f(w[d]) * round_bf(bf2f(x[d]) * r));
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_bf16(x, "rms_norm: x", 2);
+  check_bf16(weight, "rms_norm: weight", 1);
+  const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(weight.size(0) == D, "rms_norm: weight has ", weight.size(0), " elements for rows of ", D);
+  at::Tensor y = at::empty({T, D}, x.options());
+  const bf16_t* xp = bf_ptr(x);
+  const bf16_t* wp = bf_ptr(weight);
+  bf16_t* yp = bf_mut(y);
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) rms_norm_row(xp + t * ldx, wp, eps, D, yp + t * D);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// MLA: rotary on interleaved pairs (x0, x1), (x2, x3), ... with cos/sin [T, R/2] float32.
+
+inline void rope_row(bf16_t* x, const float* cos, const float* sin, int64_t R) {
+  for (int64_t i = 0; i < R / 2; ++i) {
+    const float x1 = bf2f(x[2 * i]), x2 = bf2f(x[2 * i + 1]);
+    x[2 * i] = f2bf(x1 * cos[i] - x2 * sin[i]);
+    x[2 * i + 1] = f2bf(x2 * cos[i] + x1 * sin[i]);
+  }
+}
+
+// kv_a [T, C+R] (rows may be strided): the new latents, normalised (c_kv) and rotated (k_pe), written to
+// cache[slot_mapping[t]] (cache [S, C+R]). cos/sin [T, R/2].
+void store_latents_impl(const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                        const at::Tensor& sin, at::Tensor& cache, const at::Tensor& slot_mapping) {
+  check_bf16(kv_a, "store_latents: kv_a", 2);
+  check_bf16(norm_w, "store_latents: norm weight", 1);
+  check_bf16(cache, "store_latents: cache", 2);
+  check_index(slot_mapping, "store_latents: slot_mapping", 1);
+  TORCH_CHECK(cache.is_contiguous(), "store_latents: the cache must be contiguous");
+  const int64_t T = kv_a.size(0), C = norm_w.size(0), W = cache.size(1), R = W - C;
+  TORCH_CHECK(R > 0 && kv_a.size(1) == W, "store_latents: kv_a ", kv_a.sizes(), " and cache ", cache.sizes(),
+              " do not match C=", C);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == T * (R / 2) && sin.numel() == T * (R / 2),
+              "store_latents: cos/sin must be contiguous float32 [T, R/2]");
+  TORCH_CHECK(slot_mapping.size(0) == T, "store_latents: slot_mapping has ", slot_mapping.size(0), " slots for ", T,
+              " tokens");
+  const bf16_t* kp = bf_ptr(kv_a);
+  bf16_t* cp = bf_mut(cache);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t S = cache.size(0), ldk = kv_a.stride(0);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "store_latents: slot ", slots[t], " outside the cache of ", S);
+  at::parallel_for(0, T, 8, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      bf16_t* dst = cp + slots[t] * W;
+      rms_norm_row(kp + t * ldk, bf_ptr(norm_w), eps, C, dst);
+      std::memcpy(dst + C, kp + t * ldk + C, R * sizeof(bf16_t));
+      rope_row(dst + C, cs + t * (R / 2), sn + t * (R / 2), R);
+    }
+  });
+}
+
+void store_latents(const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                   const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping) {
+  store_latents_impl(kv_a, norm_w, eps, cos, sin, cache, slot_mapping);
+}
+
+// q [T, H, N+R]: rotate the last R of every head in place with cos/sin [T, R/2].
+void rope_q(at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin, int64_t nope) {
+  check_bf16(q, "rope_q: q", 3);
+  TORCH_CHECK(q.is_contiguous(), "rope_q: q must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), R = q.size(2) - nope;
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.numel() == T * (R / 2) && sin.numel() == T * (R / 2),
+              "rope_q: cos/sin must be contiguous float32 [T, R/2]");
+  bf16_t* qp = bf_mut(q);
+  const float* cs = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t)
+      for (int64_t h = 0; h < H; ++h) rope_row(qp + (t * H + h) * (nope + R) + nope, cs + t * (R / 2), sn + t * (R / 2), R);
+  });
+}
+
+// q [T, H, N+R]: rotate the last R of every head in place. kv_a [T, C+R]: stored as store_latents does.
+void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w, double eps, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor cache, const at::Tensor& slot_mapping, int64_t nope) {
+  TORCH_CHECK(q.size(0) == kv_a.size(0), "mla_prepare: q has ", q.size(0), " rows and kv_a ", kv_a.size(0));
+  TORCH_CHECK(q.size(2) - nope == cache.size(1) - norm_w.size(0), "mla_prepare: q's rope width ", q.size(2) - nope,
+              " differs from the cache's ", cache.size(1) - norm_w.size(0));
+  store_latents_impl(kv_a, norm_w, eps, cos, sin, cache, slot_mapping);
+  rope_q(q, cos, sin, nope);
+}
+
+// Absorbed attention for Q query rows. Query i is token tok[i] of q [T, H, N+R] (q_pe already rotated); it attends
+// to the first len[i] context positions of sequence seq[i], whose cache slots are slots[seq[i], :]. kv_b [H*(N+V), C]
+// is kv_b_proj's weight: per head W_uk [N, C] then W_uv [V, C]. Writes out[tok[i]] ([T, H, V]).
+constexpr int64_t kTile = 8;  // context positions per online-softmax step (their float32 rows stay in L1)
+
+
+// s[j] = q . rows[j] (W wide) for the nj <= kTile rows of a tile: one accumulator per row, so the rows' sums run
+// side by side instead of waiting on each other.
+inline void tile_scores(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
+  __m512 a[kTile];
+  for (int64_t j = 0; j < kTile; ++j) a[j] = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; w + 16 <= W; w += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + j * W + w), a[j]);
+  }
+  if (w < W) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (W - w)) - 1);
+    const __m512 qv = _mm512_maskz_loadu_ps(mk, q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
+  }
+  for (int64_t j = 0; j < nj; ++j) s[j] = _mm512_reduce_add_ps(a[j]);
+}
+
+// acc = acc * corr + sum_j p[j] * rows[j][:C], each 16-wide piece of acc loaded and stored once per tile.
+inline void tile_accumulate(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
+                            int64_t C) {
+  const __m512 cv = _mm512_set1_ps(corr);
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + c), cv);
+    for (int64_t j = 0; j < nj; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(rows + j * W + c), o);
+    _mm512_storeu_ps(acc + c, o);
+  }
+  for (; c < C; ++c) {
+    float o = acc[c] * corr;
+    for (int64_t j = 0; j < nj; ++j) o += p[j] * rows[j * W + c];
+    acc[c] = o;
+  }
+}
+
+void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok, const at::Tensor& seq,
+                const at::Tensor& len, const at::Tensor& slots, const at::Tensor& kv_b, int64_t v_dim, double scale,
+                at::Tensor out) {
+  check_bf16(q, "mla_decode: q", 3);
+  check_bf16(kv, "mla_decode: kv", 2);
+  check_bf16(kv_b, "mla_decode: kv_b", 2);
+  check_bf16(out, "mla_decode: out", 3);
+  check_index(tok, "mla_decode: tok", 1);
+  check_index(seq, "mla_decode: seq", 1);
+  check_index(len, "mla_decode: len", 1);
+  check_index(slots, "mla_decode: slots", 2);
+  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && kv_b.is_contiguous() && out.is_contiguous(),
+              "mla_decode: q, kv, kv_b and out must be contiguous");
+  const int64_t T = q.size(0), H = q.size(1), C = kv_b.size(1), W = kv.size(1), R = W - C, N = q.size(2) - R;
+  const int64_t V = v_dim, Q = tok.size(0), Lm = slots.size(1), S = kv.size(0);
+  TORCH_CHECK(N > 0 && kv_b.size(0) == H * (N + V), "mla_decode: kv_b ", kv_b.sizes(), " does not fit H=", H,
+              " N=", N, " V=", V);
+  TORCH_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == V, "mla_decode: out must be [T, H, V]");
+  TORCH_CHECK(seq.size(0) == Q && len.size(0) == Q, "mla_decode: tok, seq and len must have the same length");
+  const int64_t* tk = tok.data_ptr<int64_t>();
+  const int64_t* sq = seq.data_ptr<int64_t>();
+  const int64_t* ln = len.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < Q; ++i) {
+    TORCH_CHECK(tk[i] >= 0 && tk[i] < T && sq[i] >= 0 && sq[i] < slots.size(0) && ln[i] >= 1 && ln[i] <= Lm,
+                "mla_decode: query ", i, " has token ", tk[i], ", sequence ", sq[i], ", length ", ln[i],
+                " outside the step's tables");
+    for (int64_t j = 0; j < ln[i]; ++j)
+      TORCH_CHECK(sl[sq[i] * Lm + j] >= 0 && sl[sq[i] * Lm + j] < S, "mla_decode: slot outside the cache");
+  }
+  const bf16_t* qp = bf_ptr(q);
+  const bf16_t* kvp = bf_ptr(kv);
+  const bf16_t* wp = bf_ptr(kv_b);
+  bf16_t* op = bf_mut(out);
+  // Groups: runs of consecutive queries of one sequence (its decode row, or its verification rows) convert each
+  // context tile once for all of them. Work items: (group, block of heads), enough to keep every thread busy at
+  // batch 1. A query's arithmetic is the same whatever its group and head block (batch invariance).
+  std::vector<int64_t> gstart;
+  for (int64_t i = 0; i < Q; ++i)
+    if (i == 0 || sq[i] != sq[i - 1]) gstart.push_back(i);
+  gstart.push_back(Q);
+  const int64_t G = static_cast<int64_t>(gstart.size()) - 1;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + G - 1) / G));
+  const int64_t hb = (H + splits - 1) / splits, nhb = (H + hb - 1) / hb;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, G * nhb, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> qc, acc, m, l, rows(kTile * W), wrow(std::max(C, N + R)), s(16);
+    for (int64_t it = a; it < b; ++it) {
+      const int64_t g = it / nhb, h0 = (it % nhb) * hb, h1 = std::min(H, h0 + hb), nh = h1 - h0;
+      const int64_t q0 = gstart[g], nq = gstart[g + 1] - q0;
+      const int64_t* ctx = sl + sq[q0] * Lm;
+      int64_t Lmax = 0;
+      for (int64_t qi = 0; qi < nq; ++qi) Lmax = std::max(Lmax, ln[q0 + qi]);
+      qc.assign(nq * nh * W, 0.f);
+      acc.assign(nq * nh * C, 0.f);
+      m.assign(nq * nh, -std::numeric_limits<float>::infinity());
+      l.assign(nq * nh, 0.f);
+      // q_c = scale * q_nope W_uk (float32), then scale * q_pe: one W-wide query per (query, head).
+      for (int64_t qi = 0; qi < nq; ++qi)
+        for (int64_t h = h0; h < h1; ++h) {
+          float* qh = qc.data() + (qi * nh + h - h0) * W;
+          const bf16_t* qrow = qp + (tk[q0 + qi] * H + h) * (N + R);
+          for (int64_t n = 0; n < N; ++n) {
+            bf_to_f32(wp + (h * (N + V) + n) * C, wrow.data(), C);
+            axpy_f32(sc * bf2f(qrow[n]), wrow.data(), qh, C);
+          }
+          for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
+        }
+      for (int64_t j0 = 0; j0 < Lmax; j0 += kTile) {
+        const int64_t tile = std::min(kTile, Lmax - j0);
+        for (int64_t j = 0; j < tile; ++j) bf_to_f32(kvp + ctx[j0 + j] * W, rows.data() + j * W, W);
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          if (j0 >= ln[q0 + qi]) continue;  // past this query's causal end
+          const int64_t nj = std::min(kTile, ln[q0 + qi] - j0);
+          for (int64_t h = 0; h < nh; ++h) {
+            const int64_t k = qi * nh + h;
+            float* sh = s.data();
+            tile_scores(qc.data() + k * W, rows.data(), W, nj, sh);
+            float mx = m[k];
+            for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, sh[j]);
+            const float corr = std::exp(m[k] - mx);  // exp(-inf) = 0 on the first tile
+            const __mmask16 live = static_cast<__mmask16>((1u << nj) - 1);
+            const __m512 p =
+                _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh), _mm512_set1_ps(mx))));
+            _mm512_storeu_ps(sh, p);  // the tile's probabilities
+            l[k] = l[k] * corr + _mm512_reduce_add_ps(p);
+            m[k] = mx;
+            tile_accumulate(acc.data() + k * C, corr, sh, rows.data(), W, nj, C);
+          }
+        }
+      }
+      // o = (acc / l) W_uv^T per (query, head), rounded once to bf16.
+      for (int64_t qi = 0; qi < nq; ++qi)
+        for (int64_t h = h0; h < h1; ++h) {
+          const int64_t k = qi * nh + h - h0;
+          float* ah = acc.data() + k * C;
+          const float inv = 1.f / l[k];
+          for (int64_t c = 0; c < C; ++c) ah[c] *= inv;
+          bf16_t* orow = op + (tk[q0 + qi] * H + h) * V;
+          for (int64_t v = 0; v < V; ++v) {
+            bf_to_f32(wp + (h * (N + V) + N + v) * C, wrow.data(), C);
+            orow[v] = f2bf(dot_f32(ah, wrow.data(), C));
+          }
+        }
+    }
+  });
+}
+
+}  // namespace

@@ -1,0 +1,310 @@
+// Layer products over packed weights: the MoE call (router, group-limited top-k, routed and shared experts over
+// only the experts hit), the dense SwiGLU MLP, a plain linear, the residual add; and the job split across threads.
+#pragma once
+
+#include "packed.h"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// MoE: router + routed experts + shared experts for T tokens in one call.
+
+struct Route {
+  std::vector<int64_t> idx;  // [T, K] chosen experts, best first
+  std::vector<float> wt;     // [T, K] their weights (normalised, scaled)
+};
+
+// Scores from the router logits, then the reference selection: optional bias for choosing only, optional group
+// limit (group score = sum of its two best, or its best), top-k, weights from the unbiased scores.
+void route_token(const float* logits, const float* bias, int64_t E, int64_t K, int64_t n_group, int64_t topk_group,
+                 int64_t group_rule, bool softmax, bool norm_topk, float scale, int64_t* idx, float* wt,
+                 std::vector<float>& scores, std::vector<float>& choice, std::vector<int64_t>& order) {
+  if (softmax) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (scores[e] = std::exp(logits[e] - mx));
+    for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+  } else {
+    for (int64_t e = 0; e < E; ++e) scores[e] = 1.f / (1.f + std::exp(-logits[e]));
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    choice[e] = bias ? scores[e] + bias[e] : scores[e];
+    if (std::isnan(choice[e])) choice[e] = -std::numeric_limits<float>::infinity();  // keeps the ordering strict
+  }
+  auto better = [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); };
+  if (group_rule != 0 && n_group > 1) {
+    const int64_t per = E / n_group;
+    std::vector<float> gs(n_group);
+    for (int64_t g = 0; g < n_group; ++g) {
+      float b1 = -std::numeric_limits<float>::infinity(), b2 = b1;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        if (choice[e] > b1) { b2 = b1; b1 = choice[e]; }
+        else if (choice[e] > b2) { b2 = choice[e]; }
+      }
+      gs[g] = group_rule == 1 ? b1 + b2 : b1;
+    }
+    std::vector<int64_t> go(n_group);
+    for (int64_t g = 0; g < n_group; ++g) go[g] = g;
+    std::partial_sort(go.begin(), go.begin() + topk_group, go.end(),
+                      [&](int64_t a, int64_t b) { return gs[a] > gs[b] || (gs[a] == gs[b] && a < b); });
+    std::vector<char> keep(n_group, 0);
+    for (int64_t g = 0; g < topk_group; ++g) keep[go[g]] = 1;
+    for (int64_t e = 0; e < E; ++e)
+      if (!keep[e / per]) choice[e] = -std::numeric_limits<float>::infinity();
+  }
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + K, order.end(), better);
+  float sum = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    idx[k] = order[k];
+    wt[k] = scores[order[k]];
+    sum += wt[k];
+  }
+  for (int64_t k = 0; k < K; ++k) wt[k] = (norm_topk ? wt[k] / (sum + 1e-20f) : wt[k]) * scale;
+}
+
+// silu(g) * u with the reference's bf16 rounding after each op.
+inline bf16_t swiglu(float g, float u) {
+  const float gb = round_bf(g);
+  const float sg = round_bf(gb / (1.f + std::exp(-gb)));
+  return f2bf(sg * round_bf(u));
+}
+
+// The same rule on 16 lanes (exp16 for the exponential).
+inline __m256i swiglu16(__m512 g, __m512 u) {
+  const __m512 gb = round_bf16x16(g);
+  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gb));
+  const __m512 sg = round_bf16x16(_mm512_div_ps(gb, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  return to_bf16x16(_mm512_mul_ps(sg, round_bf16x16(u)));
+}
+
+// out[i] = swiglu(g[i], u[i]) for n float32 (gate, up) values.
+inline void swiglu_row(const float* g, const float* u, int64_t n, bf16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+  for (; i < n; ++i) out[i] = swiglu(g[i], u[i]);
+}
+
+// The same for bf16 (gate, up) values.
+inline void swiglu_row(const bf16_t* g, const bf16_t* u, int64_t n, bf16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(load16(g + i), load16(u + i)));
+  for (; i < n; ++i) out[i] = swiglu(bf2f(g[i]), bf2f(u[i]));
+}
+
+struct Job {  // row blocks [rb0, rb1) of one packed matrix against n input rows
+  Packed m;
+  int64_t rb0, rb1;
+  const bf16_t* const* x;
+  int64_t n;
+  Out y;
+};
+
+void run_jobs(const std::vector<Job>& jobs) {
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) matvec_blocks(jobs[j].m, jobs[j].rb0, jobs[j].rb1, jobs[j].x, jobs[j].n, jobs[j].y);
+  });
+}
+
+// Jobs for out[t, r] = m[r, :] . x[t]. Each job streams a useful amount of weights (32 KiB for a few input rows,
+// 128 KiB for more) over at most 48 input rows; a large product is cut into at least 4 jobs per thread so the
+// threads finish together.
+void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, int64_t n, const Out& y) {
+  const int64_t bytes_per_block = m.pairs() * 2 * kRows * 2;
+  const int64_t tchunk = n <= 8 * kTokens ? n : 8 * kTokens;
+  const int64_t tjobs = (n + tchunk - 1) / tchunk;
+  int64_t chunk = std::max<int64_t>(1, (n <= 4 ? (32 << 10) : (128 << 10)) / bytes_per_block);
+  const int64_t min_jobs = 4 * at::get_num_threads();
+  if (m.blocks() * tjobs < min_jobs * chunk)
+    chunk = std::max<int64_t>(1, (m.blocks() * tjobs + min_jobs - 1) / min_jobs);
+  chunk = std::min(m.blocks(), (chunk + 3) / 4 * 4);  // whole 4-block tiles: enough accumulation chains
+  for (int64_t t0 = 0; t0 < n; t0 += tchunk)
+    for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
+      jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x + t0, std::min(tchunk, n - t0), y.at(t0)});
+}
+
+// x [T, D]; gate_w packed [E, D]; w13 packed [E][2I, D] ([gate; up] rows); w2 packed [E][D, I]; the shared expert
+// (optional) packed [2Is, D] and [D, Is]. Returns [T, D] bf16.
+at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optional<at::Tensor>& bias, int64_t K,
+               int64_t n_group, int64_t topk_group, int64_t group_rule, bool softmax, bool norm_topk, double scale,
+               const at::Tensor& w13, const at::Tensor& w2, int64_t I, const c10::optional<at::Tensor>& shared_w13,
+               const c10::optional<at::Tensor>& shared_w2, int64_t Is) {
+  check_bf16(x, "moe: x", 2);
+  TORCH_CHECK(x.is_contiguous(), "moe: x must be contiguous");
+  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0);
+  const bool gate_f32 = gate_w.scalar_type() == at::kFloat;
+  TORCH_CHECK(!gate_f32 || (gate_w.is_contiguous() && gate_w.dim() == 2 && gate_w.size(0) == E && gate_w.size(1) == D),
+              "moe: a float32 gate weight must be a contiguous [E, D] = [", E, ", ", D, "] tensor, got ", gate_w.sizes());
+  const Packed gate = gate_f32 ? Packed{nullptr, E, D} : packed_matrix(gate_w, E, D, "moe: gate weight");
+  for (int64_t e = 0; e < E; e += std::max<int64_t>(1, E - 1)) {  // shape checks on the first and last expert
+    packed_matrix(w13, 2 * I, D, "moe: w13", e);
+    packed_matrix(w2, D, I, "moe: w2", e);
+  }
+  TORCH_CHECK(w13.dim() == 5 && w2.dim() == 5 && w2.size(0) == E, "moe: w13 and w2 must be packed [E, ...] stacks");
+  TORCH_CHECK(K >= 1 && K <= E, "moe: top_k ", K, " outside [1, ", E, "]");
+  TORCH_CHECK(group_rule == 0 || (n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group),
+              "moe: ", E, " experts cannot form ", n_group, " groups with topk_group ", topk_group);
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == E,
+                "moe: bias must be a contiguous float32 [E]");
+    bp = bias->data_ptr<float>();
+  }
+  const bool has_shared = shared_w13.has_value();
+  TORCH_CHECK(has_shared == shared_w2.has_value() && (!has_shared || Is > 0),
+              "moe: give both shared_w13 and shared_w2 (and their width Is > 0), or neither");
+  const Packed s13 = has_shared ? packed_matrix(*shared_w13, 2 * Is, D, "moe: shared_w13") : Packed{nullptr, 0, 0};
+  const Packed s2 = has_shared ? packed_matrix(*shared_w2, D, Is, "moe: shared_w2") : Packed{nullptr, 0, 0};
+  const bf16_t* xp = bf_ptr(x);
+  at::Tensor out = at::empty({T, D}, x.options());
+  if (T == 0) return out;
+
+  // 1. Router logits [T, E] in float32 (a float32 gate weight is used as is, like the reference).
+  std::vector<const bf16_t*> xrows(T);
+  for (int64_t t = 0; t < T; ++t) xrows[t] = xp + t * D;
+  std::vector<float> logits(T * E);
+  if (gate_f32) {
+    const float* gw = gate_w.data_ptr<float>();
+    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> xf(D);
+      for (int64_t t = a; t < b; ++t) {
+        bf_to_f32(xrows[t], xf.data(), D);
+        for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot_f32(xf.data(), gw + e * D, D);
+      }
+    });
+  } else {
+    std::vector<Job> jobs;
+    add_jobs(jobs, gate, xrows.data(), T, Out{logits.data(), nullptr, E});
+    run_jobs(jobs);
+  }
+  // 2. Routing, then the token-expert pairs grouped by expert (token order inside each expert).
+  Route rt{std::vector<int64_t>(T * K), std::vector<float>(T * K)};
+  {
+    std::vector<float> scores(E), choice(E);
+    std::vector<int64_t> order(E);
+    for (int64_t t = 0; t < T; ++t)
+      route_token(logits.data() + t * E, bp, E, K, n_group, topk_group, group_rule, softmax, norm_topk,
+                  static_cast<float>(scale), rt.idx.data() + t * K, rt.wt.data() + t * K, scores, choice, order);
+  }
+  const int64_t P = T * K;
+  std::vector<int64_t> count(E, 0), start(E + 1, 0), pair_of(P);
+  for (int64_t p = 0; p < P; ++p) ++count[rt.idx[p]];
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<const bf16_t*> pair_x(P);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t p = fill[rt.idx[t * K + k]]++;
+        pair_of[t * K + k] = p;
+        pair_x[p] = xrows[t];
+      }
+  }
+  // 3. gate and up projections of every hit expert (and the shared expert on all tokens).
+  std::vector<float> h13(P * 2 * I), hs13(has_shared ? T * 2 * Is : 0);
+  {
+    std::vector<Job> jobs;
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e])
+        add_jobs(jobs, packed_matrix(w13, 2 * I, D, "moe: w13", e), pair_x.data() + start[e], count[e],
+                 Out{h13.data() + start[e] * 2 * I, nullptr, 2 * I});
+    if (has_shared) add_jobs(jobs, s13, xrows.data(), T, Out{hs13.data(), nullptr, 2 * Is});
+    run_jobs(jobs);
+  }
+  // 4. silu(gate) * up in bf16, the input of the down projections.
+  std::vector<bf16_t> act(P * I), acts(has_shared ? T * Is : 0);
+  at::parallel_for(0, P + (has_shared ? T : 0), 16, [&](int64_t a, int64_t b) {
+    for (int64_t p = a; p < b; ++p) {
+      if (p < P) {
+        const float* hp = h13.data() + p * 2 * I;
+        swiglu_row(hp, hp + I, I, act.data() + p * I);
+      } else {
+        const float* hp = hs13.data() + (p - P) * 2 * Is;
+        swiglu_row(hp, hp + Is, Is, acts.data() + (p - P) * Is);
+      }
+    }
+  });
+  // 5. down projections.
+  std::vector<const bf16_t*> act_rows(P), acts_rows(has_shared ? T : 0);
+  for (int64_t p = 0; p < P; ++p) act_rows[p] = act.data() + p * I;
+  for (int64_t t = 0; t < (has_shared ? T : 0); ++t) acts_rows[t] = acts.data() + t * Is;
+  std::vector<float> y(P * D), ys(has_shared ? T * D : 0);
+  {
+    std::vector<Job> jobs;
+    for (int64_t e = 0; e < E; ++e)
+      if (count[e])
+        add_jobs(jobs, packed_matrix(w2, D, I, "moe: w2", e), act_rows.data() + start[e], count[e],
+                 Out{y.data() + start[e] * D, nullptr, D});
+    if (has_shared) add_jobs(jobs, s2, acts_rows.data(), T, Out{ys.data(), nullptr, D});
+    run_jobs(jobs);
+  }
+  // 6. out = bf16(sum_k w_k * bf16(y_k)) + bf16(shared), in bf16 like the reference.
+  bf16_t* op = bf_mut(out);
+  at::parallel_for(0, T, 4, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; ++k)
+          s = _mm512_fmadd_ps(_mm512_set1_ps(rt.wt[t * K + k]),
+                              round_bf16x16(_mm512_loadu_ps(y.data() + pair_of[t * K + k] * D + d)), s);
+        __m512 v = round_bf16x16(s);
+        if (has_shared) v = _mm512_add_ps(v, round_bf16x16(_mm512_loadu_ps(ys.data() + t * D + d)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + t * D + d), to_bf16x16(v));
+      }
+      for (; d < D; ++d) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s = std::fma(rt.wt[t * K + k], round_bf(y[pair_of[t * K + k] * D + d]), s);
+        float v = round_bf(s);
+        if (has_shared) v = v + round_bf(ys[t * D + d]);
+        op[t * D + d] = f2bf(v);
+      }
+    }
+  });
+  return out;
+}
+
+// y = x W^T for a packed W [R, D]: x [T, D] bf16 (rows may be strided) -> [T, R] bf16.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R) {
+  check_bf16(x, "linear: x", 2);
+  const int64_t T = x.size(0), D = x.size(1), ldx = x.stride(0);
+  const Packed m = packed_matrix(w, R, D, "linear: weight");
+  at::Tensor out = at::empty({T, R}, x.options());
+  if (T == 0) return out;
+  std::vector<const bf16_t*> rows(T);
+  for (int64_t t = 0; t < T; ++t) rows[t] = bf_ptr(x) + t * ldx;
+  std::vector<Job> jobs;
+  add_jobs(jobs, m, rows.data(), T, Out{nullptr, bf_mut(out), R});
+  run_jobs(jobs);
+  return out;
+}
+
+// SwiGLU MLP (dense layers): down(silu(gate(x)) * up(x)) with gate_up packed [2I, D] and down packed [D, I].
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t I) {
+  const int64_t T = x.size(0), D = x.size(1);
+  const at::Tensor h = linear(x, gate_up, 2 * I);  // [T, 2I] bf16, like the reference's two projections
+  at::Tensor act = at::empty({T, I}, x.options());
+  const bf16_t* hp = bf_ptr(h);
+  bf16_t* ap = bf_mut(act);
+  for (int64_t t = 0; t < T; ++t) swiglu_row(hp + t * 2 * I, hp + t * 2 * I + I, I, ap + t * I);
+  return linear(act, down, D);
+}
+
+// a + b in bf16 (the residual adds), a new tensor.
+at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor out = at::empty_like(a);
+  const bf16_t* ap = bf_ptr(a);
+  const bf16_t* bp = bf_ptr(b);
+  bf16_t* op = bf_mut(out);
+  const int64_t n = a.numel();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + i), to_bf16x16(_mm512_add_ps(load16(ap + i), load16(bp + i))));
+  for (; i < n; ++i) op[i] = f2bf(bf2f(ap[i]) + bf2f(bp[i]));
+  return out;
+}
+
+}  // namespace
