@@ -118,7 +118,7 @@ def _load_target(model: Transformer, reader: TensorReader, layout: CheckpointLay
         mod.set_fp8(torch.stack(scales) if stacked else scales[0])
 
 
-_QUANT_CHUNK_BYTES = 8 * 2**20
+_QUANT_CHUNK_BYTES = 2 * 2**20
 
 
 def _load_quantized(model: Transformer, reader: TensorReader, t: Target, infos: list, win: list[tuple[int, int]],
