@@ -209,10 +209,7 @@ def _convert(src: str | os.PathLike, dst: str | os.PathLike, direction: str, dty
             if "dtype" in config:  # transformers 5 spelling
                 config["dtype"] = dtype_name
         plan = {f: entries for f, entries in plan.items() if entries}
-        others = sorted(n for n in os.listdir(src) if n not in (INDEX_FILE, "config.json")
-                        and not n.endswith(".safetensors"))
-        copies = [n for n in others if os.path.isfile(os.path.join(src, n))]
-        skipped = [n for n in others if n not in copies]
+        copies, skipped = _other_files(src)
         need = sum(e.nbytes for es in plan.values() for e in es) + sum(
             os.path.getsize(os.path.join(src, n)) for n in copies)
         parent = os.path.dirname(os.path.abspath(dst))
@@ -239,6 +236,15 @@ def _convert(src: str | os.PathLike, dst: str | os.PathLike, direction: str, dty
         log.info("not copied (directories or special files): %s", ", ".join(skipped))
     return {"path": dst, "direction": direction, "dtype": dtype_name, "files": files, "tensors": len(weight_map),
             "bytes": total, "copied": copies, "skipped": skipped, "config": change}
+
+
+def _other_files(src: str) -> tuple[list[str], list[str]]:
+    """The top-level entries of checkpoint `src` besides its weights, index and config.json: the plain files a
+    converted copy takes along (tokenizer, generation config, ...), and the rest (directories, special files)."""
+    others = sorted(n for n in os.listdir(src) if n not in (INDEX_FILE, "config.json")
+                    and not n.endswith(".safetensors"))
+    copies = [n for n in others if os.path.isfile(os.path.join(src, n))]
+    return copies, [n for n in others if n not in copies]
 
 
 def fp8_to_dtype(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16,
@@ -268,11 +274,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
     complete; the tokenizer and other plain files of SRC are copied. Returns a summary."""
     src = os.fspath(src)
     quant.scheme(to)  # an unknown name fails before anything is read
-    model = load_model(src, dtype=dtype, quantize=to, progress=progress)
-    others = sorted(n for n in os.listdir(src) if n not in (INDEX_FILE, "config.json")
-                    and not n.endswith(".safetensors"))
-    copies = [n for n in others if os.path.isfile(os.path.join(src, n))]
-    with output_directory(dst, overwrite, sources=[src]) as tmp:
+    copies, _ = _other_files(src)
+    with output_directory(dst, overwrite, sources=[src]) as tmp:  # an occupied DST fails before the load
+        model = load_model(src, dtype=dtype, quantize=to, progress=progress)
         info = save_model(model, tmp)
         for n in copies:
             shutil.copy2(os.path.join(src, n), os.path.join(tmp, n))
