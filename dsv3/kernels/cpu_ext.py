@@ -3,8 +3,8 @@ loaded from a cache directory.
 
 `load()` returns the `torch.ops.dsv3_cpu` namespace, or None when the kernels cannot be used here; callers then keep
 the pure PyTorch path, which stays the reference. The reason for None is logged once: disabled by
-DSV3_CPU_KERNELS=0, a CPU without AVX-512 (F, BW and VL; the kernels are written for it), no C++ compiler, or a
-failed build.
+DSV3_CPU_KERNELS=0, a CPU with neither AVX-512 (F, BW and VL) nor AVX2 + FMA (csrc/simd.h maps the kernels' 16-lane
+vectors onto either), no C++ compiler, or a failed build.
 
 The build (`torch.utils.cpp_extension`, -O3 -march=native for the machine it runs on) takes ~15 s once; the shared
 library is cached under $DSV3_KERNEL_CACHE (default ~/.cache/dsv3/kernels) in a directory named by the hash of the
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCE = os.path.join(SOURCE_DIR, "cpu_kernels.cpp")  # the translation unit; it includes the headers beside it
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # the full-width build
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")  # the half-width build (csrc/simd.h: each 16-lane vector is two AVX2 registers)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -50,10 +51,10 @@ def cpu_flags() -> set[str]:
 def unsupported_reason() -> str | None:
     """Why the kernels cannot be built on this machine, or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"they need an x86-64 CPU with AVX-512, this is {platform.machine()}"
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+        return f"they need an x86-64 CPU with AVX-512 or AVX2, this is {platform.machine()}"
+    flags = cpu_flags()
+    if not all(f in flags for f in REQUIRED_CPU_FLAGS) and not all(f in flags for f in AVX2_CPU_FLAGS):
+        return "this CPU has neither AVX-512 (F, BW, VL) nor AVX2 with FMA and F16C"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler on PATH (install g++ or set CXX)"
     return None

@@ -155,7 +155,7 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     from ..model.moe import MoE, CpuMoE, Experts
 
     dtype = model.model.embed_tokens.weight.dtype
-    if model.model.embed_tokens.weight.device.type != "cpu" or not available(dtype):
+    if model.model.embed_tokens.weight.device.type != "cpu" or dtype not in PACKABLE_DTYPES:
         return False
     if any(getattr(m, "weight", None) is not None and m.weight.dtype not in PACKABLE_DTYPES
            for m in model.modules() if isinstance(m, Linear)):
@@ -165,6 +165,8 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
         from . import cpu_ext
 
         ops = cpu_ext.load()
+    if ops is None and not available(dtype):  # oneDNN's bf16 layout needs AVX-512 (or AVX-NE-CONVERT)
+        return False
     pack = OneDNNWeight if ops is None else (lambda w: KernelWeight(ops, w))
     handled: set[int] = set()  # modules whose weights the C++ MoE kernel owns
     if ops is not None:

@@ -10,19 +10,19 @@ namespace {
 // RMSNorm with the reference rounding: y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), statistics in float32.
 
 void rms_norm_row(const bf16_t* x, const bf16_t* w, double eps, int64_t D, bf16_t* y) {
-  __m512 acc = _mm512_setzero_ps();
+  V16f acc = v16_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    const __m512 v = load16(x + d);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    const V16f v = load16(x + d);
+    acc = v16_fmadd_ps(v, v, acc);
   }
-  float ss = _mm512_reduce_add_ps(acc);
+  float ss = v16_reduce_add_ps(acc);
   for (int64_t i = d; i < D; ++i) ss += bf2f(x[i]) * bf2f(x[i]);
   const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-  const __m512 rv = _mm512_set1_ps(r);
+  const V16f rv = v16_set1_ps(r);
   for (d = 0; d + 16 <= D; d += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + d),
-                        to_bf16x16(_mm512_mul_ps(load16(w + d), round_bf16x16(_mm512_mul_ps(load16(x + d), rv)))));
+                        to_bf16x16(v16_mul_ps(load16(w + d), round_bf16x16(v16_mul_ps(load16(x + d), rv)))));
   for (; d < D; ++d) y[d] = f2bf(bf2f(w[d]) * round_bf(bf2f(x[d]) * r));
 }
 
@@ -129,30 +129,30 @@ constexpr int64_t kTile = 8;  // context positions per online-softmax step (thei
 // s[j] = q . rows[j] (W wide) for the nj <= kTile rows of a tile: one accumulator per row, so the rows' sums run
 // side by side instead of waiting on each other.
 inline void tile_scores(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
-  __m512 a[kTile];
-  for (int64_t j = 0; j < kTile; ++j) a[j] = _mm512_setzero_ps();
+  V16f a[kTile];
+  for (int64_t j = 0; j < kTile; ++j) a[j] = v16_setzero_ps();
   int64_t w = 0;
   for (; w + 16 <= W; w += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + w);
-    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + j * W + w), a[j]);
+    const V16f qv = v16_loadu_ps(q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = v16_fmadd_ps(qv, v16_loadu_ps(rows + j * W + w), a[j]);
   }
   if (w < W) {
-    const __mmask16 mk = static_cast<__mmask16>((1u << (W - w)) - 1);
-    const __m512 qv = _mm512_maskz_loadu_ps(mk, q + w);
-    for (int64_t j = 0; j < nj; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
+    const M16 mk = static_cast<M16>((1u << (W - w)) - 1);
+    const V16f qv = v16_maskz_loadu_ps(mk, q + w);
+    for (int64_t j = 0; j < nj; ++j) a[j] = v16_fmadd_ps(qv, v16_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
   }
-  for (int64_t j = 0; j < nj; ++j) s[j] = _mm512_reduce_add_ps(a[j]);
+  for (int64_t j = 0; j < nj; ++j) s[j] = v16_reduce_add_ps(a[j]);
 }
 
 // acc = acc * corr + sum_j p[j] * rows[j][:C], each 16-wide piece of acc loaded and stored once per tile.
 inline void tile_accumulate(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
                             int64_t C) {
-  const __m512 cv = _mm512_set1_ps(corr);
+  const V16f cv = v16_set1_ps(corr);
   int64_t c = 0;
   for (; c + 16 <= C; c += 16) {
-    __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + c), cv);
-    for (int64_t j = 0; j < nj; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_loadu_ps(rows + j * W + c), o);
-    _mm512_storeu_ps(acc + c, o);
+    V16f o = v16_mul_ps(v16_loadu_ps(acc + c), cv);
+    for (int64_t j = 0; j < nj; ++j) o = v16_fmadd_ps(v16_set1_ps(p[j]), v16_loadu_ps(rows + j * W + c), o);
+    v16_storeu_ps(acc + c, o);
   }
   for (; c < C; ++c) {
     float o = acc[c] * corr;
@@ -243,11 +243,11 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
             float mx = m[k];
             for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, sh[j]);
             const float corr = std::exp(m[k] - mx);  // exp(-inf) = 0 on the first tile
-            const __mmask16 live = static_cast<__mmask16>((1u << nj) - 1);
-            const __m512 p =
-                _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh), _mm512_set1_ps(mx))));
-            _mm512_storeu_ps(sh, p);  // the tile's probabilities
-            l[k] = l[k] * corr + _mm512_reduce_add_ps(p);
+            const M16 live = static_cast<M16>((1u << nj) - 1);
+            const V16f p =
+                v16_maskz_mov_ps(live, exp16(v16_sub_ps(v16_maskz_loadu_ps(live, sh), v16_set1_ps(mx))));
+            v16_storeu_ps(sh, p);  // the tile's probabilities
+            l[k] = l[k] * corr + v16_reduce_add_ps(p);
             m[k] = mx;
             tile_accumulate(acc.data() + k * C, corr, sh, rows.data(), W, nj, C);
           }

@@ -1,4 +1,4 @@
-// Shared by every kernel family: the includes, the instruction-set check, bf16 <-> float32 conversion with the
+// Shared by every kernel family: the includes, the vector layer (simd.h), bf16 <-> float32 conversion with the
 // reference rounding (scalar and 16 lanes), argument checks, and small float32 vector helpers (dot, axpy, exp16).
 #pragma once
 
@@ -19,10 +19,7 @@
 #include <mutex>
 #include <vector>
 
-#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
-#error "the dsv3 CPU kernels need AVX-512 (F, BW, VL); cpu_ext.py keeps the PyTorch path on other CPUs"
-#endif
-#include <immintrin.h>
+#include "simd.h"  // the 16-lane vector layer: AVX-512, or AVX2 + FMA (anything else stops the build)
 
 namespace {
 
@@ -62,26 +59,26 @@ void check_index(const at::Tensor& t, const char* name, int64_t dim) {
 }
 
 
-inline __m512 load16(const bf16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+inline V16f load16(const bf16_t* p) {
+  return v16_castsi512_ps(v16_slli_epi32(v16_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-inline __m256i to_bf16x16(__m512 v) {
+inline __m256i to_bf16x16(V16f v) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(v);
 #else
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
+  const V16i u = v16_castps_si512(v);
+  const V16i lsb = v16_and_si512(v16_srli_epi32(u, 16), v16_set1_epi32(1));
+  V16i r = v16_srli_epi32(v16_add_epi32(u, v16_add_epi32(lsb, v16_set1_epi32(0x7fff))), 16);
+  const M16 nan = v16_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = v16_mask_or_epi32(r, nan, v16_srli_epi32(u, 16), v16_set1_epi32(0x40));
+  return v16_cvtepi32_epi16(r);
 #endif
 }
 
 // 16 lanes rounded to bf16 and widened back (round_bf for a vector).
-inline __m512 round_bf16x16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(v)), 16));
+inline V16f round_bf16x16(V16f v) {
+  return v16_castsi512_ps(v16_slli_epi32(v16_cvtepu16_epi32(to_bf16x16(v)), 16));
 }
 
 
@@ -89,43 +86,43 @@ inline __m512 round_bf16x16(__m512 v) {
 // Small float32 vector helpers for the attention (lengths C, R, V: any size).
 
 inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  V16f acc = v16_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = v16_fmadd_ps(v16_loadu_ps(a + i), v16_loadu_ps(b + i), acc);
+  float s = v16_reduce_add_ps(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 inline void axpy_f32(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
-  const __m512 a = _mm512_set1_ps(alpha);
+  const V16f a = v16_set1_ps(alpha);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i + 16 <= n; i += 16) v16_storeu_ps(y + i, v16_fmadd_ps(a, v16_loadu_ps(x + i), v16_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
 inline void bf_to_f32(const bf16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+  for (; i + 16 <= n; i += 16) v16_storeu_ps(dst + i, load16(src + i));
   for (; i < n; ++i) dst[i] = bf2f(src[i]);
 }
 
 
 // exp(x) for 16 lanes (Cephes' single-precision polynomial, ~1 ulp).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+inline V16f exp16(V16f x) {
+  x = v16_min_ps(v16_max_ps(x, v16_set1_ps(-87.3f)), v16_set1_ps(88.7f));
+  const V16f n = v16_roundscale_ps(v16_mul_ps(x, v16_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+  V16f r = v16_fnmadd_ps(n, v16_set1_ps(0.693359375f), x);
+  r = v16_fnmadd_ps(n, v16_set1_ps(-2.12194440e-4f), r);
+  V16f p = v16_set1_ps(1.9875691500e-4f);
+  p = v16_fmadd_ps(p, r, v16_set1_ps(1.3981999507e-3f));
+  p = v16_fmadd_ps(p, r, v16_set1_ps(8.3334519073e-3f));
+  p = v16_fmadd_ps(p, r, v16_set1_ps(4.1665795894e-2f));
+  p = v16_fmadd_ps(p, r, v16_set1_ps(1.6666665459e-1f));
+  p = v16_fmadd_ps(p, r, v16_set1_ps(5.0000001201e-1f));
+  p = v16_fmadd_ps(v16_mul_ps(p, r), r, v16_add_ps(r, v16_set1_ps(1.f)));
+  return v16_scalef_ps(p, n);
 }
 
 }  // namespace

@@ -39,8 +39,10 @@ namespace {
 std::string capability() {
 #if defined(__AVX512BF16__)
   return "avx512_bf16";
-#else
+#elif defined(DSV3_AVX512)
   return "avx512";
+#else
+  return "avx2";
 #endif
 }
 
@@ -53,7 +55,10 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("mla_decode(Tensor q, Tensor kv, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor kv_b, int v_dim, "
         "float scale, Tensor(a!) out) -> ()", &mla_decode);
   m.def("pack(Tensor w) -> Tensor", &pack);
-  m.def("linear(Tensor x, Tensor w, int out_features) -> Tensor", &linear);
+  m.def("linear(Tensor x, Tensor w, int out_features) -> Tensor",
+        [](const at::Tensor& x, const at::Tensor& w, int64_t R) { return linear(x, w, R); });
+  m.def("linear_f32(Tensor x, Tensor w, int out_features) -> Tensor",
+        [](const at::Tensor& x, const at::Tensor& w, int64_t R) { return linear(x, w, R, true); });
   m.def("moe(Tensor x, Tensor gate_w, Tensor? bias, int top_k, int n_group, int topk_group, int group_rule, "
         "bool softmax, bool norm_topk, float scale, Tensor w13, Tensor w2, int inter, Tensor? shared_w13, "
         "Tensor? shared_w2, int shared_inter) -> Tensor", &moe);

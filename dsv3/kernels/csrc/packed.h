@@ -14,10 +14,18 @@ namespace {
 // tile of up to 3 input rows. Padding rows/columns are zero.
 
 constexpr int64_t kRows = 16;  // output rows per packed block
+#if defined(DSV3_AVX512)
+constexpr int kChains = 2;  // interleaved partial sums per output (hide the FMA latency)
+#else
+constexpr int kChains = 1;
+#endif
 
-struct Packed {  // one packed matrix
+struct Packed {  // one packed matrix: bf16 (p), or int8/int4 codes and scales (kind != 0: qpacked.h)
   const bf16_t* p;
   int64_t R, D;  // logical shape
+  int64_t kind = 0, G = 0;
+  const uint8_t* q = nullptr;
+  const uint16_t* s = nullptr;
   int64_t pairs() const { return (D + 1) / 2; }
   int64_t blocks() const { return (R + kRows - 1) / kRows; }
   const bf16_t* block(int64_t rb) const { return p + rb * pairs() * 2 * kRows; }
@@ -36,25 +44,25 @@ typedef int32_t __attribute__((may_alias, aligned(2))) pair_t;  // two bf16 inpu
 
 // One pair step of a tile: acc[r][t] += w pairs of row block r (16 rows) x broadcast input pair t.
 template <int RB, int TB>
-inline void pair_step(__m512 (&acc)[RB][TB], const bf16_t* w, int64_t bstride, const uint32_t (&xs)[TB]) {
+inline void pair_step(V16f (&acc)[RB][TB], const bf16_t* w, int64_t bstride, const uint32_t (&xs)[TB]) {
 #if defined(__AVX512BF16__)
-  __m512i wv[RB];
-  for (int r = 0; r < RB; ++r) wv[r] = _mm512_loadu_si512(w + r * bstride);
+  V16i wv[RB];
+  for (int r = 0; r < RB; ++r) wv[r] = v16_loadu_si512(w + r * bstride);
   for (int t = 0; t < TB; ++t) {
-    const __m512i xb = _mm512_set1_epi32(static_cast<int>(xs[t]));
+    const V16i xb = v16_set1_epi32(static_cast<int>(xs[t]));
     for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)wv[r], (__m512bh)xb);
   }
 #else
-  __m512 we[RB], wo[RB];
+  V16f we[RB], wo[RB];
   for (int r = 0; r < RB; ++r) {
-    const __m512i v = _mm512_loadu_si512(w + r * bstride);
-    we[r] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    const V16i v = v16_loadu_si512(w + r * bstride);
+    we[r] = v16_castsi512_ps(v16_slli_epi32(v, 16));
+    wo[r] = v16_castsi512_ps(v16_and_si512(v, v16_set1_epi32(static_cast<int>(0xffff0000u))));
   }
   for (int t = 0; t < TB; ++t) {
-    const __m512 x0 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(xs[t] << 16)));
-    const __m512 x1 = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(xs[t] & 0xffff0000u)));
-    for (int r = 0; r < RB; ++r) acc[r][t] = _mm512_fmadd_ps(wo[r], x1, _mm512_fmadd_ps(we[r], x0, acc[r][t]));
+    const V16f x0 = v16_castsi512_ps(v16_set1_epi32(static_cast<int>(xs[t] << 16)));
+    const V16f x1 = v16_castsi512_ps(v16_set1_epi32(static_cast<int>(xs[t] & 0xffff0000u)));
+    for (int r = 0; r < RB; ++r) acc[r][t] = v16_fmadd_ps(wo[r], x1, v16_fmadd_ps(we[r], x0, acc[r][t]));
   }
 #endif
 }
@@ -65,16 +73,16 @@ inline void pair_step(__m512 (&acc)[RB][TB], const bf16_t* w, int64_t bstride, c
 // output is the same alone, batched, or verified with drafts).
 template <int RB, int TB>
 void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, const Out& y) {
-  constexpr int U = 2;
+  constexpr int U = kChains;
   const int64_t P = m.pairs(), full = m.D / 2;
   const bf16_t* w = m.block(rb0);
   const int64_t bstride = P * 2 * kRows;
   const pair_t* xp[TB];
   for (int t = 0; t < TB; ++t) xp[t] = reinterpret_cast<const pair_t*>(x[t]);
-  __m512 acc[U][RB][TB];
+  V16f acc[U][RB][TB];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < RB; ++r)
-      for (int t = 0; t < TB; ++t) acc[u][r][t] = _mm512_setzero_ps();
+      for (int t = 0; t < TB; ++t) acc[u][r][t] = v16_setzero_ps();
   uint32_t xs[TB];
   int64_t p = 0;
   for (; p + U <= full; p += U)
@@ -92,15 +100,15 @@ void ptile(const Packed& m, int64_t rb0, const bf16_t* const* x, const Out& y) {
   }
   for (int u = 1; u < U; ++u)
     for (int r = 0; r < RB; ++r)
-      for (int t = 0; t < TB; ++t) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      for (int t = 0; t < TB; ++t) acc[0][r][t] = v16_add_ps(acc[0][r][t], acc[u][r][t]);
   for (int r = 0; r < RB; ++r) {
     const int64_t row0 = (rb0 + r) * kRows, valid = std::min<int64_t>(kRows, m.R - row0);
-    const __mmask16 mask = valid >= kRows ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << valid) - 1);
+    const M16 mask = valid >= kRows ? static_cast<M16>(0xffff) : static_cast<M16>((1u << valid) - 1);
     for (int t = 0; t < TB; ++t) {
       if (y.b)
-        _mm256_mask_storeu_epi16(y.b + t * y.ld + row0, mask, to_bf16x16(acc[0][r][t]));
+        v16_mask_store_bf16(y.b + t * y.ld + row0, mask, to_bf16x16(acc[0][r][t]));
       else
-        _mm512_mask_storeu_ps(y.f + t * y.ld + row0, mask, acc[0][r][t]);
+        v16_mask_storeu_ps(y.f + t * y.ld + row0, mask, acc[0][r][t]);
     }
   }
 }
@@ -114,7 +122,14 @@ void ptile_rows(const Packed& m, int64_t rb0, const bf16_t* const* x, int tb, co
   }
 }
 
-constexpr int kTokens = 3;  // input rows per tile (2 x 4 x 3 accumulators fit the 32 vector registers)
+// Tile shapes per vector width: with AVX-512, 2 chains x 4 row blocks x 3 input rows of accumulators fit the 32
+// registers; with AVX2 a 16-lane vector takes two of the 16 registers, so one chain of at most 2 x 3.
+constexpr int kTokens = 3;  // input rows per tile
+#if defined(DSV3_AVX512)
+constexpr int kTileBlocks = 4;
+#else
+constexpr int kTileBlocks = 2;
+#endif
 
 // Row blocks [rb0, rb1) of m against n input rows x[0..n) into out rows 0..n.
 void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* const* x, int64_t n, const Out& y) {
@@ -122,7 +137,7 @@ void matvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const bf16_t* cons
     const int tb = static_cast<int>(std::min<int64_t>(kTokens, n - t0));
     const Out yt = y.at(t0);
     int64_t rb = rb0;
-    for (; rb + 4 <= rb1; rb += 4) ptile_rows<4>(m, rb, x + t0, tb, yt);
+    for (; rb + kTileBlocks <= rb1; rb += kTileBlocks) ptile_rows<kTileBlocks>(m, rb, x + t0, tb, yt);
     switch (rb1 - rb) {
       case 3: ptile_rows<3>(m, rb, x + t0, tb, yt); break;
       case 2: ptile_rows<2>(m, rb, x + t0, tb, yt); break;
@@ -176,7 +191,11 @@ at::Tensor pack(const at::Tensor& w) {
   return out;
 }
 
+Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name, int64_t index);  // qpacked.h
+
+// The matrix behind a packed tensor: bf16 from pack(), or a uint8 blob of quantised codes (quant_cpu.pack).
 Packed packed_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name, int64_t index = -1) {
+  if (t.scalar_type() == at::kByte) return quant_matrix(t, R, D, name, index);
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
               " must be a contiguous bfloat16 CPU tensor made by pack()");
   const int64_t RB = (R + kRows - 1) / kRows, P = (D + 1) / 2;

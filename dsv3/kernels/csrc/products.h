@@ -2,7 +2,7 @@
 // only the experts hit), the dense SwiGLU MLP, a plain linear, the residual add; and the job split across threads.
 #pragma once
 
-#include "packed.h"
+#include "jobs.h"
 
 namespace {
 
@@ -72,18 +72,18 @@ inline bf16_t swiglu(float g, float u) {
 }
 
 // The same rule on 16 lanes (exp16 for the exponential).
-inline __m256i swiglu16(__m512 g, __m512 u) {
-  const __m512 gb = round_bf16x16(g);
-  const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gb));
-  const __m512 sg = round_bf16x16(_mm512_div_ps(gb, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-  return to_bf16x16(_mm512_mul_ps(sg, round_bf16x16(u)));
+inline __m256i swiglu16(V16f g, V16f u) {
+  const V16f gb = round_bf16x16(g);
+  const V16f e = exp16(v16_sub_ps(v16_setzero_ps(), gb));
+  const V16f sg = round_bf16x16(v16_div_ps(gb, v16_add_ps(v16_set1_ps(1.f), e)));
+  return to_bf16x16(v16_mul_ps(sg, round_bf16x16(u)));
 }
 
 // out[i] = swiglu(g[i], u[i]) for n float32 (gate, up) values.
 inline void swiglu_row(const float* g, const float* u, int64_t n, bf16_t* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(v16_loadu_ps(g + i), v16_loadu_ps(u + i)));
   for (; i < n; ++i) out[i] = swiglu(g[i], u[i]);
 }
 
@@ -93,37 +93,6 @@ inline void swiglu_row(const bf16_t* g, const bf16_t* u, int64_t n, bf16_t* out)
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), swiglu16(load16(g + i), load16(u + i)));
   for (; i < n; ++i) out[i] = swiglu(bf2f(g[i]), bf2f(u[i]));
-}
-
-struct Job {  // row blocks [rb0, rb1) of one packed matrix against n input rows
-  Packed m;
-  int64_t rb0, rb1;
-  const bf16_t* const* x;
-  int64_t n;
-  Out y;
-};
-
-void run_jobs(const std::vector<Job>& jobs) {
-  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 1, [&](int64_t a, int64_t b) {
-    for (int64_t j = a; j < b; ++j) matvec_blocks(jobs[j].m, jobs[j].rb0, jobs[j].rb1, jobs[j].x, jobs[j].n, jobs[j].y);
-  });
-}
-
-// Jobs for out[t, r] = m[r, :] . x[t]. Each job streams a useful amount of weights (32 KiB for a few input rows,
-// 128 KiB for more) over at most 48 input rows; a large product is cut into at least 4 jobs per thread so the
-// threads finish together.
-void add_jobs(std::vector<Job>& jobs, const Packed& m, const bf16_t* const* x, int64_t n, const Out& y) {
-  const int64_t bytes_per_block = m.pairs() * 2 * kRows * 2;
-  const int64_t tchunk = n <= 8 * kTokens ? n : 8 * kTokens;
-  const int64_t tjobs = (n + tchunk - 1) / tchunk;
-  int64_t chunk = std::max<int64_t>(1, (n <= 4 ? (32 << 10) : (128 << 10)) / bytes_per_block);
-  const int64_t min_jobs = 4 * at::get_num_threads();
-  if (m.blocks() * tjobs < min_jobs * chunk)
-    chunk = std::max<int64_t>(1, (m.blocks() * tjobs + min_jobs - 1) / min_jobs);
-  chunk = std::min(m.blocks(), (chunk + 3) / 4 * 4);  // whole 4-block tiles: enough accumulation chains
-  for (int64_t t0 = 0; t0 < n; t0 += tchunk)
-    for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
-      jobs.push_back({m, rb, std::min(m.blocks(), rb + chunk), x + t0, std::min(tchunk, n - t0), y.at(t0)});
 }
 
 // x [T, D]; gate_w packed [E, D]; w13 packed [E][2I, D] ([gate; up] rows); w2 packed [E][D, I]; the shared expert
@@ -143,7 +112,8 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     packed_matrix(w13, 2 * I, D, "moe: w13", e);
     packed_matrix(w2, D, I, "moe: w2", e);
   }
-  TORCH_CHECK(w13.dim() == 5 && w2.dim() == 5 && w2.size(0) == E, "moe: w13 and w2 must be packed [E, ...] stacks");
+  TORCH_CHECK(w13.dim() == (w13.scalar_type() == at::kByte ? 2 : 5) && w2.dim() == (w2.scalar_type() == at::kByte ? 2 : 5)
+              && w2.size(0) == E, "moe: w13 and w2 must be packed [E, ...] stacks (bf16 pack() or quantised blobs)");
   TORCH_CHECK(K >= 1 && K <= E, "moe: top_k ", K, " outside [1, ", E, "]");
   TORCH_CHECK(group_rule == 0 || (n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group),
               "moe: ", E, " experts cannot form ", n_group, " groups with topk_group ", topk_group);
@@ -176,7 +146,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
       }
     });
   } else {
-    std::vector<Job> jobs;
+    Jobs jobs;
     add_jobs(jobs, gate, xrows.data(), T, Out{logits.data(), nullptr, E});
     run_jobs(jobs);
   }
@@ -206,7 +176,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
   // 3. gate and up projections of every hit expert (and the shared expert on all tokens).
   std::vector<float> h13(P * 2 * I), hs13(has_shared ? T * 2 * Is : 0);
   {
-    std::vector<Job> jobs;
+    Jobs jobs;
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
         add_jobs(jobs, packed_matrix(w13, 2 * I, D, "moe: w13", e), pair_x.data() + start[e], count[e],
@@ -233,7 +203,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
   for (int64_t t = 0; t < (has_shared ? T : 0); ++t) acts_rows[t] = acts.data() + t * Is;
   std::vector<float> y(P * D), ys(has_shared ? T * D : 0);
   {
-    std::vector<Job> jobs;
+    Jobs jobs;
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
         add_jobs(jobs, packed_matrix(w2, D, I, "moe: w2", e), act_rows.data() + start[e], count[e],
@@ -247,12 +217,12 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     for (int64_t t = a; t < b; ++t) {
       int64_t d = 0;
       for (; d + 16 <= D; d += 16) {
-        __m512 s = _mm512_setzero_ps();
+        V16f s = v16_setzero_ps();
         for (int64_t k = 0; k < K; ++k)
-          s = _mm512_fmadd_ps(_mm512_set1_ps(rt.wt[t * K + k]),
-                              round_bf16x16(_mm512_loadu_ps(y.data() + pair_of[t * K + k] * D + d)), s);
-        __m512 v = round_bf16x16(s);
-        if (has_shared) v = _mm512_add_ps(v, round_bf16x16(_mm512_loadu_ps(ys.data() + t * D + d)));
+          s = v16_fmadd_ps(v16_set1_ps(rt.wt[t * K + k]),
+                              round_bf16x16(v16_loadu_ps(y.data() + pair_of[t * K + k] * D + d)), s);
+        V16f v = round_bf16x16(s);
+        if (has_shared) v = v16_add_ps(v, round_bf16x16(v16_loadu_ps(ys.data() + t * D + d)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + t * D + d), to_bf16x16(v));
       }
       for (; d < D; ++d) {
@@ -268,16 +238,18 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
 }
 
 // y = x W^T for a packed W [R, D]: x [T, D] bf16 (rows may be strided) -> [T, R] bf16.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R) {
+// With f32_out the products come back in float32, unrounded (the kernel tests compare them with their oracles).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R, bool f32_out = false) {
   check_bf16(x, "linear: x", 2);
   const int64_t T = x.size(0), D = x.size(1), ldx = x.stride(0);
   const Packed m = packed_matrix(w, R, D, "linear: weight");
-  at::Tensor out = at::empty({T, R}, x.options());
+  at::Tensor out = at::empty({T, R}, f32_out ? x.options().dtype(at::kFloat) : x.options());
   if (T == 0) return out;
   std::vector<const bf16_t*> rows(T);
   for (int64_t t = 0; t < T; ++t) rows[t] = bf_ptr(x) + t * ldx;
-  std::vector<Job> jobs;
-  add_jobs(jobs, m, rows.data(), T, Out{nullptr, bf_mut(out), R});
+  Jobs jobs;
+  add_jobs(jobs, m, rows.data(), T,
+           f32_out ? Out{out.data_ptr<float>(), nullptr, R} : Out{nullptr, bf_mut(out), R});
   run_jobs(jobs);
   return out;
 }
@@ -285,7 +257,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R) {
 // SwiGLU MLP (dense layers): down(silu(gate(x)) * up(x)) with gate_up packed [2I, D] and down packed [D, I].
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t I) {
   const int64_t T = x.size(0), D = x.size(1);
-  const at::Tensor h = linear(x, gate_up, 2 * I);  // [T, 2I] bf16, like the reference's two projections
+  const at::Tensor h = linear(x, gate_up, 2 * I, false);  // [T, 2I] bf16, like the reference's two projections
   at::Tensor act = at::empty({T, I}, x.options());
   const bf16_t* hp = bf_ptr(h);
   bf16_t* ap = bf_mut(act);
@@ -302,7 +274,7 @@ at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
   const int64_t n = a.numel();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + i), to_bf16x16(_mm512_add_ps(load16(ap + i), load16(bp + i))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + i), to_bf16x16(v16_add_ps(load16(ap + i), load16(bp + i))));
   for (; i < n; ++i) op[i] = f2bf(bf2f(ap[i]) + bf2f(bp[i]));
   return out;
 }

@@ -7,23 +7,23 @@
 namespace {
 
 // Index of the first maximum of n bf16 or float32 values, a NaN counting as the maximum (torch.argmax's rule).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline V16f load16(const float* p) { return v16_loadu_ps(p); }
 inline float to_f32(bf16_t v) { return bf2f(v); }
 inline float to_f32(float v) { return v; }
 
 template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  V16f mx = v16_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 v = load16(x + i);
-    if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;  // a NaN: the scalar scan below finds the first one
-    mx = _mm512_max_ps(mx, v);
+    const V16f v = load16(x + i);
+    if (v16_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;  // a NaN: the scalar scan below finds the first one
+    mx = v16_max_ps(mx, v);
   }
-  float best = _mm512_reduce_max_ps(mx);
+  float best = v16_reduce_max_ps(mx);
   int64_t arg = -1;
   for (int64_t j = 0; j < i && arg < 0; j += 16) {  // the first lane holding the maximum
-    const __mmask16 hit = _mm512_cmp_ps_mask(load16(x + j), _mm512_set1_ps(best), _CMP_EQ_OQ);
+    const M16 hit = v16_cmp_ps_mask(load16(x + j), v16_set1_ps(best), _CMP_EQ_OQ);
     if (hit) arg = j + __builtin_ctz(hit);
   }
   for (; i < n; ++i) {  // the tail (or everything from a block holding a NaN on)
@@ -90,38 +90,38 @@ at::Tensor draw_inverse_cdf(const at::Tensor& probs, const at::Tensor& u) {
 // torch.softmax to a few ulp, not bit for bit. Returns false (y unspecified) when the row has no finite logit.
 template <typename T>
 bool tempered_softmax_row(const T* x, int64_t V, float t, float* y) {
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 tv = _mm512_set1_ps(t);
-  __m512 mx = neg_inf;
+  const V16f neg_inf = v16_set1_ps(-std::numeric_limits<float>::infinity());
+  const V16f tv = v16_set1_ps(t);
+  V16f mx = neg_inf;
   int64_t i = 0;
   for (; i + 16 <= V; i += 16) {  // y = x / t, and the row's maximum
-    const __m512 q = _mm512_div_ps(load16(x + i), tv);
-    _mm512_storeu_ps(y + i, q);
-    mx = _mm512_max_ps(mx, q);
+    const V16f q = v16_div_ps(load16(x + i), tv);
+    v16_storeu_ps(y + i, q);
+    mx = v16_max_ps(mx, q);
   }
-  float m = _mm512_reduce_max_ps(mx);
+  float m = v16_reduce_max_ps(mx);
   for (; i < V; ++i) {
     y[i] = to_f32(x[i]) / t;
     m = std::max(m, y[i]);
   }
   if (!std::isfinite(m)) return false;
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 acc = _mm512_setzero_ps();
+  const V16f mv = v16_set1_ps(m);
+  V16f acc = v16_setzero_ps();
   for (i = 0; i + 16 <= V; i += 16) {  // e = exp(y - max), 0 where y = -inf; their sum
-    const __m512 q = _mm512_loadu_ps(y + i);
-    const __mmask16 live = _mm512_cmp_ps_mask(q, neg_inf, _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(q, mv)));
-    _mm512_storeu_ps(y + i, e);
-    acc = _mm512_add_ps(acc, e);
+    const V16f q = v16_loadu_ps(y + i);
+    const M16 live = v16_cmp_ps_mask(q, neg_inf, _CMP_NEQ_OQ);
+    const V16f e = v16_maskz_mov_ps(live, exp16(v16_sub_ps(q, mv)));
+    v16_storeu_ps(y + i, e);
+    acc = v16_add_ps(acc, e);
   }
-  float sum = _mm512_reduce_add_ps(acc);
+  float sum = v16_reduce_add_ps(acc);
   for (; i < V; ++i) {
     y[i] = std::isinf(y[i]) && y[i] < 0 ? 0.f : std::exp(y[i] - m);
     sum += y[i];
   }
   const float inv = 1.f / sum;
-  const __m512 iv = _mm512_set1_ps(inv);
-  for (i = 0; i + 16 <= V; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), iv));
+  const V16f iv = v16_set1_ps(inv);
+  for (i = 0; i + 16 <= V; i += 16) v16_storeu_ps(y + i, v16_mul_ps(v16_loadu_ps(y + i), iv));
   for (; i < V; ++i) y[i] *= inv;
   return true;
 }

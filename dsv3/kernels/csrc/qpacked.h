@@ -1,0 +1,246 @@
+// int8 / int4 weights in the products: their packed layout (built by kernels/quant_cpu.py), the quantisation of
+// input rows to int8 per group, and the integer tile products (AVX2: maddubs on unsigned x signed bytes).
+//
+// A quantised matrix W [R, D] with groups of G inputs (G = 32; n = D / G groups per row) is one uint8 blob:
+//   header (64 bytes, 8 int64): magic "DSV3Q001", kind (1 = int8, 2 = int4), R, D, G, codes offset, scales
+//   offset, blob bytes;
+//   codes, per panel of 8 output rows (rows padded with zeros to a multiple of 16):
+//     int8: [n][G/4 steps][8 rows][4 inputs] int8: one 32-byte vector = 4 consecutive inputs of each of 8 rows;
+//     int4: [n][G/8 step pairs][8 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1;
+//           codes c in [0, 15], w = (c - 8) * scale;
+//   scales [panels][n][8 rows] float16 (the group scales of the 8 rows side by side).
+// An input row x is quantised per group g like GGUF's Q8_0: d_g = max|x| / 127, q = round_half_even(x / d_g) in
+// float32 (q = x * (1 / d_g)), s_g = sum of the group's q. Then, exactly in integers, a row's group sum is
+// S = sum c q (int4: minus 8 s_g) and y = sum_g (scale_g * d_g) * S in float32, groups in order: the result of a
+// row does not depend on the other rows of the call (batch invariance). quant_cpu.linear_int8_acts is the oracle.
+#pragma once
+
+#include "packed.h"
+
+#include <deque>
+#include <map>
+#include <tuple>
+
+namespace {
+
+constexpr int64_t kQMagic = 0x3130305133565344LL;  // "DSV3Q001" little-endian
+constexpr int64_t kQHeaderBytes = 64;
+constexpr int64_t kQPanel = 8;
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2 };
+
+struct QHeader {
+  int64_t magic, kind, R, D, G, codes, scales, bytes;
+};
+
+// A quantised matrix from blob row `index` of t (uint8 [bytes] or [E, bytes]), checked against the expected shape.
+Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name, int64_t index) {
+  TORCH_CHECK(t.is_contiguous() && t.size(-1) >= kQHeaderBytes, name, " is not a quantised blob made by quant_cpu.pack");
+  const uint8_t* base = t.data_ptr<uint8_t>() + (index < 0 ? 0 : index * t.size(-1));
+  QHeader h;
+  std::memcpy(&h, base, sizeof(h));
+  TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
+  TORCH_CHECK(h.kind == kQInt8 || h.kind == kQInt4, name, ": unknown quantised kind ", h.kind);
+  TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
+  TORCH_CHECK(h.G == 32 && D % h.G == 0, name, ": group size ", h.G, " is not supported here (32, dividing D)");
+  TORCH_CHECK(h.bytes == t.size(-1), name, ": blob of ", t.size(-1), " bytes, its header says ", h.bytes);
+  Packed m{nullptr, R, D};
+  m.kind = h.kind;
+  m.G = h.G;
+  m.q = base + h.codes;
+  m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input rows quantised to int8 per group.
+
+struct QRow {
+  const int8_t* q;  // [D]
+  const float* d;   // [n] group scales
+  const int32_t* s; // [n] group sums of q
+};
+
+inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
+
+template <typename X>
+void quantize_row(const X* x, int64_t D, int64_t G, int8_t* q, float* d, int32_t* s) {
+  for (int64_t g = 0; g < D / G; ++g) {
+    const X* xg = x + g * G;
+    float amax = 0.f;
+    for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(static_cast<float>(xg[i])));
+    const float dg = amax / 127.f;
+    const float inv = dg != 0.f ? 1.f / dg : 0.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < G; ++i) {
+      const float v = std::max(-127.f, std::min(127.f, rne_int(static_cast<float>(xg[i]) * inv)));
+      q[g * G + i] = static_cast<int8_t>(v);
+      sum += static_cast<int32_t>(v);
+    }
+    d[g] = dg;
+    s[g] = sum;
+  }
+}
+
+struct Bf16Val {  // a bf16 read as float (for quantize_row's template)
+  bf16_t v;
+  explicit operator float() const { return bf2f(v); }
+};
+
+// The quantised rows of one call's products, made once per (row, D, G) and shared by every matrix that reads it.
+struct QActs {
+  struct Rows {
+    std::vector<int8_t> q;
+    std::vector<float> d;
+    std::vector<int32_t> s;
+  };
+  std::map<std::tuple<const void*, int64_t, int64_t>, QRow> index;
+  std::deque<Rows> store;
+  std::deque<std::vector<QRow>> lists;
+
+  // The quantised form of n bf16 rows x[0..n) of length D (new ones quantised in parallel).
+  const QRow* rows(const bf16_t* const* x, int64_t n, int64_t D, int64_t G) {
+    std::vector<int64_t> todo;
+    std::vector<QRow>& out = lists.emplace_back(n);
+    for (int64_t t = 0; t < n; ++t) {
+      auto it = index.find({x[t], D, G});
+      if (it != index.end()) out[t] = it->second;
+      else todo.push_back(t);
+    }
+    if (!todo.empty()) {
+      const int64_t m = static_cast<int64_t>(todo.size()), ng = D / G;
+      Rows& r = store.emplace_back();
+      r.q.resize(m * D);
+      r.d.resize(m * ng);
+      r.s.resize(m * ng);
+      at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i)
+          quantize_row(reinterpret_cast<const Bf16Val*>(x[todo[i]]), D, G, r.q.data() + i * D, r.d.data() + i * ng,
+                       r.s.data() + i * ng);
+      });
+      for (int64_t i = 0; i < m; ++i) {
+        const QRow row{r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng};
+        // (a row pointer given twice in one call has one entry: the first)
+        out[todo[i]] = index.emplace(std::make_tuple(static_cast<const void*>(x[todo[i]]), D, G), row).first->second;
+      }
+    }
+    return out.data();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tile products: NP panels of 8 rows x TB input rows, all groups. Lanes are output rows, so a group's integer sum
+// needs no horizontal reduction: each 32-bit lane of madd(maddubs(codes, broadcast inputs)) is one row's sum over
+// 4 inputs.
+
+inline __m256i bcast4(const int8_t* p) {  // 4 input bytes to every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+inline void store_rows8(const Out& y, int64_t t, int64_t row0, int64_t R, __m256 v) {
+  const int64_t valid = std::min<int64_t>(kQPanel, R - row0);
+  if (valid <= 0) return;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  if (y.b) {
+    bf16_t* p = y.b + t * y.ld + row0;
+    for (int64_t i = 0; i < valid; ++i) p[i] = f2bf(lanes[i]);
+  } else {
+    float* p = y.f + t * y.ld + row0;
+    for (int64_t i = 0; i < valid; ++i) p[i] = lanes[i];
+  }
+}
+
+template <int NP, int TB>
+void qtile_int4(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 acc[NP][TB];
+  for (int p = 0; p < NP; ++p)
+    for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < n; ++g) {
+    __m256i sum[NP][TB];  // int16 lanes: 8 steps of at most 2 * 15 * 127 each stay below 2^15
+    for (int p = 0; p < NP; ++p)
+      for (int t = 0; t < TB; ++t) sum[p][t] = _mm256_setzero_si256();
+    for (int k = 0; k < 4; ++k) {
+      __m256i xa[TB], xb[TB];
+      for (int t = 0; t < TB; ++t) {
+        xa[t] = bcast4(x[t].q + g * 32 + 8 * k);
+        xb[t] = bcast4(x[t].q + g * 32 + 8 * k + 4);
+      }
+      for (int p = 0; p < NP; ++p) {
+        const __m256i v = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(m.q + (((p0 + p) * n + g) * 4 + k) * 32));
+        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        for (int t = 0; t < TB; ++t)
+          sum[p][t] = _mm256_add_epi16(sum[p][t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[t]),
+                                                                    _mm256_maddubs_epi16(hi, xb[t])));
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8)));
+      for (int t = 0; t < TB; ++t) {
+        const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[p][t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
+        acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[p][t]);
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int t = 0; t < TB; ++t) store_rows8(y, t, (p0 + p) * kQPanel, m.R, acc[p][t]);
+}
+
+template <int NP, int TB>
+void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NP][TB];
+  for (int p = 0; p < NP; ++p)
+    for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < n; ++g) {
+    __m256i sum[NP][TB];  // int32 lanes (a product pair of int8 reaches 2 * 127 * 127: no int16 accumulation)
+    for (int p = 0; p < NP; ++p)
+      for (int t = 0; t < TB; ++t) sum[p][t] = _mm256_setzero_si256();
+    for (int k = 0; k < 8; ++k) {
+      __m256i xk[TB];
+      for (int t = 0; t < TB; ++t) xk[t] = bcast4(x[t].q + g * 32 + 4 * k);
+      for (int p = 0; p < NP; ++p) {
+        const __m256i w = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(m.q + (((p0 + p) * n + g) * 8 + k) * 32));
+        const __m256i aw = _mm256_abs_epi8(w);  // |w| (unsigned) x sign(w) * x (signed): maddubs' operand types
+        for (int t = 0; t < TB; ++t)
+          sum[p][t] = _mm256_add_epi32(sum[p][t],
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xk[t], w)), ones));
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8)));
+      for (int t = 0; t < TB; ++t)
+        acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p][t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])),
+                                    acc[p][t]);
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int t = 0; t < TB; ++t) store_rows8(y, t, (p0 + p) * kQPanel, m.R, acc[p][t]);
+}
+
+template <int TB>
+void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {  // one 16-row block = 2 panels
+  if (m.kind == kQInt4) qtile_int4<2, TB>(m, rb * 2, x, y);
+  else qtile_int8<2, TB>(m, rb * 2, x, y);
+}
+
+constexpr int kQTokens = 2;  // input rows per quantised tile
+
+// Row blocks [rb0, rb1) of a quantised m against n quantised input rows x[0..n) into out rows 0..n.
+void qmatvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const QRow* x, int64_t n, const Out& y) {
+  for (int64_t t0 = 0; t0 < n; t0 += kQTokens) {
+    const Out yt = y.at(t0);
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      if (n - t0 >= 2) qtile_block<2>(m, rb, x + t0, yt);
+      else qtile_block<1>(m, rb, x + t0, yt);
+    }
+  }
+}
+
+}  // namespace

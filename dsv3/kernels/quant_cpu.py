@@ -1,0 +1,97 @@
+"""int8/int4 weights for the C++ CPU kernels: the packed blob they read (csrc/qpacked.h) and the reference of the
+product they compute.
+
+The kernels quantise each input row to int8 per group of 32 (as GGUF's Q8_0: d = max|x| / 127, q = round(x / d)),
+form every group's sum of code x input products exactly in integers and accumulate scale_w * d * sum in float32:
+`linear_int8_acts` here is that computation in plain PyTorch (float64 accumulation), the oracle the kernel tests
+compare against. Quantising the activations is what makes the integer products possible; its error is measured
+in docs/quantization.md (the weight-only reference `quant.linear` keeps float activations).
+
+Dimension letters: O output features, I input features, n = I // 32 groups, E experts (a leading dim).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quant
+
+MAGIC = 0x3130305133565344  # "DSV3Q001", little-endian, the blob's first int64
+HEADER_BYTES = 64
+PANEL = 8  # output rows side by side in the codes
+ROW_PAD = 16  # rows are padded to whole 16-row blocks (the kernels' job unit)
+KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
+
+
+def supported(s: quant.Scheme) -> bool:
+    """Whether the kernels run scheme s (int8 and int4 with groups of 32)."""
+    return s.bits in KIND and s.group_size == 32
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[-2] == rows:
+        return t
+    pad = t.new_zeros((*t.shape[:-2], rows - t.shape[-2], t.shape[-1]))
+    return torch.cat([t, pad], dim=-2)
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
+    """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
+    csrc/qpacked.h (header, codes by panels of 8 rows, float16 scales [panels, n, 8])."""
+    if not supported(s):
+        raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
+    *lead, o = codes.shape[:-1]
+    i = s.in_features(tuple(codes.shape))
+    n, g = i // s.group_size, s.group_size
+    rows = -(-o // ROW_PAD) * ROW_PAD
+    panels = rows // PANEL
+    if s.bits == 8:
+        c = _pad_rows(codes.to(torch.int8), rows).view(*lead, panels, PANEL, n, g // 4, 4)
+        c = c.movedim(-4, -2).contiguous().view(torch.uint8)  # [..., P, n, G/4, 8, 4]
+    else:
+        q = _pad_rows(quant.unpack_int4(codes), rows).view(*lead, panels, PANEL, n, g // 8, 2, 4)
+        q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 8, 4, 2]: (row, input, step of the pair)
+        c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
+    sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
+    code_bytes = c.reshape(*lead, -1)
+    scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
+    codes_off = HEADER_BYTES
+    scales_off = codes_off + code_bytes.shape[-1]
+    total = -(-(scales_off + scale_bytes.shape[-1]) // 64) * 64
+    header = torch.tensor([MAGIC, KIND[s.bits], o, i, g, codes_off, scales_off, total], dtype=torch.int64)
+    blob = torch.zeros((*lead, total), dtype=torch.uint8)
+    blob[..., :HEADER_BYTES] = header.view(torch.uint8)
+    blob[..., codes_off:scales_off] = code_bytes
+    blob[..., scales_off:scales_off + scale_bytes.shape[-1]] = scale_bytes
+    return blob
+
+
+def quantize_acts(x: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., I] -> (q [..., n, G] float32 integers in [-127, 127], d [..., n, 1] float32), the kernels' int8
+    input quantisation: d = max|x| / 127, q = round_half_even(x * (1 / d)) (0 where d is 0), in float32."""
+    g = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return torch.round(g * inv).clamp_(-127, 127), d
+
+
+def linear_int8_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
+    """The product the kernels compute, y = sum_g scale_w[o, g] * d[g] * sum_i code[o, i] q[i] (int4 codes less 8):
+    x [T, I] -> [T, O] float64 (integer sums exact, then accumulated in float64)."""
+    q, d = quantize_acts(x, s.group_size)  # [T, n, G], [T, n, 1]
+    w = (codes.to(torch.float64) if s.bits == 8 else quant.unpack_int4(codes).to(torch.float64) - 8)
+    o, i = w.shape
+    w = w.view(o, i // s.group_size, s.group_size)  # [O, n, G]
+    isum = torch.einsum("tng,ong->ton", q.to(torch.float64), w)  # exact integers
+    return (isum * scales.to(torch.float64)[None] * d[..., 0].to(torch.float64)[:, None]).sum(-1)
+
+
+class QuantKernelWeight:
+    """A quantised weight [O, I] in the kernels' blob; calling it computes x [..., I] -> [..., O] (2-D x rows may
+    be strided)."""
+
+    def __init__(self, ops, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme):
+        self.ops, self.t, self.out_features = ops, pack(codes, scales, s), codes.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ops.linear(x.reshape(-1, x.shape[-1]), self.t, self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
