@@ -139,7 +139,7 @@ def test_linear_matches_torch(shape):
 
     R, D = shape
     w = (torch.randn(R, D) * 0.1).to(BF)
-    lin = KernelWeight(OPS, w)
+    lin = KernelWeight(OPS, OPS.pack(w), R)
     for T in (1, 5, 6, 13, 50):  # tails of the 6-row tiles and of the 48-row token chunks
         x = torch.randn(T, D + 3).to(BF)[:, 2:D + 2]  # strided rows
         want = torch.nn.functional.linear(x.float(), w.float())

@@ -3,10 +3,12 @@ matrix (q_a + kv_a, gate + up).
 
 On the CPU, torch's plain bf16 matmul is slow for the skinny shapes of decoding (a few rows against a large weight).
 Two packed forms, both applied in place:
-- the C++ kernels' layout (kernels/cpu_ext.py, AVX-512 machines): every projection, and each MoE layer as a single
-  call (router, hit experts, shared experts); 2x faster than oneDNN for decode shapes, within ~10% for prefill;
-- oneDNN's blocked layout where the kernels cannot be built: 1.5-3x faster than plain matmuls and bit-identical to
-  them (checked in the tests).
+- the C++ kernels' layout (kernels/cpu_ext.py, x86 machines with AVX-512 or AVX2+FMA): every projection, and each
+  MoE layer as a single call (router, hit experts, shared experts); 2x faster than oneDNN for decode shapes, within
+  ~10% for prefill. int8/int4 weights (kernels/quant.py) become the kernels' quantised blobs (quant_cpu.py), except
+  kv_b_proj, which the absorbed attention reads per head in bf16 (dequantised here, exactly);
+- oneDNN's blocked layout where the kernels cannot be built (bf16 models only; int8/int4 ones then keep the PyTorch
+  reference products): 1.5-3x faster than plain matmuls and bit-identical to them (checked in the tests).
 The plain weights are then dropped so memory does not double, which makes the packed model an inference-only object
 (saving or re-slicing it needs a fresh load).
 """
@@ -16,6 +18,8 @@ import logging
 
 import torch
 from torch import nn
+
+from . import fp8, quant_cpu
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,12 @@ class OneDNNWeight:
 
 
 class KernelWeight:
-    """A weight [O, I] in the C++ kernels' layout; calling it computes x [..., I] -> [..., O] (rows of a 2-D x may
-    be strided, e.g. a slice of a fused projection's output)."""
+    """A weight [O, I] in the C++ kernels' layout (bf16 packed, or an int8/int4 blob: quant_cpu.kernel_matrix);
+    calling it computes x [..., I] -> [..., O] (rows of a 2-D x may be strided, e.g. a slice of a fused
+    projection's output)."""
 
-    def __init__(self, ops, w: torch.Tensor):
-        self.ops, self.t, self.out_features = ops, ops.pack(w.contiguous()), w.shape[0]
+    def __init__(self, ops, t: torch.Tensor, out_features: int):
+        self.ops, self.t, self.out_features = ops, t, out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ops.linear(x.reshape(-1, x.shape[-1]), self.t, self.out_features)
@@ -143,6 +148,18 @@ class CpuMtpDraft:
 def _drop(param_owner: nn.Module, name: str = "weight") -> None:
     p = getattr(param_owner, name)
     setattr(param_owner, name, nn.Parameter(p.new_empty(0), requires_grad=False))
+    if getattr(param_owner, "weight_scale", None) is not None:  # int8/int4 group scales: now inside the blob
+        param_owner.weight_scale = None
+
+
+def _dequantize(lin: nn.Module, dtype: torch.dtype) -> None:
+    """Make a quantised Linear hold its exact dequantised weight in dtype instead (a no-op for a plain one)."""
+    if lin.quant is None:
+        return
+    w = lin.effective_weight(dtype)
+    lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+    lin.weight_scale = None
+    lin.quant = None
 
 
 @torch.no_grad()
@@ -152,22 +169,34 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     built here (projections, MoE layers, norms and decode attention); otherwise, or with kernels=False, oneDNN."""
     from ..model.layers import MLP, Linear, RMSNorm
     from ..model.mla import MLA
-    from ..model.moe import MoE, CpuMoE, Experts
+    from ..model.moe import MoE, CpuMoE, Experts, StackedLinear
 
     dtype = model.model.embed_tokens.weight.dtype
     if model.model.embed_tokens.weight.device.type != "cpu" or dtype not in PACKABLE_DTYPES:
         return False
-    if any(getattr(m, "weight", None) is not None and m.weight.dtype not in PACKABLE_DTYPES
-           for m in model.modules() if isinstance(m, Linear)):
+    linears = [m for m in model.modules() if isinstance(m, (Linear, StackedLinear))]
+    if any(m.weight.dtype == fp8.FP8_DTYPE for m in linears):
         return False
+    quantised = any(m.quant is not None for m in linears)
     ops = None
     if kernels:
         from . import cpu_ext
 
         ops = cpu_ext.load()
-    if ops is None and not available(dtype):  # oneDNN's bf16 layout needs AVX-512 (or AVX-NE-CONVERT)
+    if ops is None and (quantised or not available(dtype)):  # oneDNN's bf16 layout needs AVX-512 (or AVX-NE-CONVERT)
         return False
-    pack = OneDNNWeight if ops is None else (lambda w: KernelWeight(ops, w))
+
+    def pack(*lins: nn.Module):
+        """One packed matrix for the projections `lins` (their outputs stacked along the rows), their weights dropped."""
+        rows = sum(lin.out_features for lin in lins)
+        if ops is None:
+            p = OneDNNWeight(torch.cat([lin.weight for lin in lins]))
+        else:
+            p = KernelWeight(ops, quant_cpu.kernel_matrix(ops, list(lins)), rows)
+        for lin in lins:
+            _drop(lin)
+        return p
+
     handled: set[int] = set()  # modules whose weights the C++ MoE kernel owns
     if ops is not None:
         for m in model.modules():
@@ -188,19 +217,14 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
             continue
         if isinstance(m, MLA):
             if hasattr(m, "q_a_proj"):
-                m.packed_qkv_a = pack(torch.cat([m.q_a_proj.weight, m.kv_a_proj_with_mqa.weight]))
-                _drop(m.q_a_proj)
-                _drop(m.kv_a_proj_with_mqa)
+                m.packed_qkv_a = pack(m.q_a_proj, m.kv_a_proj_with_mqa)
             for lin in (getattr(m, "q_proj", None), getattr(m, "q_b_proj", None), m.o_proj):
                 if lin is not None:
-                    lin.packed = pack(lin.weight)
-                    _drop(lin)
-            # kv_b_proj stays plain: the absorbed attention splits it per head.
+                    lin.packed = pack(lin)
+            _dequantize(m.kv_b_proj, dtype)  # it stays plain: the absorbed attention splits it per head
         elif isinstance(m, MLP):
-            m.packed_gate_up = pack(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
-            m.down_proj.packed = pack(m.down_proj.weight)
-            for lin in (m.gate_proj, m.up_proj, m.down_proj):
-                _drop(lin)
+            m.packed_gate_up = pack(m.gate_proj, m.up_proj)
+            m.down_proj.packed = pack(m.down_proj)
         elif isinstance(m, Experts):
             g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
             m.packed = [(OneDNNWeight(torch.cat([g[e], u[e]])), OneDNNWeight(d[e])) for e in range(m.n_experts)]
@@ -209,8 +233,7 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     for name, m in model.named_modules():  # the rest (lm_head, MTP eh_proj); kv_b_proj is split per head instead
         if (isinstance(m, Linear) and id(m) not in handled and m.packed is None and m.weight.numel()
                 and not name.endswith("kv_b_proj")):
-            m.packed = pack(m.weight)
-            _drop(m)
+            m.packed = pack(m)
     if ops is not None:
         model.cpu_blocks = CpuBlocks(ops, model.main_layers, model.cfg)
         for m in model.mtp_layers:

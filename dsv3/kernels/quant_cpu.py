@@ -11,9 +11,13 @@ Dimension letters: O output features, I input features, n = I // 32 groups, E ex
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import quant
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x3130305133565344  # "DSV3Q001", little-endian, the blob's first int64
 HEADER_BYTES = 64
@@ -23,8 +27,8 @@ KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 
 
 def supported(s: quant.Scheme) -> bool:
-    """Whether the kernels run scheme s (int8 and int4 with groups of 32)."""
-    return s.bits in KIND and s.group_size == 32
+    """Whether the kernels run scheme s: dsv3's own int8 and int4 (groups of 32, float16 scales)."""
+    return s.bits in KIND and s == quant.Scheme(s.bits)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -85,13 +89,18 @@ def linear_int8_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return (isum * scales.to(torch.float64)[None] * d[..., 0].to(torch.float64)[:, None]).sum(-1)
 
 
-class QuantKernelWeight:
-    """A quantised weight [O, I] in the kernels' blob; calling it computes x [..., I] -> [..., O] (2-D x rows may
-    be strided)."""
-
-    def __init__(self, ops, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme):
-        self.ops, self.t, self.out_features = ops, pack(codes, scales, s), codes.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ops.linear(x.reshape(-1, x.shape[-1]), self.t, self.out_features)
-        return y.view(*x.shape[:-1], self.out_features)
+def kernel_matrix(ops, mods: list) -> torch.Tensor:
+    """The tensor the C++ kernels read for the weights of `mods` (Linear or StackedLinear modules whose outputs are
+    stacked along the rows, e.g. [gate; up]): a quantised blob (pack) when they all hold one scheme the kernels
+    run, else ops.pack's bf16 layout of the (dequantised) weights, with a warning, since that costs memory."""
+    schemes = {m.quant for m in mods}
+    s = next(iter(schemes))
+    if len(schemes) == 1 and s is not None and supported(s):
+        return pack(torch.cat([m.weight for m in mods], dim=-2), torch.cat([m.weight_scale for m in mods], dim=-2), s)
+    if schemes != {None}:
+        log.warning("the CPU kernels run these weights (%s) in bf16: they run int8/int4 with groups of 32 when every "
+                    "projection fused into one matrix holds the same scheme", ", ".join(sorted(
+                        "bf16" if q is None else q.name for q in schemes)))
+    w = [m.dense(slice(None), torch.bfloat16) if hasattr(m, "dense") else m.effective_weight(torch.bfloat16)
+         for m in mods]
+    return ops.pack(torch.cat(w, dim=-2).detach().contiguous())

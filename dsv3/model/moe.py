@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import dispatch, fp8, quant
+from ..kernels import dispatch, fp8, quant, quant_cpu
 from ..kernels.grouped import grouped_mm
 from .layers import MLP, set_quantized
 
@@ -162,7 +162,7 @@ class Experts(nn.Module):
 
 class CpuMoE:
     """Router, routed and shared experts of one MoE layer as a single call of the C++ CPU kernel
-    (kernels/csrc/cpu_kernels.cpp), with its weights in the kernel's packed layout. Inference only, bf16."""
+    (kernels/csrc/cpu_kernels.cpp), with its weights in the kernel's packed layout. Inference only, bf16 activations."""
 
     GROUP_RULES = {"noaux_tc": 1, "group_limited_greedy": 2}
 
@@ -173,12 +173,13 @@ class CpuMoE:
         self.gate = g.float().contiguous() if g.dtype != torch.bfloat16 else ops.pack(g)
         bias = moe.gate.e_score_correction_bias
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.w13 = ops.pack(torch.cat([e.gate_proj.weight, e.up_proj.weight], dim=1).detach())  # [E][2I, D]
-        self.w2 = ops.pack(e.down_proj.weight.detach())  # [E][D, I]
+        # bf16 packed or int8/int4 blobs (kernels/quant_cpu.py): [E][2I, D] and [E][D, I]
+        self.w13 = quant_cpu.kernel_matrix(ops, [e.gate_proj, e.up_proj])
+        self.w2 = quant_cpu.kernel_matrix(ops, [e.down_proj])
         self.inter = cfg.moe_intermediate_size
         s = moe.shared_experts
-        self.shared = None if s is None else (ops.pack(torch.cat([s.gate_proj.weight, s.up_proj.weight]).detach()),
-                                              ops.pack(s.down_proj.weight.detach()))
+        self.shared = None if s is None else (quant_cpu.kernel_matrix(ops, [s.gate_proj, s.up_proj]),
+                                              quant_cpu.kernel_matrix(ops, [s.down_proj]))
         self.shared_inter = cfg.shared_intermediate_size if s is not None else 0
         self.args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                      self.GROUP_RULES.get(cfg.topk_method, 0) if cfg.uses_group_routing else 0,
