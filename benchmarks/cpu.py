@@ -62,14 +62,14 @@ def save_peer_weights(shape: str, path: str) -> None:
 
 
 def time_dsv3(path: str, dtype: str, threads: int, steps: int, prefill: int, vocab: int, active_bytes: float,
-              floor_chunks: int = 5) -> dict:
+              floor_chunks: int = 5, quantize: str | None = None) -> dict:
     from dsv3.engine.llm import LLM
     from dsv3.engine.sampling import SamplingParams
 
     torch.set_num_threads(threads)
     llm = LLM(path, dtype=dtype, max_num_seqs=16, max_num_batched_tokens=max(prefill, 16 * 128),
               num_blocks=(16 * (128 + steps + 16) + prefill) // 16 + 64, block_size=16, enable_prefix_caching=False,
-              speculative="off", progress=False)
+              speculative="off", progress=False, quantize=quantize)
     gc.collect()
     gc.freeze()  # as the dsv3 commands do after loading (docs/engine.md)
     eng = llm.engine

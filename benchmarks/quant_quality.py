@@ -6,7 +6,9 @@ Text: the Python sources of installed third-party packages the embedded model wa
 on the standard library; docs/training.md): jinja2, click, requests, tqdm, starlette by default. Measures, over
 --windows windows of --ctx tokens spread evenly through the text: the mean KL divergence KL(p_bf16 || p_quant) of
 the next-token distribution per position, and the share of positions whose top token agrees with the bf16 model's.
-dsv3 runs in bf16 (the reference) and with quantize=int8 / int4 (weights quantised while loading).
+dsv3 runs in bf16 (the reference) and with quantize=int8 / int4 (weights quantised while loading), each packed for
+the C++ CPU kernels as `dsv3 generate` runs them (int8/int4: activations quantised to int8 per group of 32 inside the
+products); --no-kernels measures the PyTorch path instead (weight-only: float activations).
 
 With --llamacpp (needs ../shared/bench/llamacpp_anchor.py build first): the checkpoint is dequantised to bf16
 (`dsv3 convert fp8-to-bf16`), converted to GGUF by llama.cpp's own converter, quantised by llama-quantize, and
@@ -86,6 +88,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--packages", default=",".join(PACKAGES), help="held-out packages, comma separated")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's figures beside ours (builds GGUF files)")
+    ap.add_argument("--no-kernels", action="store_true", help="the PyTorch reference products, not the C++ kernels")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,19 +105,27 @@ def main() -> int:
     if step < a.ctx:
         raise SystemExit(f"the text has {len(ids)} tokens, too few for {a.windows} windows of {a.ctx}")
     windows = torch.tensor([ids[i * step:i * step + a.ctx] for i in range(a.windows)])
-    ref = log_probs(dsv3.load_model(path, dtype="bfloat16"), windows)
+    from dsv3.kernels.cpu_pack import prepack_for_cpu
+
+    def load(quantize=None):
+        model = dsv3.load_model(path, dtype="bfloat16", quantize=quantize)
+        size = dsv3.checkpoint.model_bytes(model)
+        packed = not a.no_kernels and prepack_for_cpu(model) and model.cpu_kernels
+        return model, size, packed
+
+    model, bf16_bytes, packed = load()
+    ref = log_probs(model, windows)
     results = {"model": path, "files": len(files), "text_tokens": len(ids), "positions": windows.numel(),
-               "packages": a.packages.split(","), "dsv3": {}}
+               "packages": a.packages.split(","), "cpu_kernels": packed, "dsv3": {"bf16_weight_bytes": bf16_bytes}}
     for q in ("int8", "int4"):
-        model = dsv3.load_model(path, dtype="bfloat16", quantize=q)
+        model, size, packed_q = load(q)
         results["dsv3"][q] = compare(ref, log_probs(model, windows))
-        results["dsv3"][q]["weight_bytes"] = dsv3.checkpoint.model_bytes(model)
+        results["dsv3"][q].update(weight_bytes=size, cpu_kernels=packed_q)
         del model
-    results["dsv3"]["bf16_weight_bytes"] = dsv3.checkpoint.model_bytes(dsv3.load_model(path, dtype="bfloat16"))
     if a.llamacpp:
         results["llama.cpp"] = llamacpp(path, text, a.ctx, a.threads)
     print(f"held-out text: {len(files)} files of {', '.join(results['packages'])}, {len(ids)} tokens; "
-          f"{windows.numel()} positions")
+          f"{windows.numel()} positions; products: {'C++ CPU kernels' if packed else 'PyTorch reference'}")
     print(f"{'weights':<18} {'mean KLD':>10} {'same top':>9}")
     for q in ("int8", "int4"):
         r = results["dsv3"][q]

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""dsv3 bf16 / int8 / int4 vs llama.cpp bf16 / Q8_0 / Q4_0 on the CPU: same checkpoint, same machine, same run.
+
+The checkpoint is hf_anchor.py's seeded model of --shape (bench-small by default) with the embedded model's
+vocabulary and tokenizer (llama.cpp's converter needs a real tokenizer), saved in bf16; llama.cpp converts it with its
+own converter and llama-quantize (../shared/bench/llamacpp_anchor.py, built once: `python llamacpp_anchor.py build`).
+dsv3 loads the same bf16 checkpoint with quantize=None / "int8" / "int4" (quantised while loading) and runs it
+through the engine on its C++ CPU kernels. Each round times every configuration once, alternating dsv3 and
+llama.cpp so that drift of this shared VM falls on both; the table gives the median ratio over the rounds and its
+range. Metrics: prefill of a --prefill-token prompt, decode at batch 1 (llama-bench tg; dsv3 after a 128-token
+prompt), and 16 concurrent sequences (llama-batched-bench S_TG, all sequences; dsv3's continuous-batching engine).
+The batch-1 memory-bandwidth floor is each format's active weight bytes per token (the int4 model's head is int8)
+over the read bandwidth measured around dsv3's decode (benchmarks/cpu.py's method).
+
+  python benchmarks/llamacpp.py [--shape bench-small] [--rounds 3] [--threads 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from cpu import read_bandwidth, time_dsv3  # noqa: E402  (benchmarks/cpu.py: the same dsv3 timing as vs transformers)
+
+ANCHOR = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "bench", "llamacpp_anchor.py"))
+HF_ANCHOR = os.path.join(os.path.dirname(ANCHOR), "hf_anchor.py")
+PAIRS = (("bf16", None, "bf16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"))  # (name, quantize, GGUF type)
+
+
+def save_checkpoint(shape: str, path: str) -> "object":
+    """hf_anchor.py's seeded model of `shape` with the embedded model's vocabulary, in bf16, with its tokenizer."""
+    sys.path.insert(0, os.path.dirname(HF_ANCHOR))
+    from hf_anchor import SHAPES
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from dsv3 import ModelConfig
+    from dsv3.assets import default_model_path
+
+    src = default_model_path()
+    vocab = ModelConfig.from_pretrained(src).vocab_size
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**SHAPES[shape], "vocab_size": vocab}))
+    model.to(torch.bfloat16).save_pretrained(path)
+    for f in os.listdir(src):
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(src, f), path)
+    return ModelConfig.from_pretrained(path)
+
+
+def active_bytes(cfg, name: str) -> float:
+    """Weight bytes a batch-1 decode step reads: projections at the format's bits per weight (scales included),
+    the head at bf16 / int8."""
+    from dsv3.kernels import quant
+
+    counts = cfg.param_counts()
+    head = cfg.vocab_size * cfg.hidden_size
+    body = counts["active_read_per_token"] - head
+    if name == "bf16":
+        return (body + head) * 2
+    head_bpw = quant.scheme("int8").bits_per_weight
+    return body * quant.scheme(name).bits_per_weight / 8 + head * head_bpw / 8
+
+
+def llamacpp_bench(gguf: str, threads: int, prefill: int, steps: int) -> dict:
+    out = subprocess.run([sys.executable, ANCHOR, "bench", gguf, "--threads", str(threads), "--prompt", str(prefill),
+                          "--tokens", str(steps), "--reps", "3", "--batches", "16"], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="bench-small")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--json", help="write the results here too")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    runs: dict[str, list[dict]] = {f"{side} {n}": [] for n, _, _ in PAIRS for side in ("dsv3", "llama.cpp")}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, gguf = os.path.join(tmp, "ckpt"), os.path.join(tmp, "gguf")
+        cfg = save_checkpoint(a.shape, ckpt)
+        subprocess.run([sys.executable, ANCHOR, "convert", ckpt, gguf, "--types", ",".join(t for _, _, t in PAIRS)],
+                       check=True, stdout=subprocess.DEVNULL)
+        for r in range(a.rounds):
+            for name, q, t in PAIRS:
+                order = (("dsv3", name), ("llama.cpp", name)) if r % 2 == 0 else (("llama.cpp", name), ("dsv3", name))
+                for side, n in order:
+                    print(f"round {r + 1}/{a.rounds}: {side} {n}", file=sys.stderr, flush=True)
+                    if side == "dsv3":
+                        res = time_dsv3(ckpt, "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
+                                        active_bytes(cfg, n), floor_chunks=2, quantize=q)
+                        runs[f"dsv3 {n}"].append({"prefill": res["prefill_tokens_per_s"],
+                                                  "bs1": res["decode_bs1_tokens_per_s"],
+                                                  "c16": res["decode_bs16_tokens_per_s"],
+                                                  "floor": [c["fraction"] for c in res["floor_chunks"]],
+                                                  "kernels": res["kernels"]})
+                    else:
+                        res = llamacpp_bench(os.path.join(gguf, f"model-{t}.gguf"), a.threads, a.prefill,
+                                             a.decode_steps)
+                        runs[f"llama.cpp {n}"].append({"prefill": res[f"prefill{a.prefill}_tok_s"],
+                                                       "bs1": res["decode_bs1_tok_s"], "c16": res["decode_bs16_tok_s"]})
+    print(f"shape {a.shape} (vocab {cfg.vocab_size}), {a.threads} threads, {cfg.param_counts()['main'] / 1e6:.0f}M "
+          f"params, {a.rounds} alternating rounds; dsv3 {runs['dsv3 bf16'][0]['kernels']}")
+    print(f"{'weights':<8} {'metric':<16} {'dsv3 tok/s':>11} {'llama.cpp':>10} {'ratio (range)':>20}")
+    table = {}
+    for name, _, t in PAIRS:
+        for metric, label in (("bs1", "decode bs=1"), ("c16", "16 concurrent"), ("prefill", f"prefill {a.prefill}")):
+            ours = [x[metric] for x in runs[f"dsv3 {name}"]]
+            peer = [x[metric] for x in runs[f"llama.cpp {name}"]]
+            ratios = sorted(o / p for o, p in zip(ours, peer))
+            table[f"{name} {metric}"] = {"dsv3": statistics.median(ours), "llama.cpp": statistics.median(peer),
+                                         "ratio_median": statistics.median(ratios), "ratio_min": ratios[0],
+                                         "ratio_max": ratios[-1], "vs": t}
+            print(f"{name:<8} {label:<16} {statistics.median(ours):>11.1f} {statistics.median(peer):>10.1f} "
+                  f"{statistics.median(ratios):>7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})  vs {t}")
+        floor = sorted(f for x in runs[f"dsv3 {name}"] for f in x["floor"])
+        table[f"{name} floor"] = statistics.median(floor)
+        print(f"{name:<8} {'bs=1 floor':<16} dsv3 at {statistics.median(floor):.2f} of the memory-bandwidth floor "
+              f"({active_bytes(cfg, name) / 1e6:.1f} MB per token; range {floor[0]:.2f}-{floor[-1]:.2f})")
+    result = {"shape": a.shape, "threads": a.threads, "rounds": a.rounds, "runs": runs, "table": table,
+              "read_bandwidth_gb_s": read_bandwidth(a.threads) / 1e9}
+    print(json.dumps(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
