@@ -36,7 +36,7 @@ HF_ANCHOR = os.path.join(os.path.dirname(ANCHOR), "hf_anchor.py")
 PAIRS = (("bf16", None, "bf16"), ("int8", "int8", "Q8_0"), ("int4", "int4", "Q4_0"))  # (name, quantize, GGUF type)
 
 
-def save_checkpoint(shape: str, path: str) -> "object":
+def save_checkpoint(shape: str, path: str):
     """hf_anchor.py's seeded model of `shape` with the embedded model's vocabulary, in bf16, with its tokenizer."""
     sys.path.insert(0, os.path.dirname(HF_ANCHOR))
     from hf_anchor import SHAPES
