@@ -7,8 +7,9 @@ on the standard library; docs/training.md): jinja2, click, requests, tqdm, starl
 --windows windows of --ctx tokens spread evenly through the text: the mean KL divergence KL(p_bf16 || p_quant) of
 the next-token distribution per position, and the share of positions whose top token agrees with the bf16 model's.
 dsv3 runs in bf16 (the reference) and with quantize=int8 / int4 (weights quantised while loading), each packed for
-the C++ CPU kernels as `dsv3 generate` runs them (int8/int4: activations quantised to int8 per group of 32 inside the
-products); --no-kernels measures the PyTorch path instead (weight-only: float activations).
+the C++ CPU kernels as `dsv3 generate` runs them (activations quantised per group of 32 inside the products: to
+int8 beside int4 weights, to int16 beside int8 ones); --no-kernels measures the PyTorch path instead (weight-only:
+float activations).
 
 With --llamacpp (needs ../shared/bench/llamacpp_anchor.py build first): the checkpoint is dequantised to bf16
 (`dsv3 convert fp8-to-bf16`), converted to GGUF by llama.cpp's own converter, quantised by llama-quantize, and

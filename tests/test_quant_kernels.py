@@ -1,5 +1,5 @@
 """The C++ CPU kernels' int8/int4 products (csrc/qpacked.h) against their oracle (kernels/quant_cpu.py's
-linear_int8_acts), quantised MoE layers and whole packed models against the PyTorch reference, batch invariance,
+linear_quant_acts), quantised MoE layers and whole packed models against the PyTorch reference, batch invariance,
 the engine on packed quantised weights, and the errors for blobs that are not what they claim."""
 import pytest
 import torch
@@ -34,7 +34,7 @@ def test_linear_is_the_oracle_to_float32_rounding(s, o, i, t):
     x[0, 32:64] = 0  # an all-zero input group: d = 0
     blob = quant_cpu.pack(codes, scales, s)
     got = OPS.linear_f32(x, blob, o).double()
-    want = quant_cpu.linear_int8_acts(x, codes, scales, s)
+    want = quant_cpu.linear_quant_acts(x, codes, scales, s)
     assert ((got - want).abs() <= 1e-5 * want.abs().max() + 1e-30).all()
     # The bf16 product is that float32 result rounded once.
     assert torch.equal(OPS.linear(x, blob, o), got.float().to(BF))

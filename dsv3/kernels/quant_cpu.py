@@ -1,11 +1,12 @@
 """int8/int4 weights for the C++ CPU kernels: the packed blob they read (csrc/qpacked.h) and the reference of the
 product they compute.
 
-The kernels quantise each input row to int8 per group of 32 (as GGUF's Q8_0: d = max|x| / 127, q = round(x / d)),
-form every group's sum of code x input products exactly in integers and accumulate scale_w * d * sum in float32:
-`linear_int8_acts` here is that computation in plain PyTorch (float64 accumulation), the oracle the kernel tests
-compare against. Quantising the activations is what makes the integer products possible; its error is measured
-in docs/quantization.md (the weight-only reference `quant.linear` keeps float activations).
+The kernels quantise each input row per group of 32 - for int4 weights to int8 (as GGUF's Q8_0: d = max|x| / 127,
+q = round(x / d)), for int8 weights to int16 (d = max|x| / 32767) - form every group's sum of code x input products
+exactly in integers and accumulate scale_w * d * sum in float32: `linear_quant_acts` here is that computation in
+plain PyTorch (float64 accumulation), the oracle the kernel tests compare against. Quantising the activations is
+what makes the integer products possible; int8 activations beside int8 weights cost measurable top-token agreement,
+int16 ones do not (docs/quantization.md; the weight-only reference `quant.linear` keeps float activations).
 
 Dimension letters: O output features, I input features, n = I // 32 groups, E experts (a leading dim).
 """
@@ -69,19 +70,22 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
     return blob
 
 
-def quantize_acts(x: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., I] -> (q [..., n, G] float32 integers in [-127, 127], d [..., n, 1] float32), the kernels' int8
-    input quantisation: d = max|x| / 127, q = round_half_even(x * (1 / d)) (0 where d is 0), in float32."""
+ACT_QMAX = {4: 127, 8: 32767}  # by weight bits: the largest activation code (int8 / int16 inputs)
+
+
+def quantize_acts(x: torch.Tensor, group: int = 32, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., I] -> (q [..., n, G] float32 integers in [-qmax, qmax], d [..., n, 1] float32), the kernels' input
+    quantisation: d = max|x| / qmax, q = round_half_even(x * (1 / d)) (0 where d is 0), in float32."""
     g = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    d = g.abs().amax(-1, keepdim=True) / 127
+    d = g.abs().amax(-1, keepdim=True) / qmax
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round(g * inv).clamp_(-127, 127), d
+    return torch.round(g * inv).clamp_(-qmax, qmax), d
 
 
-def linear_int8_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
+def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """The product the kernels compute, y = sum_g scale_w[o, g] * d[g] * sum_i code[o, i] q[i] (int4 codes less 8):
     x [T, I] -> [T, O] float64 (integer sums exact, then accumulated in float64)."""
-    q, d = quantize_acts(x, s.group_size)  # [T, n, G], [T, n, 1]
+    q, d = quantize_acts(x, s.group_size, ACT_QMAX[s.bits])  # [T, n, G], [T, n, 1]
     w = (codes.to(torch.float64) if s.bits == 8 else quant.unpack_int4(codes).to(torch.float64) - 8)
     o, i = w.shape
     w = w.view(o, i // s.group_size, s.group_size)  # [O, n, G]

@@ -9,10 +9,12 @@
 //     int4: [n][G/8 step pairs][8 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1;
 //           codes c in [0, 15], w = (c - 8) * scale;
 //   scales [panels][n][8 rows] float16 (the group scales of the 8 rows side by side).
-// An input row x is quantised per group g like GGUF's Q8_0: d_g = max|x| / 127, q = round_half_even(x / d_g) in
-// float32 (q = x * (1 / d_g)), s_g = sum of the group's q. Then, exactly in integers, a row's group sum is
+// An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
+// int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
+// own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
+// (q = x * (1 / d_g)), s_g = sum of the group's q. Then, exactly in integers, a row's group sum is
 // S = sum c q (int4: minus 8 s_g) and y = sum_g (scale_g * d_g) * S in float32, groups in order: the result of a
-// row does not depend on the other rows of the call (batch invariance). quant_cpu.linear_int8_acts is the oracle.
+// row does not depend on the other rows of the call (batch invariance). quant_cpu.linear_quant_acts is the oracle.
 #pragma once
 
 #include "packed.h"
@@ -20,6 +22,7 @@
 #include <deque>
 #include <map>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -52,28 +55,32 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Input rows quantised to int8 per group.
+// Input rows quantised per group (to int8 for int4 matrices, to int16 for int8 matrices).
 
 struct QRow {
-  const int8_t* q;  // [D]
-  const float* d;   // [n] group scales
-  const int32_t* s; // [n] group sums of q
+  const int8_t* q;    // [D] (int4 matrices; else null)
+  const int16_t* q16; // [D] (int8 matrices; else null)
+  const float* d;     // [n] group scales
+  const int32_t* s;   // [n] group sums of q
 };
+
+constexpr int kActBits[3] = {0, 16, 8};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
-template <typename X>
-void quantize_row(const X* x, int64_t D, int64_t G, int8_t* q, float* d, int32_t* s) {
+template <typename X, typename Q>
+void quantize_row(const X* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s) {
+  constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
   for (int64_t g = 0; g < D / G; ++g) {
     const X* xg = x + g * G;
     float amax = 0.f;
     for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(static_cast<float>(xg[i])));
-    const float dg = amax / 127.f;
+    const float dg = amax / qmax;
     const float inv = dg != 0.f ? 1.f / dg : 0.f;
     int32_t sum = 0;
     for (int64_t i = 0; i < G; ++i) {
-      const float v = std::max(-127.f, std::min(127.f, rne_int(static_cast<float>(xg[i]) * inv)));
-      q[g * G + i] = static_cast<int8_t>(v);
+      const float v = std::max(-qmax, std::min(qmax, rne_int(static_cast<float>(xg[i]) * inv)));
+      q[g * G + i] = static_cast<Q>(v);
       sum += static_cast<int32_t>(v);
     }
     d[g] = dg;
@@ -90,37 +97,43 @@ struct Bf16Val {  // a bf16 read as float (for quantize_row's template)
 struct QActs {
   struct Rows {
     std::vector<int8_t> q;
+    std::vector<int16_t> q16;
     std::vector<float> d;
     std::vector<int32_t> s;
   };
-  std::map<std::tuple<const void*, int64_t, int64_t>, QRow> index;
+  std::map<std::tuple<const void*, int64_t, int64_t, int>, QRow> index;
   std::deque<Rows> store;
   std::deque<std::vector<QRow>> lists;
 
-  // The quantised form of n bf16 rows x[0..n) of length D (new ones quantised in parallel).
-  const QRow* rows(const bf16_t* const* x, int64_t n, int64_t D, int64_t G) {
+  // The quantised form (to `bits` = 8 or 16) of n bf16 rows x[0..n) of length D (new ones quantised in parallel).
+  const QRow* rows(const bf16_t* const* x, int64_t n, int64_t D, int64_t G, int bits) {
     std::vector<int64_t> todo;
     std::vector<QRow>& out = lists.emplace_back(n);
     for (int64_t t = 0; t < n; ++t) {
-      auto it = index.find({x[t], D, G});
+      auto it = index.find({x[t], D, G, bits});
       if (it != index.end()) out[t] = it->second;
       else todo.push_back(t);
     }
     if (!todo.empty()) {
       const int64_t m = static_cast<int64_t>(todo.size()), ng = D / G;
       Rows& r = store.emplace_back();
-      r.q.resize(m * D);
+      if (bits == 8) r.q.resize(m * D);
+      else r.q16.resize(m * D);
       r.d.resize(m * ng);
       r.s.resize(m * ng);
       at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
-        for (int64_t i = a; i < b; ++i)
-          quantize_row(reinterpret_cast<const Bf16Val*>(x[todo[i]]), D, G, r.q.data() + i * D, r.d.data() + i * ng,
-                       r.s.data() + i * ng);
+        for (int64_t i = a; i < b; ++i) {
+          const Bf16Val* xi = reinterpret_cast<const Bf16Val*>(x[todo[i]]);
+          if (bits == 8) quantize_row(xi, D, G, r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
+          else quantize_row(xi, D, G, r.q16.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
+        }
       });
       for (int64_t i = 0; i < m; ++i) {
-        const QRow row{r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng};
+        const QRow row{bits == 8 ? r.q.data() + i * D : nullptr, bits == 8 ? nullptr : r.q16.data() + i * D,
+                       r.d.data() + i * ng, r.s.data() + i * ng};
         // (a row pointer given twice in one call has one entry: the first)
-        out[todo[i]] = index.emplace(std::make_tuple(static_cast<const void*>(x[todo[i]]), D, G), row).first->second;
+        out[todo[i]] =
+            index.emplace(std::make_tuple(static_cast<const void*>(x[todo[i]]), D, G, bits), row).first->second;
       }
     }
     return out.data();
@@ -190,38 +203,51 @@ void qtile_int4(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
     for (int t = 0; t < TB; ++t) store_rows8(y, t, (p0 + p) * kQPanel, m.R, acc[p][t]);
 }
 
+// int8 codes x int16 inputs: each 16-byte half of a codes vector (4 rows x 4 inputs) widens to int16 and madd
+// gives two int32 lanes per row; hadd of the two halves sums each row's pair, leaving rows in the order
+// [0 1 4 5 2 3 6 7] (hadd works within 128-bit lanes), which the scales are permuted to match and the results are
+// permuted back from. Bounds: a lane adds 8 steps of 4 products of at most 127 * 32767: below 2^28.
+inline __m256i bcast4_16(const int16_t* p) {  // 4 int16 inputs to every 64-bit lane
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return _mm256_set1_epi64x(v);
+}
+
 template <int NP, int TB>
 void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // natural row j sits in lane order[j]
   __m256 acc[NP][TB];
   for (int p = 0; p < NP; ++p)
     for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < n; ++g) {
-    __m256i sum[NP][TB];  // int32 lanes (a product pair of int8 reaches 2 * 127 * 127: no int16 accumulation)
+    __m256i sum[NP][TB];
     for (int p = 0; p < NP; ++p)
       for (int t = 0; t < TB; ++t) sum[p][t] = _mm256_setzero_si256();
     for (int k = 0; k < 8; ++k) {
       __m256i xk[TB];
-      for (int t = 0; t < TB; ++t) xk[t] = bcast4(x[t].q + g * 32 + 4 * k);
+      for (int t = 0; t < TB; ++t) xk[t] = bcast4_16(x[t].q16 + g * 32 + 4 * k);
       for (int p = 0; p < NP; ++p) {
-        const __m256i w = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(m.q + (((p0 + p) * n + g) * 8 + k) * 32));
-        const __m256i aw = _mm256_abs_epi8(w);  // |w| (unsigned) x sign(w) * x (signed): maddubs' operand types
+        const int8_t* w = reinterpret_cast<const int8_t*>(m.q + (((p0 + p) * n + g) * 8 + k) * 32);
+        const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        const __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
         for (int t = 0; t < TB; ++t)
-          sum[p][t] = _mm256_add_epi32(sum[p][t],
-                                       _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xk[t], w)), ones));
+          sum[p][t] = _mm256_add_epi32(
+              sum[p][t], _mm256_hadd_epi32(_mm256_madd_epi16(wa, xk[t]), _mm256_madd_epi16(wb, xk[t])));
       }
     }
     for (int p = 0; p < NP; ++p) {
-      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8)));
+      const __m256 ws = _mm256_permutevar8x32_ps(
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8))),
+          order);  // to the lanes' row order (the permutation is its own inverse)
       for (int t = 0; t < TB; ++t)
         acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p][t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])),
                                     acc[p][t]);
     }
   }
   for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < TB; ++t) store_rows8(y, t, (p0 + p) * kQPanel, m.R, acc[p][t]);
+    for (int t = 0; t < TB; ++t)
+      store_rows8(y, t, (p0 + p) * kQPanel, m.R, _mm256_permutevar8x32_ps(acc[p][t], order));
 }
 
 template <int TB>
