@@ -20,10 +20,9 @@ from . import quant
 
 log = logging.getLogger(__name__)
 
-MAGIC = 0x3130305133565344  # "DSV3Q001", little-endian, the blob's first int64
+MAGIC = 0x3230305133565344  # "DSV3Q002", little-endian, the blob's first int64
 HEADER_BYTES = 64
-PANEL = 8  # output rows side by side in the codes
-ROW_PAD = 16  # rows are padded to whole 16-row blocks (the kernels' job unit)
+PANEL = 16  # output rows side by side in the codes: one 16-row block (the kernels' job unit)
 KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 
 
@@ -41,20 +40,20 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
-    csrc/qpacked.h (header, codes by panels of 8 rows, float16 scales [panels, n, 8])."""
+    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16])."""
     if not supported(s):
         raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
     n, g = i // s.group_size, s.group_size
-    rows = -(-o // ROW_PAD) * ROW_PAD
+    rows = -(-o // PANEL) * PANEL
     panels = rows // PANEL
     if s.bits == 8:
-        c = _pad_rows(codes.to(torch.int8), rows).view(*lead, panels, PANEL, n, g // 4, 4)
-        c = c.movedim(-4, -2).contiguous().view(torch.uint8)  # [..., P, n, G/4, 8, 4]
+        c = _pad_rows(codes.to(torch.int8), rows).view(*lead, panels, PANEL, n, g // 2, 2)
+        c = c.movedim(-4, -2).contiguous().view(torch.uint8)  # [..., P, n, G/2, 16, 2]
     else:
         q = _pad_rows(quant.unpack_int4(codes), rows).view(*lead, panels, PANEL, n, g // 8, 2, 4)
-        q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 8, 4, 2]: (row, input, step of the pair)
+        q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 16, 4, 2]: (row, input, step of the pair)
         c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
     sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
