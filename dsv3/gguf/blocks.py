@@ -34,6 +34,11 @@ BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 1
 SUPPORTED = tuple(FLOAT_TYPES) + tuple(SCHEMES)
 
 
+def _owned(raw: np.ndarray) -> np.ndarray:
+    """A writable uint8 copy of a chunk of the read-only memory map (torch refuses to wrap read-only memory)."""
+    return np.array(raw, copy=True, order="C").view(np.uint8)
+
+
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """[..., 2] uint8 (little-endian) -> [...] float32."""
     return b.contiguous().view(torch.float16)[..., 0].float()
@@ -55,7 +60,7 @@ def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def decode(type_name: str, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Bytes [R, n * block bytes] of one GGUF type -> (codes, scales) of SCHEMES[type_name] for the [R, n * block
     values] weight they hold."""
-    b = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+    b = torch.from_numpy(_owned(raw))
     rows = b.shape[0]
     vals, size = BLOCK[type_name]
     b = b.view(rows, -1, size)  # [R, n, block bytes]
@@ -95,7 +100,7 @@ def to_float(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> torch.T
     """Bytes of any supported type -> the float32 values [*shape] (F32/F16/BF16 converted, quantised dequantised
     exactly)."""
     if type_name in FLOAT_TYPES:
-        t = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8)).view(FLOAT_TYPES[type_name])
+        t = torch.from_numpy(_owned(raw)).view(FLOAT_TYPES[type_name])
         return t.float().reshape(shape)
     flat = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])
     codes, scales = decode(type_name, flat)

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..config import ModelConfig
 from .files import GGUFError, GGUFModel
 
 ARCH = "deepseek2"
 _GATING = {1: "softmax", 2: "sigmoid"}
+
+
+def _f32(v: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07): the shortest one
+    that rounds to the same float32, which is what a config.json would have said."""
+    return float(str(np.float32(v)))
 
 
 def gguf_config(g: GGUFModel) -> ModelConfig:
@@ -80,14 +88,14 @@ def gguf_config(g: GGUFModel) -> ModelConfig:
         topk_method=topk_method,
         scoring_func=_GATING[gating],
         norm_topk_prob=bool(key("expert_weights_norm", False)),
-        routed_scaling_factor=float(key("expert_weights_scale", 1.0)),
+        routed_scaling_factor=_f32(key("expert_weights_scale", 1.0)),
         q_lora_rank=int(key("attention.q_lora_rank")) if f"{ARCH}.attention.q_lora_rank" in meta else None,
         kv_lora_rank=int(key("attention.kv_lora_rank")),
         qk_nope_head_dim=nope,
         qk_rope_head_dim=rope_dim,
         v_head_dim=v_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
         max_position_embeddings=int(key("context_length")),
         num_nextn_predict_layers=nextn,
         tie_word_embeddings="output.weight" not in g.tensors,
@@ -99,12 +107,12 @@ def gguf_config(g: GGUFModel) -> ModelConfig:
         raw["q_lora_rank"] = None
     scaling = key("rope.scaling.type", "none")
     if scaling == "yarn":
-        mscale = float(key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+        mscale = _f32(key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
         raw["rope_scaling"] = {
-            "type": "yarn", "factor": float(key("rope.scaling.factor")),
+            "type": "yarn", "factor": _f32(key("rope.scaling.factor")),
             "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
-            "beta_fast": float(key("rope.scaling.yarn_beta_fast", 32.0)),
-            "beta_slow": float(key("rope.scaling.yarn_beta_slow", 1.0)),
+            "beta_fast": _f32(key("rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": _f32(key("rope.scaling.yarn_beta_slow", 1.0)),
             "mscale": mscale, "mscale_all_dim": mscale}
     elif scaling not in ("none", None):
         raise GGUFError(f"{g.path}: {ARCH}.rope.scaling.type is {scaling!r}; the DeepSeek family uses 'yarn' or none")
