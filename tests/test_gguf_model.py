@@ -193,3 +193,28 @@ def test_llm_api_chats_with_a_gguf_file(tmp_path, bpe):
                                                                                ignore_eos=True))
     assert len(outs[0].token_ids) == 4
     assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<｜Assistant｜>")
+
+
+def test_info_and_plan_accept_a_gguf_file(tmp_path, capsys):
+    from dsv3.cli import main
+
+    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg(), {**MIXED, "ffn_gate_exps": "Q8_0", "ffn_up_exps": "Q8_0",
+                                                      "ffn_down_exps": "Q8_0"})
+    assert main(["info", "--model", str(tmp_path / "m.gguf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["hidden_size"] == 256 and info["routed_experts"] == 8 and info["gguf_files"] == 1
+    assert info["quantization"].startswith("GGUF Q8_0 ")
+    assert main(["plan", "--model", str(tmp_path / "m.gguf"), "--gpus", "none", "--cpu-mem", "64GB",
+                 "--cpu-bandwidth", "50GB/s", "--cpu-tflops", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+
+    def commands(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from ([v] if k == "command" else commands(v))
+        elif isinstance(node, list):
+            for v in node:
+                yield from commands(v)
+
+    lines = list(commands(report))
+    assert lines and all("--model " + str(tmp_path / "m.gguf") in c and "--quantize" not in c for c in lines)

@@ -58,6 +58,18 @@ class GGUFModel:
         t = self.tensors.get(name)
         return f"{name} ({os.path.basename(t.file)})" if t else name
 
+    def type_bytes(self) -> dict[str, int]:
+        """Bytes per tensor type, most first."""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.type_name] = out.get(t.type_name, 0) + t.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def describe_types(self) -> str:
+        """'Q4_K 61.2%, Q6_K 30.1%, F32 0.1%' (share of the tensor bytes per type)."""
+        total = max(1, self.total_bytes)
+        return ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in self.type_bytes().items())
+
 
 def is_gguf_path(path: str | os.PathLike | None) -> bool:
     """Whether `path` names a .gguf file or a directory holding .gguf files and no config.json."""

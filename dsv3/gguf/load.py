@@ -188,14 +188,3 @@ def load_gguf_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bf
              f"{len(g.files)} parts" if len(g.files) > 1 else "1 file", g.total_bytes / 1e9,
              ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())), dtype, device)
     return model
-
-
-def describe_types(g: GGUFModel) -> str:
-    """'Q4_K 240, Q6_K 61, F32 180' (tensor counts per type, most bytes first)."""
-    nbytes: dict[str, int] = {}
-    count: dict[str, int] = {}
-    for t in g.tensors.values():
-        nbytes[t.type_name] = nbytes.get(t.type_name, 0) + t.nbytes
-        count[t.type_name] = count.get(t.type_name, 0) + 1
-    return ", ".join(f"{k} {count[k]}" for k in sorted(nbytes, key=lambda k: -nbytes[k]))
-
