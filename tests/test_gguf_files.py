@@ -70,7 +70,7 @@ def encode(arr: np.ndarray, qtype: str, rng: np.random.Generator) -> np.ndarray:
         return arr
     if qtype == "F16":
         return arr.astype(np.float16)
-    if qtype in ("BF16", "Q8_0", "Q4_0"):
+    if qtype in ("BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         return gguf.quants.quantize(arr, T[qtype])
     lead = arr.shape[:-1]
     raw = _kquant_blocks(int(np.prod(lead)), arr.shape[-1], qtype, rng, float(arr.std()) or 0.05)
@@ -209,7 +209,7 @@ def digest(folder) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"])
 def test_blocks_decode_to_gguf_dequantize_exactly(qtype):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((6, 512)).astype(np.float32) * 0.05
@@ -358,7 +358,7 @@ def test_unsupported_type_names_tensor_type_and_choices(tmp_path):
                extra_tensors={"output.weight": (raw, None, T.Q2_K)})
     before = digest(tmp_path)
     with pytest.raises(GGUFError, match=r"m\.gguf: tensor types dsv3 does not run: output\.weight \(m\.gguf\): Q2_K\. "
-                                        r"Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K"):
+                                        r"Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K"):
         dsv3.load_model(tmp_path / "m.gguf")
     assert digest(tmp_path) == before
 

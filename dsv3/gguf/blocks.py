@@ -6,6 +6,11 @@ Layouts (one block of a row; d, dmin float16 little-endian; ggml's ggml-common.h
   Q8_0  34 B / 32:  d, 32 int8 q.                                  w = d * q              -> int8 (identical)
   Q4_0  18 B / 32:  d, 16 B: value j in the low nibble of byte j,   w = d * (q - 8)        -> int4 (nibbles
                     value j + 16 in its high nibble.                                          re-paired)
+  Q4_1  20 B / 32:  d, m, nibbles as Q4_0.                         w = d * q + m          -> int4 with min -m
+  Q5_0  22 B / 32:  d, qh (uint32: bit j = bit 4 of value j), nibbles as Q4_0.  w = d * (q - 16) -> int8 (codes
+                    q - 16, a float16 scale per 32: dsv3's own int8, so these run on the C++ kernels too)
+  Q5_1  24 B / 32:  d, m, qh, nibbles.                             w = d * q + m          -> int8 codes with min -m
+  (llama.cpp's K-quant files fall back to these for rows that are not a multiple of 256, e.g. DeepSeek's attn_k_b.)
   Q4_K 144 B / 256: d, dmin, 12 B of 6-bit (sc, m) x 8 sub-blocks, 128 B of nibbles: each 32-byte chunk c holds
                     sub-block 2c in its low nibbles and 2c + 1 in its high ones.  w = d*sc * q - dmin*m
   Q5_K 176 B / 256: as Q4_K plus 32 B qh before the nibbles: bit b of qh[j] is bit 4 of value j of sub-block b.
@@ -26,11 +31,14 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 SCHEMES = {
     "Q8_0": quant.Scheme(8),
     "Q4_0": quant.Scheme(4),
+    "Q4_1": quant.Scheme(4, 32, torch.float32, True, label="q4_1"),
+    "Q5_0": quant.Scheme(8),
+    "Q5_1": quant.Scheme(8, 32, torch.float32, True, label="q5_1"),
     "Q4_K": quant.Scheme(4, 32, torch.float32, True, label="q4_k"),
     "Q5_K": quant.Scheme(8, 32, torch.float32, True, label="q5_k"),
     "Q6_K": quant.Scheme(8, 16, torch.float32, False, label="q6_k"),
 }
-BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 SUPPORTED = tuple(FLOAT_TYPES) + tuple(SCHEMES)
 
 
@@ -71,6 +79,19 @@ def decode(type_name: str, raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]
     if type_name == "Q4_0":
         q = _nibbles(b[..., 2:]).reshape(rows, n * 32)
         return quant.pack_int4(q), b[..., :2].contiguous().view(torch.float16)[..., 0]
+    if type_name in ("Q4_1", "Q5_0", "Q5_1"):
+        d = b[..., :2].contiguous().view(torch.float16)[..., 0]
+        q = _nibbles(b[..., -16:]).reshape(rows, n, 32)
+        if type_name != "Q4_1":
+            qh = b[..., -20:-16].contiguous().view(torch.int32)[..., 0]  # [R, n], little-endian bits
+            hi = torch.stack([(qh >> k) & 1 for k in range(32)], dim=-1).to(torch.uint8)  # [R, n, 32]
+            q = q | (hi << 4)
+        if type_name == "Q5_0":
+            return (q.to(torch.int16) - 16).to(torch.int8).reshape(rows, n * 32), d
+        m = b[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        scales = torch.stack((d.float(), -m.float()), dim=-1)  # w = d * q - (-m)
+        codes = quant.pack_int4(q.reshape(rows, n * 32)) if type_name == "Q4_1" else q.view(torch.int8)
+        return codes.reshape(rows, -1), scales
     if type_name in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [R, n]
         sc, m = _scale_min_k4(b[..., 4:16])  # [R, n, 8]
