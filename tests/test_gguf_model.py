@@ -77,15 +77,6 @@ def test_q8_0_and_q4_0_files_land_on_the_kernels_schemes(tmp_path):
             assert torch.isfinite(packed(IDS)).all()
 
 
-def test_k_quant_model_is_left_on_the_reference_path(tmp_path):
-    from dsv3.kernels.cpu_pack import prepack_for_cpu
-
-    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg(), MIXED)
-    model = dsv3.load_model(tmp_path / "m.gguf")
-    assert prepack_for_cpu(model) is False
-    assert model.model.layers[0].self_attn.q_a_proj.packed is None
-
-
 def test_quantize_flag_is_refused_for_gguf(tmp_path):
     write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg(), {"ffn_up": "Q8_0"})
     with pytest.raises(ValueError, match="GGUF file, whose weights run as they are stored"):

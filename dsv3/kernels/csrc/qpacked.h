@@ -9,6 +9,9 @@
 //     int4: [n][G/8 step pairs][8 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1;
 //           codes c in [0, 15], w = (c - 8) * scale;
 //   scales [panels][n][8 rows] float16 (the group scales of the 8 rows side by side).
+// kind 3 (int8x, GGUF's K-quants and any mixture of schemes fused into one matrix, kernels/quant_cpu.py): int8
+//   codes as kind 1, the weight w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][8]
+//   and float32 mins per 32 inputs (g) [panels][D/32][8] right after them; header G = 16.
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -29,7 +32,8 @@ namespace {
 constexpr int64_t kQMagic = 0x3130305133565344LL;  // "DSV3Q001" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 8;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3 };
+constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
   int64_t magic, kind, R, D, G, codes, scales, bytes;
@@ -42,15 +46,23 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind == kQInt8 || h.kind == kQInt4, name, ": unknown quantised kind ", h.kind);
+  TORCH_CHECK(h.kind == kQInt8 || h.kind == kQInt4 || h.kind == kQInt8X, name, ": unknown quantised kind ", h.kind);
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
-  TORCH_CHECK(h.G == 32 && D % h.G == 0, name, ": group size ", h.G, " is not supported here (32, dividing D)");
+  TORCH_CHECK(h.G == (h.kind == kQInt8X ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
+              " is not supported here (32, or 16 for kind 3; D a multiple of 32)");
   TORCH_CHECK(h.bytes == t.size(-1), name, ": blob of ", t.size(-1), " bytes, its header says ", h.bytes);
   Packed m{nullptr, R, D};
   m.kind = h.kind;
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
+  if (h.kind == kQInt8X) {
+    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
+    m.sf = reinterpret_cast<const float*>(base + h.scales);
+    m.mn = m.sf + panels * (D / 16) * kQPanel;
+    TORCH_CHECK(h.scales + (panels * (D / 16 + D / 32) * kQPanel) * 4 <= h.bytes, name, ": blob too short for its "
+                "scales and mins");
+  }
   return m;
 }
 
@@ -64,7 +76,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[3] = {0, 16, 8};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[4] = {0, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -213,7 +225,9 @@ inline __m256i bcast4_16(const int16_t* p) {  // 4 int16 inputs to every 64-bit 
   return _mm256_set1_epi64x(v);
 }
 
-template <int NP, int TB>
+// X (kind int8x): the two 16-input halves of a group keep separate sums for their own float32 scales, and the
+// group's min times its activation sum is taken off: y += d_g * (s_h0 S_h0 + s_h1 S_h1 - min_g * sum_g q).
+template <int NP, int TB, bool X = false>
 void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // natural row j sits in lane order[j]
@@ -221,9 +235,9 @@ void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
   for (int p = 0; p < NP; ++p)
     for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < n; ++g) {
-    __m256i sum[NP][TB];
+    __m256i sum[NP][TB], sum2[NP][TB];  // sum2: the second half's (X only)
     for (int p = 0; p < NP; ++p)
-      for (int t = 0; t < TB; ++t) sum[p][t] = _mm256_setzero_si256();
+      for (int t = 0; t < TB; ++t) sum[p][t] = sum2[p][t] = _mm256_setzero_si256();
     for (int k = 0; k < 8; ++k) {
       __m256i xk[TB];
       for (int t = 0; t < TB; ++t) xk[t] = bcast4_16(x[t].q16 + g * 32 + 4 * k);
@@ -231,12 +245,27 @@ void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
         const int8_t* w = reinterpret_cast<const int8_t*>(m.q + (((p0 + p) * n + g) * 8 + k) * 32);
         const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
         const __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-        for (int t = 0; t < TB; ++t)
-          sum[p][t] = _mm256_add_epi32(
-              sum[p][t], _mm256_hadd_epi32(_mm256_madd_epi16(wa, xk[t]), _mm256_madd_epi16(wb, xk[t])));
+        for (int t = 0; t < TB; ++t) {
+          const __m256i v = _mm256_hadd_epi32(_mm256_madd_epi16(wa, xk[t]), _mm256_madd_epi16(wb, xk[t]));
+          if (X && k >= 4) sum2[p][t] = _mm256_add_epi32(sum2[p][t], v);
+          else sum[p][t] = _mm256_add_epi32(sum[p][t], v);
+        }
       }
     }
     for (int p = 0; p < NP; ++p) {
+      if constexpr (X) {
+        const float* sc = m.sf + ((p0 + p) * 2 * n + 2 * g) * 8;
+        const __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc), order);
+        const __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 8), order);
+        const __m256 mn = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.mn + ((p0 + p) * n + g) * 8), order);
+        for (int t = 0; t < TB; ++t) {
+          __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[p][t]), s0);
+          r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum2[p][t]), s1, r);
+          r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])), r);
+          acc[p][t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[p][t]);
+        }
+        continue;
+      }
       const __m256 ws = _mm256_permutevar8x32_ps(
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8))),
           order);  // to the lanes' row order (the permutation is its own inverse)
@@ -253,6 +282,7 @@ void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
 template <int TB>
 void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {  // one 16-row block = 2 panels
   if (m.kind == kQInt4) qtile_int4<2, TB>(m, rb * 2, x, y);
+  else if (m.kind == kQInt8X) qtile_int8<2, TB, true>(m, rb * 2, x, y);
   else qtile_int8<2, TB>(m, rb * 2, x, y);
 }
 
