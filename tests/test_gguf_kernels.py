@@ -17,6 +17,8 @@ OPS = cpu_ext.load()
 pytestmark = pytest.mark.skipif(OPS is None, reason=f"C++ CPU kernels unavailable: {cpu_ext.unsupported_reason()}")
 BF = torch.bfloat16
 TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_1", "Q5_0", "Q8_0", "Q4_0"]
+# The kernel kind each lands on: native int8 (1) / int4 (2), int8x (3), int4m (4: Q4_K and Q4_1 as stored).
+KINDS = {"Q4_K": 4, "Q4_1": 4, "Q5_K": 3, "Q6_K": 3, "Q5_1": 3, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
 
 
 def _gguf_weights(qtype: str, o: int, i: int, seed: int = 0):
@@ -34,6 +36,8 @@ def test_kernels_are_their_oracle_to_float32_rounding(qtype, o, t):
     x = (torch.randn(t, 512) * 2).to(BF)
     x[0, 32:64] = 0  # an all-zero input group
     blob = quant_cpu.pack(codes, scales, s)
+    kind = int(blob[8:16].view(torch.int64))
+    assert kind == KINDS[qtype]
     got = OPS.linear_f32(x, blob, o).double()
     want = quant_cpu.linear_quant_acts(x, codes, scales, s)
     assert ((got - want).abs() <= 1e-5 * want.abs().max() + 1e-30).all()
@@ -71,8 +75,13 @@ def test_mixed_schemes_fuse_into_one_int8x_matrix():
     blob = quant_cpu.kernel_matrix(OPS, mods)
     x = torch.randn(3, 256).to(BF)
     got = OPS.linear_f32(x, blob, 120).double()
-    want = torch.cat([quant_cpu.linear_quant_acts(x, m.weight, m.weight_scale, m.quant) for m in mods], dim=-1)
+    # (int8x reads int16 activations whatever the parts' own kinds would)
+    want = torch.cat([quant_cpu.linear_int8x_acts(x, *quant_cpu.to_int8x(m.weight, m.weight_scale, m.quant))
+                      for m in mods], dim=-1)
     assert ((got - want).abs() <= 1e-5 * want.abs().max()).all()
+    assert int(blob[8:16].view(torch.int64)) == quant_cpu.KIND_INT8X
+    same = quant_cpu.kernel_matrix(OPS, [mods[0], mods[0]])  # one scheme: its own compact kind
+    assert int(same[8:16].view(torch.int64)) == quant_cpu.KIND_INT4M
 
 
 def test_a_gguf_model_packs_for_the_kernels_and_runs_close_to_the_reference(tmp_path):

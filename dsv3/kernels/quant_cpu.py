@@ -26,6 +26,12 @@ PANEL = 8  # output rows side by side in the codes
 ROW_PAD = 16  # rows are padded to whole 16-row blocks (the kernels' job unit)
 KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 (GGUF's K-quants, mixtures)
+KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
+
+
+def int4m(s: quant.Scheme) -> bool:
+    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
+    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
 
 
 def native(s: quant.Scheme) -> bool:
@@ -71,7 +77,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
     csrc/qpacked.h (header, codes by panels of 8 rows, float16 scales [panels, n, 8])."""
-    if not native(s):
+    if not native(s) and not int4m(s):
         return pack_int8x(*to_int8x(codes, scales, s))
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
@@ -85,13 +91,19 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
         q = _pad_rows(quant.unpack_int4(codes), rows).view(*lead, panels, PANEL, n, g // 8, 2, 4)
         q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 8, 4, 2]: (row, input, step of the pair)
         c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
-    sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
-    scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
+    if int4m(s):  # float32 scales [P, n, 8], then float32 mins [P, n, 8]
+        parts = [_pad_rows(scales[..., k].contiguous(), rows).view(*lead, panels, PANEL, n).movedim(-2, -1)
+                 .contiguous().view(torch.uint8).reshape(*lead, -1) for k in (0, 1)]
+        scale_bytes = torch.cat(parts, dim=-1)
+    else:
+        sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
+        scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + scale_bytes.shape[-1]) // 64) * 64
-    header = torch.tensor([MAGIC, KIND[s.bits], o, i, g, codes_off, scales_off, total], dtype=torch.int64)
+    kind = KIND_INT4M if int4m(s) else KIND[s.bits]
+    header = torch.tensor([MAGIC, kind, o, i, g, codes_off, scales_off, total], dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)
     blob[..., codes_off:scales_off] = code_bytes
@@ -139,6 +151,15 @@ def quantize_acts(x: torch.Tensor, group: int = 32, qmax: int = 127) -> tuple[to
 def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """The product the kernels compute, y = sum_g scale_w[o, g] * d[g] * sum_i code[o, i] q[i] (int4 codes less 8):
     x [T, I] -> [T, O] float64 (integer sums exact, then accumulated in float64)."""
+    if int4m(s):  # int8 activations (as int4's): y = sum_g d_g (scale sum_i c q - min sum_i q)
+        q, d = quantize_acts(x, 32, ACT_QMAX[4])
+        w = quant.unpack_int4(codes).to(torch.float64)
+        o, i = w.shape
+        w = w.view(o, i // 32, 32)
+        isum = torch.einsum("tng,ong->ton", q.to(torch.float64), w)
+        sc = scales.to(torch.float64)
+        per_group = isum * sc[None, ..., 0] - sc[None, ..., 1] * q.to(torch.float64).sum(-1)[:, None, :]
+        return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
     if not native(s):
         return linear_int8x_acts(x, *to_int8x(codes, scales, s))
     q, d = quantize_acts(x, s.group_size, ACT_QMAX[s.bits])  # [T, n, G], [T, n, 1]
@@ -170,7 +191,8 @@ def kernel_matrix(ops, mods: list) -> torch.Tensor:
     schemes = {m.quant for m in mods}
     s = next(iter(schemes))
     if len(schemes) == 1 and s is not None and supported(s):
-        return pack(torch.cat([m.weight for m in mods], dim=-2), torch.cat([m.weight_scale for m in mods], dim=-2), s)
+        rows = -3 if s.with_min else -2  # scales with mins are [..., O, n, 2]
+        return pack(torch.cat([m.weight for m in mods], dim=-2), torch.cat([m.weight_scale for m in mods], dim=rows), s)
     if None not in schemes and all(supported(q) for q in schemes):
         # Different schemes fused into one matrix (a GGUF file's q_a in Q4_K beside kv_a in Q6_K): all in int8x.
         parts = [to_int8x(m.weight, m.weight_scale, m.quant) for m in mods]

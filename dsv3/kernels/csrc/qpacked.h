@@ -12,6 +12,8 @@
 // kind 3 (int8x, GGUF's K-quants and any mixture of schemes fused into one matrix, kernels/quant_cpu.py): int8
 //   codes as kind 1, the weight w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][8]
 //   and float32 mins per 32 inputs (g) [panels][D/32][8] right after them; header G = 16.
+// kind 4 (int4m, GGUF's Q4_K and Q4_1): int4 codes as kind 2 but without the offset, w = c * scale_g - min_g with
+//   float32 scales [panels][D/32][8] and float32 mins [panels][D/32][8] right after them; 6 bits per weight.
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -32,7 +34,7 @@ namespace {
 constexpr int64_t kQMagic = 0x3130305133565344LL;  // "DSV3Q001" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 8;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
@@ -46,7 +48,7 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind == kQInt8 || h.kind == kQInt4 || h.kind == kQInt8X, name, ": unknown quantised kind ", h.kind);
+  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt4M, name, ": unknown quantised kind ", h.kind);
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
   TORCH_CHECK(h.G == (h.kind == kQInt8X ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
               " is not supported here (32, or 16 for kind 3; D a multiple of 32)");
@@ -62,6 +64,12 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
     m.mn = m.sf + panels * (D / 16) * kQPanel;
     TORCH_CHECK(h.scales + (panels * (D / 16 + D / 32) * kQPanel) * 4 <= h.bytes, name, ": blob too short for its "
                 "scales and mins");
+  } else if (h.kind == kQInt4M) {
+    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
+    m.sf = reinterpret_cast<const float*>(base + h.scales);
+    m.mn = m.sf + panels * (D / 32) * kQPanel;
+    TORCH_CHECK(h.scales + panels * (D / 32) * kQPanel * 8 <= h.bytes, name, ": blob too short for its scales and "
+                "mins");
   }
   return m;
 }
@@ -76,7 +84,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[4] = {0, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[5] = {0, 16, 8, 16, 8};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -177,7 +185,8 @@ inline void store_rows8(const Out& y, int64_t t, int64_t row0, int64_t R, __m256
   }
 }
 
-template <int NP, int TB>
+// M (kind int4m): codes without the offset, float32 scales, and the group's min times its activation sum taken off.
+template <int NP, int TB, bool M = false>
 void qtile_int4(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -204,6 +213,16 @@ void qtile_int4(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
       }
     }
     for (int p = 0; p < NP; ++p) {
+      if constexpr (M) {
+        const __m256 ws = _mm256_loadu_ps(m.sf + ((p0 + p) * n + g) * 8);
+        const __m256 mn = _mm256_loadu_ps(m.mn + ((p0 + p) * n + g) * 8);
+        for (int t = 0; t < TB; ++t) {
+          const __m256 r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])),
+                                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[p][t], ones)), ws));
+          acc[p][t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[p][t]);
+        }
+        continue;
+      }
       const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8)));
       for (int t = 0; t < TB; ++t) {
         const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[p][t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
@@ -283,6 +302,7 @@ template <int TB>
 void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {  // one 16-row block = 2 panels
   if (m.kind == kQInt4) qtile_int4<2, TB>(m, rb * 2, x, y);
   else if (m.kind == kQInt8X) qtile_int8<2, TB, true>(m, rb * 2, x, y);
+  else if (m.kind == kQInt4M) qtile_int4<2, TB, true>(m, rb * 2, x, y);
   else qtile_int8<2, TB>(m, rb * 2, x, y);
 }
 
