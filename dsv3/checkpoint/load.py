@@ -160,7 +160,8 @@ def _load_quantized(model: Transformer, reader: TensorReader, t: Target, infos: 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                fp8_mode: str = "dequantize", with_mtp: bool | None = None, attn_impl: str = "naive",
                progress: bool | None = None, quantize: str | None = None) -> Transformer:
-    """Load a Hugging Face DeepSeek-V3-family checkpoint directory.
+    """Load a Hugging Face DeepSeek-V3-family checkpoint directory, or a GGUF file (a .gguf file, the first part
+    of a split set, or a directory holding one: dsv3/gguf/load.py).
 
     dtype: compute dtype for everything not kept in FP8 (router weights and bias stay float32).
     fp8_mode: for FP8 checkpoints, "dequantize" (exact, to `dtype`, while loading) or "keep" (FP8 + block scales in
@@ -174,6 +175,15 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = torch.bfloat1
     """
     if fp8_mode not in FP8_MODES:
         raise ValueError(f"fp8_mode {fp8_mode!r}: choose one of {FP8_MODES}")
+    from ..gguf.files import is_gguf_path
+
+    if is_gguf_path(path):
+        if quantize is not None:
+            raise ValueError(f"{os.fspath(path)} is a GGUF file, whose weights run as they are stored: drop "
+                             f"quantize={quantize!r} (to change their types, requantise with llama-quantize)")
+        from ..gguf.load import load_gguf_model
+
+        return load_gguf_model(path, dtype, device, with_mtp, attn_impl, progress)
     if quantize is not None:
         quant.scheme(quantize)  # an unknown name fails before anything is read
     dtype = parse_dtype(dtype)

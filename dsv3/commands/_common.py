@@ -8,7 +8,8 @@ import os
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    g.add_argument("--model", help="checkpoint directory or GGUF file (a .gguf, the first part of a split set, or a "
+                                   "directory holding one; default: the embedded model)")
     g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default bfloat16; on the CPU its weights are packed for oneDNN)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -9,7 +9,7 @@ from ..config import ModelConfig
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="summarise a checkpoint's architecture and size")
-    p.add_argument("--model", help="checkpoint directory or config.json (default: the embedded model)")
+    p.add_argument("--model", help="checkpoint directory, config.json or GGUF file (default: the embedded model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -54,8 +54,21 @@ def _quantization(cfg: ModelConfig) -> str:
 
 
 def run(args) -> int:
-    cfg = ModelConfig.from_pretrained(resolve_model(args.model))
-    s = summary(cfg)
+    from ..gguf.files import is_gguf_path
+
+    path = resolve_model(args.model)
+    if is_gguf_path(path):
+        from ..gguf import gguf_config, read_gguf
+
+        g = read_gguf(path)
+        cfg = gguf_config(g)
+        s = summary(cfg)
+        s["quantization"] = f"GGUF {g.describe_types()}"
+        s["gguf_files"] = len(g.files)
+        s["gguf_bytes"] = g.total_bytes
+    else:
+        cfg = ModelConfig.from_pretrained(path)
+        s = summary(cfg)
     if args.json:
         print(json.dumps(s, indent=2))
         return 0

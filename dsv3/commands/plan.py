@@ -13,7 +13,7 @@ from ..presets import PRESETS, preset
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory, layout, speed bounds and cost of a model on given hardware")
     p.add_argument("--model", default="deepseek-v3",
-                   help=f"preset name ({', '.join(sorted(PRESETS))}), checkpoint directory or config.json "
+                   help=f"preset name ({', '.join(sorted(PRESETS))}), checkpoint directory, config.json or GGUF file "
                         f"(default: deepseek-v3)")
     p.add_argument("--precision", help=f"weight precision: {', '.join(PRECISIONS)} (int8/int4: what --quantize loads, "
                                        f"8.5/4.5 bits per weight with the head int8; default: the checkpoint's own)")
@@ -35,12 +35,35 @@ def add_parser(sub) -> None:
 
 def resolve_config(arg: str) -> tuple[ModelConfig, bool]:
     """The config and whether it came from a preset (a checkpoint path wins over a preset of the same name)."""
+    from ..gguf.files import is_gguf_path
+
+    if is_gguf_path(arg) and os.path.exists(arg):
+        return _gguf_plan_config(arg), False
     if os.path.exists(arg):
         return ModelConfig.from_pretrained(arg), False
     if arg.lower() in PRESETS:
         return preset(arg), True
     raise ValueError(f"--model {arg!r} is neither an existing checkpoint directory or config.json nor a preset; "
                      f"presets: {', '.join(sorted(PRESETS))}")
+
+
+# The plan's byte model knows dsv3's own precisions; a GGUF file is planned as the nearest one (Q8_0: int8's 8.5 bits
+# per weight exactly; Q4_0 and Q4_K: int4's 4.5; Q5_K, Q6_K: int8, an upper bound), declared as stored so the plan's
+# command carries no --quantize (a GGUF file runs as stored).
+_GGUF_PRECISION = {"Q8_0": 8, "Q6_K": 8, "Q5_K": 8, "Q4_0": 4, "Q4_K": 4}
+
+
+def _gguf_plan_config(path: str) -> ModelConfig:
+    from ..config import INT_QUANT_METHOD
+    from ..gguf import gguf_config, read_gguf
+
+    g = read_gguf(path)
+    cfg = gguf_config(g)
+    main = next((t for t in g.type_bytes() if t in _GGUF_PRECISION), None)
+    if main is None:  # BF16 / F16 / F32 files: planned as bf16
+        return cfg
+    return cfg.with_overrides(quantization_config={"quant_method": INT_QUANT_METHOD, "bits": _GGUF_PRECISION[main],
+                                                   "group_size": 32, "lm_head_bits": 8, "gguf": main})
 
 
 def run(args) -> int:

@@ -123,6 +123,13 @@ def _params_list(params, n: int) -> list[SamplingParams]:
 
 
 def _load_tokenizer(path: str):
+    from ..gguf.files import is_gguf_path
+
+    if is_gguf_path(path):
+        from ..gguf.files import read_gguf
+        from ..gguf.tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(read_gguf(path))
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         log.warning("%s has no tokenizer.json: prompts must be token ids", path)
         return None

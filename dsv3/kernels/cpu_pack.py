@@ -162,6 +162,11 @@ def _dequantize(lin: nn.Module, dtype: torch.dtype) -> None:
     lin.quant = None
 
 
+def _is_kv_b(model: nn.Module, lin: nn.Module) -> bool:
+    """kv_b_proj is dequantised to the compute dtype for the absorbed attention whatever its scheme."""
+    return any(getattr(b.self_attn, "kv_b_proj", None) is lin for b in list(model.main_layers) + list(model.mtp_layers))
+
+
 @torch.no_grad()
 def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     """Pack a loaded CPU model in place; returns False (and changes nothing) when packing is unavailable for its
@@ -178,6 +183,16 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     if any(m.weight.dtype == fp8.FP8_DTYPE for m in linears):
         return False
     quantised = any(m.quant is not None for m in linears)
+    # Weights in a scheme the kernels do not run (GGUF's K-quants) stay on the exact PyTorch reference: inside a
+    # decoder block that means no packing at all (the C++ block call needs every weight of a block in its layout);
+    # the head and MTP's eh_proj are separate calls, so only they are left unpacked.
+    standalone = {id(model.lm_head)} | {id(m.eh_proj) for m in model.mtp_layers}
+    foreign = [m for m in linears if m.quant is not None and not quant_cpu.supported(m.quant)]
+    if any(id(m) not in standalone for m in foreign if not _is_kv_b(model, m)):
+        log.info("not packing for the CPU kernels: the model holds %s weights, which the kernels do not run; they "
+                 "run on the exact (slower) PyTorch reference", ", ".join(sorted({m.quant.name for m in foreign})))
+        return False
+    unpacked = {id(m) for m in foreign}
     ops = None
     if kernels:
         from . import cpu_ext
@@ -232,13 +247,14 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
                 _drop(lin)
     for name, m in model.named_modules():  # the rest (lm_head, MTP eh_proj); kv_b_proj is split per head instead
         if (isinstance(m, Linear) and id(m) not in handled and m.packed is None and m.weight.numel()
-                and not name.endswith("kv_b_proj")):
+                and not name.endswith("kv_b_proj") and id(m) not in unpacked):
             m.packed = pack(m)
     if ops is not None:
         model.cpu_blocks = CpuBlocks(ops, model.main_layers, model.cfg)
         for m in model.mtp_layers:
             m.cpu_layer = CpuBlocks(ops, [m], model.cfg)
-        if model.mtp_layers and model.lm_head is not None:  # (a tied head stays a plain matrix)
+        if (model.mtp_layers and model.lm_head is not None and model.lm_head.packed is not None
+                and all(m.eh_proj.packed is not None for m in model.mtp_layers)):  # (a tied head stays plain)
             model.cpu_mtp_draft = CpuMtpDraft(ops, model)
     model.prepacked = True
     model.cpu_kernels = ops is not None

@@ -9,10 +9,19 @@ dims), n = I // G groups per row.
 Scales are float16 [..., O, n]. Dequantisation forms every product in float32 (exact: a 4- or 8-bit integer times a
 float16 has at most 19 significant bits), which is what the quantised products compute with: `linear` here is the
 reference every quantised kernel is tested against.
+
+GGUF's K-quants (dsv3/gguf/blocks.py repacks them losslessly) need three more freedoms, so a Scheme also has:
+  scale_dtype float32: a K-quant group's scale is d * sc (a float16 times a 6- or 8-bit integer: exact in float32,
+        not in float16);
+  with_min: w = q * s - m with unsigned codes (no offset) and scales [..., O, n, 2] holding (s, m) per group
+        (Q4_K: 4-bit codes packed as int4; Q5_K: 5-bit codes held as int8);
+  group_size 16 (Q6_K: int8 codes q - 32, one float32 scale per 16).
+Dequantisation computes q * s - m in float32 in that order, the same two roundings as gguf.quants.dequantize, so the
+values are GGUF's exactly. `quantize` makes only dsv3's own int8/int4; K-quant codes are only ever read from files.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +32,27 @@ SCALE_DTYPE = torch.float16
 
 @dataclass(frozen=True)
 class Scheme:
-    """One quantisation format: its bits per code and group size."""
+    """One quantisation format: its bits per code, group size, scale dtype and whether groups have a min."""
 
     bits: int
     group_size: int = GROUP_SIZE
+    scale_dtype: torch.dtype = SCALE_DTYPE
+    with_min: bool = False
+    label: str | None = field(default=None, compare=False)  # a display name (GGUF's type, e.g. "q4_k")
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        if self.label is not None:
+            return self.label
+        if self.is_default:
+            return f"int{self.bits}"
+        return (f"int{self.bits}{'-min' if self.with_min else ''}-g{self.group_size}"
+                f"-{str(self.scale_dtype).removeprefix('torch.')}")
+
+    @property
+    def is_default(self) -> bool:
+        """dsv3's own int8 / int4 (what `quantize` makes and the C++ kernels run)."""
+        return self.group_size == GROUP_SIZE and self.scale_dtype == SCALE_DTYPE and not self.with_min
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -38,8 +60,8 @@ class Scheme:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits per weight, the group's float16 scale included."""
-        return self.bits + 16 / self.group_size
+        """Stored bits per weight, the group's scale (and min) included."""
+        return self.bits + self.scale_dtype.itemsize * 8 * (2 if self.with_min else 1) / self.group_size
 
     def code_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         *lead, o, i = shape
@@ -47,7 +69,11 @@ class Scheme:
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         *lead, o, i = shape
-        return (*lead, o, i // self.group_size)
+        return (*lead, o, i // self.group_size, *((2,) if self.with_min else ()))
+
+    def offset(self) -> int:
+        """What is subtracted from a code before it is scaled: 8 for int4 without a min, else 0."""
+        return 8 if self.bits == 4 and not self.with_min else 0
 
     def in_features(self, code_shape: tuple[int, ...]) -> int:
         """The input dimension of a weight from the last dimension of its codes."""
@@ -107,6 +133,8 @@ def _int4_error(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, s: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., O, I] (any float dtype) -> (codes, scales) in the format of scheme s (see the module docstring)."""
+    if not s.is_default:
+        raise ValueError(f"dsv3 quantises to int8 or int4 only; {s.name} weights are read from GGUF files as stored")
     s.check_divides("weight", tuple(w.shape))
     *lead, o, i = w.shape
     n = i // s.group_size
@@ -140,10 +168,17 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, s: Scheme, dtype: torc
     if tuple(scales.shape) != want:
         raise ValueError(f"{s.name} scales {list(scales.shape)} do not match codes {list(codes.shape)} "
                          f"(expected {list(want)}: one scale per {s.group_size} weights of a row)")
-    q = codes.to(torch.float32) if s.bits == 8 else unpack_int4(codes).to(torch.float32) - 8
+    q = codes.to(torch.float32) if s.bits == 8 else unpack_int4(codes).to(torch.float32)
+    if s.offset():
+        q -= s.offset()
     *lead, o, i = q.shape
-    w = q.view(*lead, o, i // s.group_size, s.group_size) * scales.to(torch.float32).unsqueeze(-1)
-    return w.view(*lead, o, i).to(dtype)
+    sc = scales.to(torch.float32)
+    w = q.view(*lead, o, i // s.group_size, s.group_size)
+    if s.with_min:
+        w = w * sc[..., 0:1] - sc[..., 1:2]  # two roundings in this order, as gguf.quants.dequantize
+    else:
+        w = w * sc.unsqueeze(-1)
+    return w.reshape(*lead, o, i).to(dtype)
 
 
 def linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: Scheme) -> torch.Tensor:

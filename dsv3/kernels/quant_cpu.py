@@ -24,11 +24,46 @@ MAGIC = 0x3230305133565344  # "DSV3Q002", little-endian, the blob's first int64
 HEADER_BYTES = 64
 PANEL = 16  # output rows side by side in the codes: one 16-row block (the kernels' job unit)
 KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
+KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 (GGUF's K-quants, mixtures)
+KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
+
+
+def int4m(s: quant.Scheme) -> bool:
+    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
+    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
+
+
+def native(s: quant.Scheme) -> bool:
+    """dsv3's own int8 / int4 (groups of 32, float16 scales): the kernels' compact kinds 1 and 2."""
+    return s.bits in KIND and s == quant.Scheme(s.bits)
 
 
 def supported(s: quant.Scheme) -> bool:
-    """Whether the kernels run scheme s: dsv3's own int8 and int4 (groups of 32, float16 scales)."""
-    return s.bits in KIND and s == quant.Scheme(s.bits)
+    """Whether the kernels run scheme s: the native kinds, or (kind int8x, exactly: the codes widened to int8,
+    scales and mins in float32) GGUF's schemes with float32 scales."""
+    if native(s):
+        return True
+    return (s.bits in KIND and s.scale_dtype == torch.float32
+            and (s.group_size == 32 or (s.group_size == 16 and not s.with_min)))
+
+
+def to_int8x(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any supported scheme's (codes, scales) for W [..., O, I] -> kind int8x's int8 codes [..., O, I] (code less
+    the scheme's offset), float32 scales [..., O, I / 16] and mins [..., O, I / 32], the same weights exactly
+    (w = c * scale - min; a float16 scale widens to float32 exactly; a scale per 32 is given to both halves)."""
+    if not supported(s):
+        raise ValueError(f"the CPU kernels run int8/int4 with groups of 32 and GGUF's schemes, not {s}")
+    c = codes if s.bits == 8 else quant.unpack_int4(codes)
+    c = (c.to(torch.int16) - s.offset()).to(torch.int8)
+    sc = scales.to(torch.float32)
+    if s.with_min:
+        sc, mins = sc[..., 0], sc[..., 1]
+    else:
+        mins = torch.zeros((*sc.shape[:-1], c.shape[-1] // 32), dtype=torch.float32)
+    if s.group_size == 32:
+        sc = sc.repeat_interleave(2, dim=-1)
+    return c, sc.contiguous(), mins.contiguous()
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -40,9 +75,10 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
-    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16])."""
-    if not supported(s):
-        raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
+    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16]; kind int4m: float32 scales
+    and mins [panels, n, 16] each)."""
+    if not native(s) and not int4m(s):
+        return pack_int8x(*to_int8x(codes, scales, s))
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
     n, g = i // s.group_size, s.group_size
@@ -55,17 +91,48 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
         q = _pad_rows(quant.unpack_int4(codes), rows).view(*lead, panels, PANEL, n, g // 8, 2, 4)
         q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 16, 4, 2]: (row, input, step of the pair)
         c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
-    sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
-    scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
+    if int4m(s):  # float32 scales [P, n, 16], then float32 mins [P, n, 16]
+        parts = [_pad_rows(scales[..., k].contiguous(), rows).view(*lead, panels, PANEL, n).movedim(-2, -1)
+                 .contiguous().view(torch.uint8).reshape(*lead, -1) for k in (0, 1)]
+        scale_bytes = torch.cat(parts, dim=-1)
+    else:
+        sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
+        scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + scale_bytes.shape[-1]) // 64) * 64
-    header = torch.tensor([MAGIC, KIND[s.bits], o, i, g, codes_off, scales_off, total], dtype=torch.int64)
+    kind = KIND_INT4M if int4m(s) else KIND[s.bits]
+    header = torch.tensor([MAGIC, kind, o, i, g, codes_off, scales_off, total], dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)
     blob[..., codes_off:scales_off] = code_bytes
     blob[..., scales_off:scales_off + scale_bytes.shape[-1]] = scale_bytes
+    return blob
+
+
+def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16] and
+    mins [panels, I/32, 16] (header group size 16)."""
+    *lead, o, i = codes.shape
+    if i % 32:
+        raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
+    n = i // 32
+    rows = -(-o // PANEL) * PANEL
+    panels = rows // PANEL
+    c = _pad_rows(codes, rows).view(*lead, panels, PANEL, n, 16, 2).movedim(-4, -2).contiguous().view(torch.uint8)
+    sc = _pad_rows(scales, rows).view(*lead, panels, PANEL, 2 * n).movedim(-2, -1).contiguous()
+    mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
+    code_bytes = c.reshape(*lead, -1)
+    tail = torch.cat([sc.view(torch.uint8).reshape(*lead, -1), mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
+    codes_off = HEADER_BYTES
+    scales_off = codes_off + code_bytes.shape[-1]
+    total = -(-(scales_off + tail.shape[-1]) // 64) * 64
+    header = torch.tensor([MAGIC, KIND_INT8X, o, i, 16, codes_off, scales_off, total], dtype=torch.int64)
+    blob = torch.zeros((*lead, total), dtype=torch.uint8)
+    blob[..., :HEADER_BYTES] = header.view(torch.uint8)
+    blob[..., codes_off:scales_off] = code_bytes
+    blob[..., scales_off:scales_off + tail.shape[-1]] = tail
     return blob
 
 
@@ -84,6 +151,17 @@ def quantize_acts(x: torch.Tensor, group: int = 32, qmax: int = 127) -> tuple[to
 def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """The product the kernels compute, y = sum_g scale_w[o, g] * d[g] * sum_i code[o, i] q[i] (int4 codes less 8):
     x [T, I] -> [T, O] float64 (integer sums exact, then accumulated in float64)."""
+    if int4m(s):  # int8 activations (as int4's): y = sum_g d_g (scale sum_i c q - min sum_i q)
+        q, d = quantize_acts(x, 32, ACT_QMAX[4])
+        w = quant.unpack_int4(codes).to(torch.float64)
+        o, i = w.shape
+        w = w.view(o, i // 32, 32)
+        isum = torch.einsum("tng,ong->ton", q.to(torch.float64), w)
+        sc = scales.to(torch.float64)
+        per_group = isum * sc[None, ..., 0] - sc[None, ..., 1] * q.to(torch.float64).sum(-1)[:, None, :]
+        return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
+    if not native(s):
+        return linear_int8x_acts(x, *to_int8x(codes, scales, s))
     q, d = quantize_acts(x, s.group_size, ACT_QMAX[s.bits])  # [T, n, G], [T, n, 1]
     w = (codes.to(torch.float64) if s.bits == 8 else quant.unpack_int4(codes).to(torch.float64) - 8)
     o, i = w.shape
@@ -92,14 +170,33 @@ def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     return (isum * scales.to(torch.float64)[None] * d[..., 0].to(torch.float64)[:, None]).sum(-1)
 
 
+def linear_int8x_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+                      ) -> torch.Tensor:
+    """Kind int8x's product: y = sum_g d[g] (sum_h in g scale[o, h] sum_i in h code[o, i] q[i] - min[o, g] sum_i q[i])
+    with int16 activations per 32: x [T, I] -> [T, O] float64."""
+    q, d = quantize_acts(x, 32, ACT_QMAX[8])  # [T, n, 32], [T, n, 1]
+    o, i = codes.shape
+    q64 = q.to(torch.float64)
+    halves = torch.einsum("thk,ohk->toh", q64.reshape(q.shape[0], i // 16, 16),
+                          codes.to(torch.float64).view(o, i // 16, 16))  # exact integers per 16
+    per_group = (halves * scales.to(torch.float64)[None]).view(q.shape[0], o, i // 32, 2).sum(-1)
+    per_group = per_group - mins.to(torch.float64)[None] * q64.sum(-1)[:, None, :]
+    return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
+
+
 def kernel_matrix(ops, mods: list) -> torch.Tensor:
     """The tensor the C++ kernels read for the weights of `mods` (Linear or StackedLinear modules whose outputs are
     stacked along the rows, e.g. [gate; up]): a quantised blob (pack) when they all hold one scheme the kernels
-    run, else ops.pack's bf16 layout of the (dequantised) weights, with a warning, since that costs memory."""
+    run, an int8x blob when they hold different ones, else ops.pack's bf16 layout of the (dequantised) weights, with a warning, since that costs memory."""
     schemes = {m.quant for m in mods}
     s = next(iter(schemes))
     if len(schemes) == 1 and s is not None and supported(s):
-        return pack(torch.cat([m.weight for m in mods], dim=-2), torch.cat([m.weight_scale for m in mods], dim=-2), s)
+        rows = -3 if s.with_min else -2  # scales with mins are [..., O, n, 2]
+        return pack(torch.cat([m.weight for m in mods], dim=-2), torch.cat([m.weight_scale for m in mods], dim=rows), s)
+    if None not in schemes and all(supported(q) for q in schemes):
+        # Different schemes fused into one matrix (a GGUF file's q_a in Q4_K beside kv_a in Q6_K): all in int8x.
+        parts = [to_int8x(m.weight, m.weight_scale, m.quant) for m in mods]
+        return pack_int8x(*(torch.cat([p[k] for p in parts], dim=-2) for k in range(3)))
     if schemes != {None}:
         log.warning("the CPU kernels run these weights (%s) in bf16: they run int8/int4 with groups of 32 when every "
                     "projection fused into one matrix holds the same scheme", ", ".join(sorted(

@@ -35,6 +35,8 @@ void run_jobs(const Jobs& jobs) {
 inline int64_t block_bytes(const Packed& m) {
   if (m.kind == kQInt8) return kRows * (m.D + 2 * m.D / m.G);
   if (m.kind == kQInt4) return kRows * (m.D / 2 + 2 * m.D / m.G);
+  if (m.kind == kQInt8X) return kRows * (m.D + 4 * m.D / 16 + 4 * m.D / 32);
+  if (m.kind == kQInt4M) return kRows * (m.D / 2 + 8 * m.D / 32);
   return m.pairs() * 2 * kRows * 2;
 }
 
@@ -49,7 +51,7 @@ void add_jobs(Jobs& jobs, const Packed& m, const bf16_t* const* x, int64_t n, co
   if (m.blocks() * tjobs < min_jobs * chunk)
     chunk = std::max<int64_t>(1, (m.blocks() * tjobs + min_jobs - 1) / min_jobs);
   chunk = std::min(m.blocks(), (chunk + 3) / 4 * 4);  // whole 4-block tiles: enough accumulation chains
-  const QRow* qx = m.kind != kQNone ? jobs.acts.rows(x, n, m.D, m.G, kActBits[m.kind]) : nullptr;
+  const QRow* qx = m.kind != kQNone ? jobs.acts.rows(x, n, m.D, kQActGroup, kActBits[m.kind]) : nullptr;
   for (int64_t t0 = 0; t0 < n; t0 += tchunk)
     for (int64_t rb = 0; rb < m.blocks(); rb += chunk)
       jobs.list.push_back({m, rb, std::min(m.blocks(), rb + chunk), x + t0, std::min(tchunk, n - t0), y.at(t0),

@@ -26,6 +26,8 @@ struct Packed {  // one packed matrix: bf16 (p), or int8/int4 codes and scales (
   int64_t kind = 0, G = 0;
   const uint8_t* q = nullptr;
   const uint16_t* s = nullptr;
+  const float* sf = nullptr;  // kQInt8X: float32 scales per 16 inputs
+  const float* mn = nullptr;  // kQInt8X: float32 mins per 32 inputs
   int64_t pairs() const { return (D + 1) / 2; }
   int64_t blocks() const { return (R + kRows - 1) / kRows; }
   const bf16_t* block(int64_t rb) const { return p + rb * pairs() * 2 * kRows; }

@@ -1,0 +1,100 @@
+"""GGUF's schemes on the C++ CPU kernels (kind int8x of csrc/qpacked.h, and Q8_0 / Q4_0 / Q5_0 on the native int8 /
+int4 kinds): the kernels against their float64 oracle quant_cpu.linear_quant_acts to float32 rounding, against the
+weight-only reference quant.linear, batch invariance, mixed schemes fused into one matrix, and a whole GGUF model
+packed for the kernels against the unpacked reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dsv3
+from dsv3.gguf import blocks
+from dsv3.kernels import cpu_ext, quant, quant_cpu
+from test_gguf_files import MIXED, encode, gguf_tiny_cfg, write_gguf
+
+OPS = cpu_ext.load()
+pytestmark = pytest.mark.skipif(OPS is None, reason=f"C++ CPU kernels unavailable: {cpu_ext.unsupported_reason()}")
+BF = torch.bfloat16
+TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_1", "Q5_0", "Q8_0", "Q4_0"]
+# The kernel kind each lands on: native int8 (1) / int4 (2), int8x (3), int4m (4: Q4_K and Q4_1 as stored).
+KINDS = {"Q4_K": 4, "Q4_1": 4, "Q5_K": 3, "Q6_K": 3, "Q5_1": 3, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
+
+
+def _gguf_weights(qtype: str, o: int, i: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((o, i)).astype(np.float32) * 0.05
+    codes, scales = blocks.decode(qtype, encode(w, qtype, rng))
+    return codes, scales, blocks.SCHEMES[qtype]
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("o,t", [(5, 1), (17, 3), (64, 16), (257, 33)])  # partial panels / blocks, token tails
+def test_kernels_are_their_oracle_to_float32_rounding(qtype, o, t):
+    codes, scales, s = _gguf_weights(qtype, o, 512)
+    assert quant_cpu.supported(s)
+    x = (torch.randn(t, 512) * 2).to(BF)
+    x[0, 32:64] = 0  # an all-zero input group
+    blob = quant_cpu.pack(codes, scales, s)
+    kind = int(blob[8:16].view(torch.int64))
+    assert kind == KINDS[qtype]
+    got = OPS.linear_f32(x, blob, o).double()
+    want = quant_cpu.linear_quant_acts(x, codes, scales, s)
+    assert ((got - want).abs() <= 1e-5 * want.abs().max() + 1e-30).all()
+    ref = quant.linear(x.float(), codes, scales, s)  # weight-only: the GGUF values with float inputs
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 0.01
+    assert torch.equal(OPS.linear(x, blob, o), got.float().to(BF))
+
+
+def test_int8x_holds_the_schemes_weights_exactly():
+    for qtype in TYPES:
+        codes, scales, s = _gguf_weights(qtype, 24, 256)
+        c, sc, mn = quant_cpu.to_int8x(codes, scales, s)
+        w = (c.float().view(24, 16, 16) * sc[..., None]).view(24, 8, 32) - mn[..., None]
+        assert torch.equal(w.view(24, 256), quant.dequantize(codes, scales, s)), qtype
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_a_batch():
+    codes, scales, s = _gguf_weights("Q4_K", 96, 256)
+    blob = quant_cpu.pack(codes, scales, s)
+    x = torch.randn(37, 256).to(BF)
+    together = OPS.linear(x, blob, 96)
+    for r in (0, 5, 36):
+        assert torch.equal(OPS.linear(x[r:r + 1], blob, 96), together[r:r + 1])
+
+
+def test_mixed_schemes_fuse_into_one_int8x_matrix():
+    from dsv3.model.layers import Linear
+
+    mods = []
+    for k, qtype in enumerate(("Q4_K", "Q6_K", "Q8_0")):
+        lin = Linear(256, 40)
+        codes, scales, s = _gguf_weights(qtype, 40, 256, seed=k)
+        lin.set_quantized(codes, scales, s)
+        mods.append(lin)
+    blob = quant_cpu.kernel_matrix(OPS, mods)
+    x = torch.randn(3, 256).to(BF)
+    got = OPS.linear_f32(x, blob, 120).double()
+    # (int8x reads int16 activations whatever the parts' own kinds would)
+    want = torch.cat([quant_cpu.linear_int8x_acts(x, *quant_cpu.to_int8x(m.weight, m.weight_scale, m.quant))
+                      for m in mods], dim=-1)
+    assert ((got - want).abs() <= 1e-5 * want.abs().max()).all()
+    assert int(blob[8:16].view(torch.int64)) == quant_cpu.KIND_INT8X
+    same = quant_cpu.kernel_matrix(OPS, [mods[0], mods[0]])  # one scheme: its own compact kind
+    assert int(same[8:16].view(torch.int64)) == quant_cpu.KIND_INT4M
+
+
+def test_a_gguf_model_packs_for_the_kernels_and_runs_close_to_the_reference(tmp_path):
+    from dsv3.kernels.cpu_pack import prepack_for_cpu
+
+    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg(), MIXED)
+    ref = dsv3.load_model(tmp_path / "m.gguf")
+    packed = dsv3.load_model(tmp_path / "m.gguf")
+    assert prepack_for_cpu(packed) and packed.cpu_kernels
+    ids = torch.tensor([[5, 17, 99, 250, 7, 42, 300, 1, 64]])
+    with torch.no_grad():
+        a, b = packed(ids).float(), ref(ids).float()
+    assert ((a - b).norm() / b.norm()).item() < 0.03  # int16 activations, bf16 between kernels
+    llm = dsv3.LLM(str(tmp_path / "m.gguf"), max_model_len=64)
+    out = llm.generate([[5, 17, 99, 250]], dsv3.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 6
