@@ -224,3 +224,11 @@ def test_info_and_plan_accept_a_gguf_file(tmp_path, capsys):
 
     lines = list(commands(report))
     assert lines and all("--model " + str(tmp_path / "m.gguf") in c and "--quantize" not in c for c in lines)
+
+
+def test_parallel_runs_refuse_a_gguf_file_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg())
+    with pytest.raises(ValueError, match=r"m\.gguf is a GGUF file, which dsv3 loads on one process"):
+        dsv3.LLM(str(tmp_path / "m.gguf"), parallel=SimpleNamespace(world_size=2))
