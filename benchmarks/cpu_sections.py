@@ -5,7 +5,7 @@ Builds a profiling variant of the CPU kernels (namespace dsv3_cpu_timing, -DDSV3
 sections) and decodes held-out prompts greedily with speculation off and on. Prints microseconds per step summed
 over the blocks a step runs (the main model's, plus the MTP block when speculating) and a JSON line.
 
-  python benchmarks/cpu_sections.py [--model PATH] [--prompts 8] [--max-tokens 96] [--threads 2]
+  python benchmarks/cpu_sections.py [--model PATH] [--prompts 8] [--max-tokens 96] [--threads 2] [--modes off,mtp]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--modes", default="off,mtp", help="off (plain decoding), mtp (speculative), or both")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from dsv3.kernels import cpu_ext
@@ -42,7 +43,8 @@ def main() -> int:
 
     prompts = held_out_prompts(a.prompts)
     result = {"threads": a.threads, "modes": {}}
-    for mode in ("off", "mtp"):
+    modes = a.modes.split(",")
+    for mode in modes:
         llm = LLM(a.model, speculative=mode, num_draft_tokens=1, dtype="bfloat16", progress=False,
                   enable_prefix_caching=False)
         gc.collect()
@@ -58,11 +60,11 @@ def main() -> int:
         result["modes"][mode] = {"steps": steps, "us_per_step": {n: t / steps * 1e6 for n, t in zip(SECTIONS, total)}}
         result["model"] = llm.path
     print(f"model {result['model']} (bf16, {a.threads} threads): microseconds per decode step in the blocks")
-    print(f"{'section':<12} {'plain':>8} {'mtp':>8}")
+    per = [result["modes"][m]["us_per_step"] for m in modes]
+    print(f"{'section':<12} " + " ".join(f"{'plain' if m == 'off' else m:>8}" for m in modes))
     for n in SECTIONS:
-        print(f"{n:<12} {result['modes']['off']['us_per_step'][n]:>8.1f} {result['modes']['mtp']['us_per_step'][n]:>8.1f}")
-    print(f"{'sum':<12} {sum(result['modes']['off']['us_per_step'].values()):>8.1f} "
-          f"{sum(result['modes']['mtp']['us_per_step'].values()):>8.1f}")
+        print(f"{n:<12} " + " ".join(f"{u[n]:>8.1f}" for u in per))
+    print(f"{'sum':<12} " + " ".join(f"{sum(u.values()):>8.1f}" for u in per))
     print(json.dumps(result))
     return 0
 

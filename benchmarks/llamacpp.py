@@ -4,13 +4,16 @@
 The checkpoint is hf_anchor.py's seeded model of --shape (bench-small by default) with the embedded model's
 vocabulary and tokenizer (llama.cpp's converter needs a real tokenizer), saved in bf16; llama.cpp converts it with its
 own converter and llama-quantize (../shared/bench/llamacpp_anchor.py, built once: `python llamacpp_anchor.py build`).
-dsv3 loads the same bf16 checkpoint with quantize=None / "int8" / "int4" (quantised while loading) and runs it
+dsv3 runs the same bf16 checkpoint and its int8 / int4 copies (`dsv3 quantize`, made once before the rounds)
 through the engine on its C++ CPU kernels. Each round times every configuration once, alternating dsv3 and
 llama.cpp so that drift of this shared VM falls on both; the table gives the median ratio over the rounds and its
 range. Metrics: prefill of a --prefill-token prompt, decode at batch 1 (llama-bench tg; dsv3 after a 128-token
 prompt), and 16 concurrent sequences (llama-batched-bench S_TG, all sequences; dsv3's continuous-batching engine).
-The batch-1 memory-bandwidth floor is each format's active weight bytes per token (the int4 model's head is int8)
-over the read bandwidth measured around dsv3's decode (benchmarks/cpu.py's method).
+The batch-1 memory-bandwidth floor is each side's weight bytes read per token over the read bandwidth measured around
+its decode (benchmarks/cpu.py's method): for dsv3 its formats' bits per weight, scales included (the int4 model's
+head is int8); for llama.cpp the stored bytes of the GGUF file's tensors (its Q4_0 file keeps the head at Q6_K),
+routed experts weighted by top-k / experts, the token embedding not counted (a row lookup). Resident weight bytes
+are those of each loaded dsv3 model.
 
   python benchmarks/llamacpp.py [--shape bench-small] [--rounds 3] [--threads 2] [--json out.json]
 """
@@ -70,6 +73,47 @@ def active_bytes(cfg, name: str) -> float:
     return body * quant.scheme(name).bits_per_weight / 8 + head * head_bpw / 8
 
 
+def resident_bytes(path: str) -> int:
+    """Weight bytes of the model at `path` as dsv3 holds it (the C++ kernels' blobs carry the same codes and scales,
+    rows padded to 16)."""
+    from dsv3 import load_model
+    from dsv3.checkpoint import model_bytes
+
+    return model_bytes(load_model(path, dtype="bfloat16", progress=False))
+
+
+def gguf_active_bytes(gguf_path: str, cfg) -> float:
+    """Bytes of a GGUF file's tensors that a batch-1 decode step reads (see the module docstring)."""
+    from gguf import GGUFReader
+
+    total = 0.0
+    for t in GGUFReader(gguf_path).tensors:
+        if t.name == "token_embd.weight":
+            continue
+        share = cfg.num_experts_per_tok / cfg.n_routed_experts if "_exps." in t.name else 1.0
+        total += int(t.n_bytes) * share
+    return total
+
+
+def llamacpp_version() -> str:
+    """The llama-cpp-python release whose vendored llama.cpp was built, and llama.cpp's own build number/commit."""
+    import glob
+    import re
+
+    home = os.path.expanduser(os.environ.get("LLAMACPP_HOME", "~/.cache/llamacpp-anchor"))
+    trees = sorted(glob.glob(os.path.join(home, "llama_cpp_python-*", "vendor", "llama.cpp")))
+    if not trees:
+        return "unknown"
+    release = os.path.basename(os.path.dirname(os.path.dirname(trees[-1])))
+    info = ""
+    for f in glob.glob(os.path.join(trees[-1], "build", "common", "build-info.cpp")):
+        text = open(f).read()
+        num = re.search(r"LLAMA_BUILD_NUMBER\s*=\s*(\d+)", text)
+        commit = re.search(r'LLAMA_COMMIT\s*=\s*"([^"]*)"', text)
+        info = f" (llama.cpp build {num.group(1) if num else '?'}, commit {commit.group(1) if commit else '?'})"
+    return release + info
+
+
 def llamacpp_bench(gguf: str, threads: int, prefill: int, steps: int) -> dict:
     out = subprocess.run([sys.executable, ANCHOR, "bench", gguf, "--threads", str(threads), "--prompt", str(prefill),
                           "--tokens", str(steps), "--reps", "3", "--batches", "16"], check=True, capture_output=True,
@@ -93,26 +137,40 @@ def main() -> int:
         cfg = save_checkpoint(a.shape, ckpt)
         subprocess.run([sys.executable, ANCHOR, "convert", ckpt, gguf, "--types", ",".join(t for _, _, t in PAIRS)],
                        check=True, stdout=subprocess.DEVNULL)
+        from dsv3.convert import quantize_checkpoint
+
+        paths = {"bf16": ckpt}
+        for name, q, _ in PAIRS:
+            if q is not None:
+                paths[name] = os.path.join(tmp, f"ckpt-{q}")
+                print(f"quantising to {q} (once)", file=sys.stderr, flush=True)
+                quantize_checkpoint(ckpt, paths[name], q, progress=False)
+        resident = {name: resident_bytes(paths[name]) for name, _, _ in PAIRS}
+        peer_bytes = {name: gguf_active_bytes(os.path.join(gguf, f"model-{t}.gguf"), cfg) for name, _, t in PAIRS}
         for r in range(a.rounds):
             for name, q, t in PAIRS:
                 order = (("dsv3", name), ("llama.cpp", name)) if r % 2 == 0 else (("llama.cpp", name), ("dsv3", name))
                 for side, n in order:
                     print(f"round {r + 1}/{a.rounds}: {side} {n}", file=sys.stderr, flush=True)
                     if side == "dsv3":
-                        res = time_dsv3(ckpt, "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
-                                        active_bytes(cfg, n), floor_chunks=2, quantize=q)
+                        res = time_dsv3(paths[n], "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
+                                        active_bytes(cfg, n), floor_chunks=2)
                         runs[f"dsv3 {n}"].append({"prefill": res["prefill_tokens_per_s"],
                                                   "bs1": res["decode_bs1_tokens_per_s"],
                                                   "c16": res["decode_bs16_tokens_per_s"],
                                                   "floor": [c["fraction"] for c in res["floor_chunks"]],
                                                   "kernels": res["kernels"]})
                     else:
+                        before = read_bandwidth(a.threads)
                         res = llamacpp_bench(os.path.join(gguf, f"model-{t}.gguf"), a.threads, a.prefill,
                                              a.decode_steps)
+                        bw = max(before, read_bandwidth(a.threads))
                         runs[f"llama.cpp {n}"].append({"prefill": res[f"prefill{a.prefill}_tok_s"],
-                                                       "bs1": res["decode_bs1_tok_s"], "c16": res["decode_bs16_tok_s"]})
+                                                       "bs1": res["decode_bs1_tok_s"], "c16": res["decode_bs16_tok_s"],
+                                                       "floor": [res["decode_bs1_tok_s"] * peer_bytes[n] / bw]})
+    version = llamacpp_version()
     print(f"shape {a.shape} (vocab {cfg.vocab_size}), {a.threads} threads, {cfg.param_counts()['main'] / 1e6:.0f}M "
-          f"params, {a.rounds} alternating rounds; dsv3 {runs['dsv3 bf16'][0]['kernels']}")
+          f"params, {a.rounds} alternating rounds; dsv3 {runs['dsv3 bf16'][0]['kernels']}; {version}")
     print(f"{'weights':<8} {'metric':<16} {'dsv3 tok/s':>11} {'llama.cpp':>10} {'ratio (range)':>20}")
     table = {}
     for name, _, t in PAIRS:
@@ -126,10 +184,18 @@ def main() -> int:
             print(f"{name:<8} {label:<16} {statistics.median(ours):>11.1f} {statistics.median(peer):>10.1f} "
                   f"{statistics.median(ratios):>7.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})  vs {t}")
         floor = sorted(f for x in runs[f"dsv3 {name}"] for f in x["floor"])
+        peer_floor = sorted(f for x in runs[f"llama.cpp {name}"] for f in x["floor"])
         table[f"{name} floor"] = statistics.median(floor)
+        table[f"{name} floor llama.cpp"] = statistics.median(peer_floor)
         print(f"{name:<8} {'bs=1 floor':<16} dsv3 at {statistics.median(floor):.2f} of the memory-bandwidth floor "
-              f"({active_bytes(cfg, name) / 1e6:.1f} MB per token; range {floor[0]:.2f}-{floor[-1]:.2f})")
+              f"({active_bytes(cfg, name) / 1e6:.1f} MB per token; range {floor[0]:.2f}-{floor[-1]:.2f}), llama.cpp "
+              f"{t} at {statistics.median(peer_floor):.2f} ({peer_bytes[name] / 1e6:.1f} MB per token; range "
+              f"{peer_floor[0]:.2f}-{peer_floor[-1]:.2f})")
+    for name, _, _ in PAIRS:
+        print(f"{name:<8} {'resident weights':<16} {resident[name] / 1e6:.1f} MB = "
+              f"{resident[name] / resident['bf16']:.3f}x bf16")
     result = {"shape": a.shape, "threads": a.threads, "rounds": a.rounds, "runs": runs, "table": table,
+              "resident_weight_bytes": resident, "llamacpp_active_bytes": peer_bytes, "llamacpp": version,
               "read_bandwidth_gb_s": read_bandwidth(a.threads) / 1e9}
     print(json.dumps(result))
     if a.json:

@@ -378,6 +378,25 @@ def test_avx512_build_without_bf16_instructions_agrees():
         assert rel_err(CpuMoE(ops, moe, cfg)(x), moe(x)) < 4e-3
 
 
+def test_decode_attention_agrees_across_builds():
+    # The AVX512_BF16 absorbed products (bf16 pairs) and the float32 ones of the other builds.
+    if "avx512_bf16" not in cpu_ext.cpu_flags():
+        pytest.skip("this CPU runs only the float32 absorbed products")
+    avx2 = cpu_ext.build("dsv3_cpu_avx2", ("-mno-avx512f",))
+    H, N, R, V, C, S, L = 4, 64, 32, 64, 128, 64, 37
+    q = torch.randn(2, H, N + R).to(BF)
+    kv = (torch.randn(S, C + R) * 0.5).to(BF)
+    kv_b = (torch.randn(H * (N + V), C) * 0.1).to(BF)
+    slots = torch.stack([torch.randperm(S)[:L], torch.randperm(S)[:L]])
+    args = (q, kv, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([L, 20]), slots, kv_b, V, 0.125)
+    outs = []
+    for ops in (OPS, avx2):
+        out = torch.empty(2, H, V, dtype=BF)
+        ops.mla_decode(*args, out)
+        outs.append(out)
+    assert rel_err(outs[0], outs[1]) < 1e-2
+
+
 def test_a_rows_result_does_not_depend_on_the_other_rows_of_the_call():
     # Batch invariance, which keeps greedy output identical alone, batched and under speculative verification:
     # a whole block (projections, attention, MoE) run for one query row or for that row among others gives the

@@ -26,8 +26,8 @@ def _weights(o: int, i: int, s: quant.Scheme, lead: tuple[int, ...] = ()):
 
 
 @pytest.mark.parametrize("s", SCHEMES, ids=IDS)
-@pytest.mark.parametrize("o,i", [(5, 32), (17, 96), (64, 512), (257, 160)])  # partial 8-row panels and 16-row blocks
-@pytest.mark.parametrize("t", [1, 3, 16, 33])  # one and several token tiles, and a tail
+@pytest.mark.parametrize("o,i", [(5, 32), (17, 96), (64, 512), (257, 160)])  # partial 16-row blocks
+@pytest.mark.parametrize("t", [1, 3, 16, 33])  # tiles of 8, 4, 2 and 1 input rows
 def test_linear_is_the_oracle_to_float32_rounding(s, o, i, t):
     codes, scales = _weights(o, i, s)
     x = (torch.randn(t, i) * 2).to(BF)
@@ -38,6 +38,23 @@ def test_linear_is_the_oracle_to_float32_rounding(s, o, i, t):
     assert ((got - want).abs() <= 1e-5 * want.abs().max() + 1e-30).all()
     # The bf16 product is that float32 result rounded once.
     assert torch.equal(OPS.linear(x, blob, o), got.float().to(BF))
+
+
+def test_the_avx2_build_computes_the_same_bits_as_the_default_one():
+    # The AVX-512 VNNI tiles (dpbusd / dpwssd on 16 rows) and the AVX2 ones (maddubs / madd on two halves of 8 rows)
+    # form the same exact integer group sums and then the same float32 operations per row.
+    if "avx512f" not in cpu_ext.cpu_flags():
+        pytest.skip("the default build already is the AVX2 one")
+    avx2 = cpu_ext.build("dsv3_cpu_avx2", ("-mno-avx512f",))
+    assert avx2.capability() == "avx2"
+    for s in SCHEMES:
+        codes, scales = _weights(40, 160, s)
+        blob = quant_cpu.pack(codes, scales, s)
+        x = (torch.randn(13, 160) * 2).to(BF)
+        got = avx2.linear_f32(x, blob, 40)
+        want = quant_cpu.linear_quant_acts(x, codes, scales, s)
+        assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()
+        assert torch.equal(got, OPS.linear_f32(x, blob, 40))
 
 
 @pytest.mark.parametrize("s", SCHEMES, ids=IDS)

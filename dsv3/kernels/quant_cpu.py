@@ -20,18 +20,12 @@ from . import quant
 
 log = logging.getLogger(__name__)
 
-MAGIC = 0x3130305133565344  # "DSV3Q001", little-endian, the blob's first int64
+MAGIC = 0x3230305133565344  # "DSV3Q002", little-endian, the blob's first int64
 HEADER_BYTES = 64
-PANEL = 8  # output rows side by side in the codes
-ROW_PAD = 16  # rows are padded to whole 16-row blocks (the kernels' job unit)
+PANEL = 16  # output rows side by side in the codes: one 16-row block (the kernels' job unit)
 KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 (GGUF's K-quants, mixtures)
 KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
-
-
-def int4m(s: quant.Scheme) -> bool:
-    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
-    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
 
 
 def native(s: quant.Scheme) -> bool:
@@ -39,9 +33,14 @@ def native(s: quant.Scheme) -> bool:
     return s.bits in KIND and s == quant.Scheme(s.bits)
 
 
+def int4m(s: quant.Scheme) -> bool:
+    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
+    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
+
+
 def supported(s: quant.Scheme) -> bool:
-    """Whether the kernels run scheme s: the native kinds, or (kind int8x, exactly: the codes widened to int8,
-    scales and mins in float32) GGUF's schemes with float32 scales."""
+    """Whether the kernels run scheme s: the native kinds, int4m, or (kind int8x, exactly: the codes widened to
+    int8, scales and mins in float32) GGUF's other schemes with float32 scales."""
     if native(s):
         return True
     return (s.bits in KIND and s.scale_dtype == torch.float32
@@ -76,23 +75,25 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
-    csrc/qpacked.h (header, codes by panels of 8 rows, float16 scales [panels, n, 8])."""
+    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16])."""
+    if not supported(s):
+        raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
     if not native(s) and not int4m(s):
         return pack_int8x(*to_int8x(codes, scales, s))
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
     n, g = i // s.group_size, s.group_size
-    rows = -(-o // ROW_PAD) * ROW_PAD
+    rows = -(-o // PANEL) * PANEL
     panels = rows // PANEL
     if s.bits == 8:
-        c = _pad_rows(codes.to(torch.int8), rows).view(*lead, panels, PANEL, n, g // 4, 4)
-        c = c.movedim(-4, -2).contiguous().view(torch.uint8)  # [..., P, n, G/4, 8, 4]
+        c = _pad_rows(codes.to(torch.int8), rows).view(*lead, panels, PANEL, n, g // 2, 2)
+        c = c.movedim(-4, -2).contiguous().view(torch.uint8)  # [..., P, n, G/2, 16, 2]
     else:
         q = _pad_rows(quant.unpack_int4(codes), rows).view(*lead, panels, PANEL, n, g // 8, 2, 4)
-        q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 8, 4, 2]: (row, input, step of the pair)
+        q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 16, 4, 2]: (row, input, step of the pair)
         c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
     code_bytes = c.reshape(*lead, -1)
-    if int4m(s):  # float32 scales [P, n, 8], then float32 mins [P, n, 8]
+    if int4m(s):  # float32 scales [P, n, 16], then float32 mins [P, n, 16]
         parts = [_pad_rows(scales[..., k].contiguous(), rows).view(*lead, panels, PANEL, n).movedim(-2, -1)
                  .contiguous().view(torch.uint8).reshape(*lead, -1) for k in (0, 1)]
         scale_bytes = torch.cat(parts, dim=-1)
@@ -112,15 +113,15 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
 
 
 def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 8] and
-    mins [panels, I/32, 8] (header group size 16)."""
+    """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
+    and mins [panels, I/32, 16] (header group size 16)."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
     n = i // 32
-    rows = -(-o // ROW_PAD) * ROW_PAD
+    rows = -(-o // PANEL) * PANEL
     panels = rows // PANEL
-    c = _pad_rows(codes, rows).view(*lead, panels, PANEL, n, 8, 4).movedim(-4, -2).contiguous().view(torch.uint8)
+    c = _pad_rows(codes, rows).view(*lead, panels, PANEL, n, 16, 2).movedim(-4, -2).contiguous().view(torch.uint8)
     sc = _pad_rows(scales, rows).view(*lead, panels, PANEL, 2 * n).movedim(-2, -1).contiguous()
     mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)

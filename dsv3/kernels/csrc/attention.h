@@ -161,6 +161,88 @@ inline void tile_accumulate(float* acc, float corr, const float* p, const float*
   }
 }
 
+// The absorbed attention's two small products per (query, head), on AVX512_BF16 with bf16 pairs (dpbf16ps: exact
+// products, float32 sums) where the shapes allow, else in float32 with on-the-fly conversion.
+// qh[c] = sc * sum_n q[n] W_uk[n, c] for c < C (W_uk [N, C] row-major: a head's first N rows of kv_b).
+inline void absorb_query(const bf16_t* q, const bf16_t* wk, int64_t N, int64_t C, float sc, float* qh,
+                         float* wrow) {
+#if defined(__AVX512BF16__)
+  if (N % 2 == 0 && C % 32 == 0) {
+    // unpacklo/hi interleave rows n and n+1 within 128-bit lanes: lo lane j holds c = 8 (j / 4) + j % 4 of the
+    // 32-wide chunk, hi lane j holds 4 more; idx puts them back in c order.
+    alignas(64) int32_t i0[16], i1[16];
+    for (int p = 0; p < 16; ++p) {
+      const int k0 = p / 8, k1 = 2 + p / 8, m = p % 8;
+      i0[p] = m < 4 ? 4 * k0 + m : 16 + 4 * k0 + m - 4;
+      i1[p] = m < 4 ? 4 * k1 + m : 16 + 4 * k1 + m - 4;
+    }
+    const __m512i idx0 = _mm512_load_si512(i0), idx1 = _mm512_load_si512(i1);
+    const __m512 scv = _mm512_set1_ps(sc);
+    for (int64_t c0 = 0; c0 < C; c0 += 128) {
+      const int nu = static_cast<int>(std::min<int64_t>(4, (C - c0) / 32));
+      __m512 lo[4], hi[4];
+      for (int u = 0; u < 4; ++u) lo[u] = hi[u] = _mm512_setzero_ps();
+      for (int64_t n = 0; n < N; n += 2) {
+        int32_t pr;
+        std::memcpy(&pr, q + n, 4);
+        const __m512bh qp = (__m512bh)_mm512_set1_epi32(pr);
+        const bf16_t* r0 = wk + n * C + c0;
+        const bf16_t* r1 = r0 + C;
+        for (int u = 0; u < nu; ++u) {
+          const __m512i a = _mm512_loadu_si512(r0 + 32 * u), b = _mm512_loadu_si512(r1 + 32 * u);
+          lo[u] = _mm512_dpbf16_ps(lo[u], (__m512bh)_mm512_unpacklo_epi16(a, b), qp);
+          hi[u] = _mm512_dpbf16_ps(hi[u], (__m512bh)_mm512_unpackhi_epi16(a, b), qp);
+        }
+      }
+      for (int u = 0; u < nu; ++u) {
+        _mm512_storeu_ps(qh + c0 + 32 * u, _mm512_mul_ps(scv, _mm512_permutex2var_ps(lo[u], idx0, hi[u])));
+        _mm512_storeu_ps(qh + c0 + 32 * u + 16, _mm512_mul_ps(scv, _mm512_permutex2var_ps(lo[u], idx1, hi[u])));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c) qh[c] = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    bf_to_f32(wk + n * C, wrow, C);
+    axpy_f32(sc * bf2f(q[n]), wrow, qh, C);
+  }
+}
+
+// orow[v] = bf16(sum_c a[c] W_uv[v, c]) for v < V (W_uv [V, C]: a head's last V rows of kv_b); a is scaled in place.
+inline void absorb_output(float* a, float inv, const bf16_t* wv, int64_t V, int64_t C, bf16_t* orow, float* wrow) {
+  for (int64_t c = 0; c < C; ++c) a[c] *= inv;
+#if defined(__AVX512BF16__)
+  if (C % 32 == 0 && C <= 2048) {
+    alignas(64) bf16_t ab[2048];
+    for (int64_t c = 0; c < C; c += 32)
+      _mm512_store_si512(ab + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(a + c)));
+    int64_t v = 0;
+    for (; v + 4 <= V; v += 4) {
+      __m512 acc[4];
+      for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 32) {
+        const __m512bh x = (__m512bh)_mm512_load_si512(ab + c);
+        for (int i = 0; i < 4; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wv + (v + i) * C + c), x);
+      }
+      for (int i = 0; i < 4; ++i) orow[v + i] = f2bf(_mm512_reduce_add_ps(acc[i]));
+    }
+    for (; v < V; ++v) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(wv + v * C + c), (__m512bh)_mm512_load_si512(ab + c));
+      orow[v] = f2bf(_mm512_reduce_add_ps(acc));
+    }
+    return;
+  }
+#endif
+  for (int64_t v = 0; v < V; ++v) {
+    bf_to_f32(wv + v * C, wrow, C);
+    orow[v] = f2bf(dot_f32(a, wrow, C));
+  }
+}
+
 void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok, const at::Tensor& seq,
                 const at::Tensor& len, const at::Tensor& slots, const at::Tensor& kv_b, int64_t v_dim, double scale,
                 at::Tensor out) {
@@ -204,7 +286,7 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   gstart.push_back(Q);
   const int64_t G = static_cast<int64_t>(gstart.size()) - 1;
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (2 * threads + G - 1) / G));
+  const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (threads + G - 1) / G));
   const int64_t hb = (H + splits - 1) / splits, nhb = (H + hb - 1) / hb;
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, G * nhb, 1, [&](int64_t a, int64_t b) {
@@ -219,15 +301,12 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
       acc.assign(nq * nh * C, 0.f);
       m.assign(nq * nh, -std::numeric_limits<float>::infinity());
       l.assign(nq * nh, 0.f);
-      // q_c = scale * q_nope W_uk (float32), then scale * q_pe: one W-wide query per (query, head).
+      // q_c = scale * q_nope W_uk, then scale * q_pe: one W-wide float32 query per (query, head).
       for (int64_t qi = 0; qi < nq; ++qi)
         for (int64_t h = h0; h < h1; ++h) {
           float* qh = qc.data() + (qi * nh + h - h0) * W;
           const bf16_t* qrow = qp + (tk[q0 + qi] * H + h) * (N + R);
-          for (int64_t n = 0; n < N; ++n) {
-            bf_to_f32(wp + (h * (N + V) + n) * C, wrow.data(), C);
-            axpy_f32(sc * bf2f(qrow[n]), wrow.data(), qh, C);
-          }
+          absorb_query(qrow, wp + h * (N + V) * C, N, C, sc, qh, wrow.data());
           for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
         }
       for (int64_t j0 = 0; j0 < Lmax; j0 += kTile) {
@@ -257,14 +336,8 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
       for (int64_t qi = 0; qi < nq; ++qi)
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t k = qi * nh + h - h0;
-          float* ah = acc.data() + k * C;
-          const float inv = 1.f / l[k];
-          for (int64_t c = 0; c < C; ++c) ah[c] *= inv;
-          bf16_t* orow = op + (tk[q0 + qi] * H + h) * V;
-          for (int64_t v = 0; v < V; ++v) {
-            bf_to_f32(wp + (h * (N + V) + N + v) * C, wrow.data(), C);
-            orow[v] = f2bf(dot_f32(ah, wrow.data(), C));
-          }
+          absorb_output(acc.data() + k * C, 1.f / l[k], wp + (h * (N + V) + N) * C, V, C,
+                        op + (tk[q0 + qi] * H + h) * V, wrow.data());
         }
     }
   });

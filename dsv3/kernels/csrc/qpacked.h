@@ -1,19 +1,19 @@
 // int8 / int4 weights in the products: their packed layout (built by kernels/quant_cpu.py), the quantisation of
-// input rows to int8 per group, and the integer tile products (AVX2: maddubs on unsigned x signed bytes).
+// input rows per group, and the integer tile products (AVX-512 VNNI dpbusd / dpwssd, or AVX2 maddubs / madd).
 //
 // A quantised matrix W [R, D] with groups of G inputs (G = 32; n = D / G groups per row) is one uint8 blob:
-//   header (64 bytes, 8 int64): magic "DSV3Q001", kind (1 = int8, 2 = int4), R, D, G, codes offset, scales
+//   header (64 bytes, 8 int64): magic "DSV3Q002", kind (1 = int8, 2 = int4), R, D, G, codes offset, scales
 //   offset, blob bytes;
-//   codes, per panel of 8 output rows (rows padded with zeros to a multiple of 16):
-//     int8: [n][G/4 steps][8 rows][4 inputs] int8: one 32-byte vector = 4 consecutive inputs of each of 8 rows;
-//     int4: [n][G/8 step pairs][8 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1;
-//           codes c in [0, 15], w = (c - 8) * scale;
-//   scales [panels][n][8 rows] float16 (the group scales of the 8 rows side by side).
-// kind 3 (int8x, GGUF's K-quants and any mixture of schemes fused into one matrix, kernels/quant_cpu.py): int8
-//   codes as kind 1, the weight w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][8]
-//   and float32 mins per 32 inputs (g) [panels][D/32][8] right after them; header G = 16.
-// kind 4 (int4m, GGUF's Q4_K and Q4_1): int4 codes as kind 2 but without the offset, w = c * scale_g - min_g with
-//   float32 scales [panels][D/32][8] and float32 mins [panels][D/32][8] right after them; 6 bits per weight.
+//   codes, per panel of 16 output rows (rows padded with zeros to a multiple of 16):
+//     int8: [n][G/2 steps][16 rows][2 inputs] int8: 32 bytes = 2 consecutive inputs of each of 16 rows;
+//     int4: [n][G/8 step pairs][16 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1
+//           (64 bytes = 8 inputs of 16 rows); codes c in [0, 15], w = (c - 8) * scale;
+//   scales [panels][n][16 rows] float16 (the group scales of the 16 rows side by side).
+//   kind 3 (int8x, GGUF's Q5_K / Q6_K / Q5_1 and any mixture of schemes fused into one matrix, quant_cpu.py):
+//     codes as int8, w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][16 rows] and
+//     float32 mins per 32 (g) [panels][D/32][16 rows] right after them; header G = 16;
+//   kind 4 (int4m, GGUF's Q4_K / Q4_1): codes as int4 but without the offset, w = c * scale_g - min_g, float32
+//     scales [panels][n][16 rows] then float32 mins [panels][n][16 rows] (6 bits per weight).
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -31,9 +31,9 @@
 
 namespace {
 
-constexpr int64_t kQMagic = 0x3130305133565344LL;  // "DSV3Q001" little-endian
+constexpr int64_t kQMagic = 0x3230305133565344LL;  // "DSV3Q002" little-endian
 constexpr int64_t kQHeaderBytes = 64;
-constexpr int64_t kQPanel = 8;
+constexpr int64_t kQPanel = 16;
 enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
@@ -58,18 +58,12 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
-  if (h.kind == kQInt8X) {
-    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
+  if (h.kind == kQInt8X || h.kind == kQInt4M) {
+    const int64_t panels = (R + kQPanel - 1) / kQPanel, per = h.kind == kQInt8X ? D / 16 : D / 32;
     m.sf = reinterpret_cast<const float*>(base + h.scales);
-    m.mn = m.sf + panels * (D / 16) * kQPanel;
-    TORCH_CHECK(h.scales + (panels * (D / 16 + D / 32) * kQPanel) * 4 <= h.bytes, name, ": blob too short for its "
-                "scales and mins");
-  } else if (h.kind == kQInt4M) {
-    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
-    m.sf = reinterpret_cast<const float*>(base + h.scales);
-    m.mn = m.sf + panels * (D / 32) * kQPanel;
-    TORCH_CHECK(h.scales + panels * (D / 32) * kQPanel * 8 <= h.bytes, name, ": blob too short for its scales and "
-                "mins");
+    m.mn = m.sf + panels * per * kQPanel;
+    TORCH_CHECK(h.scales + panels * (per + D / 32) * kQPanel * 4 <= h.bytes, name,
+                ": blob too short for its scales and mins");
   }
   return m;
 }
@@ -161,21 +155,21 @@ struct QActs {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Tile products: NP panels of 8 rows x TB input rows, all groups. Lanes are output rows, so a group's integer sum
-// needs no horizontal reduction: each 32-bit lane of madd(maddubs(codes, broadcast inputs)) is one row's sum over
-// 4 inputs.
+// Tile products: one 16-row block x TB input rows, all groups. Lanes are output rows, so a group's integer sum needs
+// no horizontal reduction. With AVX-512 VNNI one 512-bit dpbusd (int4: unsigned codes x int8 inputs, 4 per lane) or
+// dpwssd (int8: codes widened to int16 x int16 inputs, 2 per lane) forms 16 rows' partial sums; on AVX2 the block is
+// two halves of 8 rows, with maddubs / madd. Both give the same exact integer group sums and then the same float32
+// operations per row, so every build computes the same bits.
 
-inline __m256i bcast4(const int8_t* p) {  // 4 input bytes to every 32-bit lane
+inline int32_t load4(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
+  return v;
 }
 
-inline void store_rows8(const Out& y, int64_t t, int64_t row0, int64_t R, __m256 v) {
-  const int64_t valid = std::min<int64_t>(kQPanel, R - row0);
+inline void store_rows(const Out& y, int64_t t, int64_t row0, int64_t R, const float* lanes, int64_t count) {
+  const int64_t valid = std::min<int64_t>(count, R - row0);
   if (valid <= 0) return;
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
   if (y.b) {
     bf16_t* p = y.b + t * y.ld + row0;
     for (int64_t i = 0; i < valid; ++i) p[i] = f2bf(lanes[i]);
@@ -185,137 +179,213 @@ inline void store_rows8(const Out& y, int64_t t, int64_t row0, int64_t R, __m256
   }
 }
 
-// M (kind int4m): codes without the offset, float32 scales, and the group's min times its activation sum taken off.
-template <int NP, int TB, bool M = false>
-void qtile_int4(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define DSV3_QVNNI 1
+
+// M (kind int4m): codes without the offset, float32 scales, the group's min times its activation sum taken off.
+template <int TB, bool M = false>
+void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const uint8_t* w = m.q + rb * n * 256;
+  const uint16_t* sc = m.s + rb * n * 16;
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < n; ++g, w += 256) {
+    __m512i sum[TB];
+    for (int t = 0; t < TB; ++t) sum[t] = _mm512_setzero_si512();
+    for (int k = 0; k < 4; ++k) {
+      const __m512i v = _mm512_loadu_si512(w + k * 64);
+      const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      for (int t = 0; t < TB; ++t) {
+        const int8_t* xq = x[t].q + g * 32 + 8 * k;
+        sum[t] = _mm512_dpbusd_epi32(sum[t], lo, _mm512_set1_epi32(load4(xq)));
+        sum[t] = _mm512_dpbusd_epi32(sum[t], hi, _mm512_set1_epi32(load4(xq + 4)));
+      }
+    }
+    if constexpr (M) {
+      const __m512 ws = _mm512_loadu_ps(m.sf + (rb * n + g) * 16), mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
+      for (int t = 0; t < TB; ++t) {
+        const __m512 r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])),
+                                          _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), ws));
+        acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
+      }
+      continue;
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 16)));
+    for (int t = 0; t < TB; ++t) {
+      const __m512i s32 = _mm512_sub_epi32(sum[t], _mm512_set1_epi32(8 * x[t].s[g]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int t = 0; t < TB; ++t) {
+    _mm512_store_ps(lanes, acc[t]);
+    store_rows(y, t, rb * 16, m.R, lanes, 16);
+  }
+}
+
+// X (kind int8x): the group's two 16-input halves keep their own sums for their own float32 scales, and the
+// group's min times its activation sum is taken off: y += d_g (s_h0 S_h0 + s_h1 S_h1 - min_g sum_g q).
+template <int TB, bool X = false>
+void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512;
+  const uint16_t* sc = m.s + rb * n * 16;
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < n; ++g, w += 512) {
+    __m512i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
+    for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm512_setzero_si512();
+    for (int k = 0; k < 16; ++k) {
+      const __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32)));
+      for (int t = 0; t < TB; ++t) {
+        const __m512i xk = _mm512_set1_epi32(load4(x[t].q16 + g * 32 + 2 * k));
+        if (X && k >= 8) sum2[t] = _mm512_dpwssd_epi32(sum2[t], wk, xk);
+        else sum[t] = _mm512_dpwssd_epi32(sum[t], wk, xk);
+      }
+    }
+    if constexpr (X) {
+      const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
+      const __m512 s0 = _mm512_loadu_ps(s2), s1 = _mm512_loadu_ps(s2 + 16);
+      const __m512 mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
+      for (int t = 0; t < TB; ++t) {
+        __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), s0);
+        r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum2[t]), s1, r);
+        r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])), r);
+        acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
+      }
+      continue;
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 16)));
+    for (int t = 0; t < TB; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t]), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
+  }
+  alignas(64) float lanes[16];
+  for (int t = 0; t < TB; ++t) {
+    _mm512_store_ps(lanes, acc[t]);
+    store_rows(y, t, rb * 16, m.R, lanes, 16);
+  }
+}
+
+constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sums: 16 of the 32 vector registers)
+
+#else  // AVX2: each 16-row block as two halves of 8 rows
+
+template <int TB, bool M = false>
+void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 acc[NP][TB];
-  for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < n; ++g) {
-    __m256i sum[NP][TB];  // int16 lanes: 8 steps of at most 2 * 15 * 127 each stay below 2^15
-    for (int p = 0; p < NP; ++p)
-      for (int t = 0; t < TB; ++t) sum[p][t] = _mm256_setzero_si256();
-    for (int k = 0; k < 4; ++k) {
-      __m256i xa[TB], xb[TB];
-      for (int t = 0; t < TB; ++t) {
-        xa[t] = bcast4(x[t].q + g * 32 + 8 * k);
-        xb[t] = bcast4(x[t].q + g * 32 + 8 * k + 4);
-      }
-      for (int p = 0; p < NP; ++p) {
-        const __m256i v = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(m.q + (((p0 + p) * n + g) * 4 + k) * 32));
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* w = m.q + rb * n * 256 + h * 32;
+    const uint16_t* sc = m.s + rb * n * 16 + h * 8;
+    __m256 acc[TB];
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n; ++g, w += 256) {
+      __m256i sum[TB];  // int16 lanes: 8 steps of at most 2 * 15 * 127 each stay below 2^15
+      for (int t = 0; t < TB; ++t) sum[t] = _mm256_setzero_si256();
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 64));
         const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
-        for (int t = 0; t < TB; ++t)
-          sum[p][t] = _mm256_add_epi16(sum[p][t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[t]),
-                                                                    _mm256_maddubs_epi16(hi, xb[t])));
+        for (int t = 0; t < TB; ++t) {
+          const int8_t* xq = x[t].q + g * 32 + 8 * k;
+          sum[t] = _mm256_add_epi16(sum[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xq))),
+                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq + 4)))));
+        }
       }
-    }
-    for (int p = 0; p < NP; ++p) {
       if constexpr (M) {
-        const __m256 ws = _mm256_loadu_ps(m.sf + ((p0 + p) * n + g) * 8);
-        const __m256 mn = _mm256_loadu_ps(m.mn + ((p0 + p) * n + g) * 8);
+        const __m256 ws = _mm256_loadu_ps(m.sf + (rb * n + g) * 16 + h * 8);
+        const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
         for (int t = 0; t < TB; ++t) {
           const __m256 r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])),
-                                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[p][t], ones)), ws));
-          acc[p][t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[p][t]);
+                                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones)), ws));
+          acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
         continue;
       }
-      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8)));
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)));
       for (int t = 0; t < TB; ++t) {
-        const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[p][t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
-        acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[p][t]);
+        const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
       }
+    }
+    alignas(32) float lanes[8];
+    for (int t = 0; t < TB; ++t) {
+      _mm256_store_ps(lanes, acc[t]);
+      store_rows(y, t, rb * 16 + h * 8, m.R, lanes, 8);
     }
   }
-  for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < TB; ++t) store_rows8(y, t, (p0 + p) * kQPanel, m.R, acc[p][t]);
 }
 
-// int8 codes x int16 inputs: each 16-byte half of a codes vector (4 rows x 4 inputs) widens to int16 and madd
-// gives two int32 lanes per row; hadd of the two halves sums each row's pair, leaving rows in the order
-// [0 1 4 5 2 3 6 7] (hadd works within 128-bit lanes), which the scales are permuted to match and the results are
-// permuted back from. Bounds: a lane adds 8 steps of 4 products of at most 127 * 32767: below 2^28.
-inline __m256i bcast4_16(const int16_t* p) {  // 4 int16 inputs to every 64-bit lane
-  int64_t v;
-  std::memcpy(&v, p, 8);
-  return _mm256_set1_epi64x(v);
-}
-
-// X (kind int8x): the two 16-input halves of a group keep separate sums for their own float32 scales, and the
-// group's min times its activation sum is taken off: y += d_g * (s_h0 S_h0 + s_h1 S_h1 - min_g * sum_g q).
-template <int NP, int TB, bool X = false>
-void qtile_int8(const Packed& m, int64_t p0, const QRow* x, const Out& y) {
+template <int TB, bool X = false>
+void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
-  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);  // natural row j sits in lane order[j]
-  __m256 acc[NP][TB];
-  for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < TB; ++t) acc[p][t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < n; ++g) {
-    __m256i sum[NP][TB], sum2[NP][TB];  // sum2: the second half's (X only)
-    for (int p = 0; p < NP; ++p)
-      for (int t = 0; t < TB; ++t) sum[p][t] = sum2[p][t] = _mm256_setzero_si256();
-    for (int k = 0; k < 8; ++k) {
-      __m256i xk[TB];
-      for (int t = 0; t < TB; ++t) xk[t] = bcast4_16(x[t].q16 + g * 32 + 4 * k);
-      for (int p = 0; p < NP; ++p) {
-        const int8_t* w = reinterpret_cast<const int8_t*>(m.q + (((p0 + p) * n + g) * 8 + k) * 32);
-        const __m256i wa = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        const __m256i wb = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+  for (int h = 0; h < 2; ++h) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512 + h * 16;
+    const uint16_t* sc = m.s + rb * n * 16 + h * 8;
+    __m256 acc[TB];
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n; ++g, w += 512) {
+      __m256i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
+      for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm256_setzero_si256();
+      for (int k = 0; k < 16; ++k) {
+        const __m256i wk = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 32)));
         for (int t = 0; t < TB; ++t) {
-          const __m256i v = _mm256_hadd_epi32(_mm256_madd_epi16(wa, xk[t]), _mm256_madd_epi16(wb, xk[t]));
-          if (X && k >= 4) sum2[p][t] = _mm256_add_epi32(sum2[p][t], v);
-          else sum[p][t] = _mm256_add_epi32(sum[p][t], v);
+          const __m256i v = _mm256_madd_epi16(wk, _mm256_set1_epi32(load4(x[t].q16 + g * 32 + 2 * k)));
+          if (X && k >= 8) sum2[t] = _mm256_add_epi32(sum2[t], v);
+          else sum[t] = _mm256_add_epi32(sum[t], v);
         }
       }
-    }
-    for (int p = 0; p < NP; ++p) {
       if constexpr (X) {
-        const float* sc = m.sf + ((p0 + p) * 2 * n + 2 * g) * 8;
-        const __m256 s0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc), order);
-        const __m256 s1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sc + 8), order);
-        const __m256 mn = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m.mn + ((p0 + p) * n + g) * 8), order);
+        const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
+        const __m256 s0 = _mm256_loadu_ps(s2), s1 = _mm256_loadu_ps(s2 + 16);
+        const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
         for (int t = 0; t < TB; ++t) {
-          __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[p][t]), s0);
-          r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum2[p][t]), s1, r);
+          __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[t]), s0);
+          r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum2[t]), s1, r);
           r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])), r);
-          acc[p][t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[p][t]);
+          acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
         continue;
       }
-      const __m256 ws = _mm256_permutevar8x32_ps(
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + ((p0 + p) * n + g) * 8))),
-          order);  // to the lanes' row order (the permutation is its own inverse)
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)));
       for (int t = 0; t < TB; ++t)
-        acc[p][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[p][t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])),
-                                    acc[p][t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
+    }
+    alignas(32) float lanes[8];
+    for (int t = 0; t < TB; ++t) {
+      _mm256_store_ps(lanes, acc[t]);
+      store_rows(y, t, rb * 16 + h * 8, m.R, lanes, 8);
     }
   }
-  for (int p = 0; p < NP; ++p)
-    for (int t = 0; t < TB; ++t)
-      store_rows8(y, t, (p0 + p) * kQPanel, m.R, _mm256_permutevar8x32_ps(acc[p][t], order));
 }
+
+constexpr int kQTileMax = 4;  // input rows per tile at most (16 registers)
+
+#endif
 
 template <int TB>
-void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {  // one 16-row block = 2 panels
-  if (m.kind == kQInt4) qtile_int4<2, TB>(m, rb * 2, x, y);
-  else if (m.kind == kQInt8X) qtile_int8<2, TB, true>(m, rb * 2, x, y);
-  else if (m.kind == kQInt4M) qtile_int4<2, TB, true>(m, rb * 2, x, y);
-  else qtile_int8<2, TB>(m, rb * 2, x, y);
+void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
+  if (m.kind == kQInt4) qtile_int4<TB>(m, rb, x, y);
+  else if (m.kind == kQInt4M) qtile_int4<TB, true>(m, rb, x, y);
+  else if (m.kind == kQInt8X) qtile_int8<TB, true>(m, rb, x, y);
+  else qtile_int8<TB>(m, rb, x, y);
 }
 
-constexpr int kQTokens = 2;  // input rows per quantised tile
-
-// Row blocks [rb0, rb1) of a quantised m against n quantised input rows x[0..n) into out rows 0..n.
+// Row blocks [rb0, rb1) of a quantised m against n quantised input rows x[0..n) into out rows 0..n: tiles of the
+// most input rows that remain (up to kQTileMax), each block's weights read once per tile.
 void qmatvec_blocks(const Packed& m, int64_t rb0, int64_t rb1, const QRow* x, int64_t n, const Out& y) {
-  for (int64_t t0 = 0; t0 < n; t0 += kQTokens) {
+  for (int64_t t0 = 0; t0 < n;) {
+    const int64_t left = n - t0;
+    const int tb = left >= 8 && kQTileMax >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const Out yt = y.at(t0);
     for (int64_t rb = rb0; rb < rb1; ++rb) {
-      if (n - t0 >= 2) qtile_block<2>(m, rb, x + t0, yt);
+      if (tb == 8) qtile_block<kQTileMax >= 8 ? 8 : 4>(m, rb, x + t0, yt);
+      else if (tb == 4) qtile_block<4>(m, rb, x + t0, yt);
+      else if (tb == 2) qtile_block<2>(m, rb, x + t0, yt);
       else qtile_block<1>(m, rb, x + t0, yt);
     }
+    t0 += tb;
   }
 }
 
