@@ -42,6 +42,8 @@ def _inverse_names(n_layers: int) -> dict[str, str]:
     for i in range(n_layers):
         for g, m in names.BLOCK.items():
             out[f"model.layers.{i}.{m}"] = f"blk.{i}.{g}"
+        for g, m in names.MTP.items():
+            out[f"model.layers.{i}.{m}"] = f"blk.{i}.{g}"
     return out
 
 
@@ -93,10 +95,12 @@ def write_gguf(path, cfg: ModelConfig, types: dict[str, str] | None = None, toke
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     types = types or {}
-    model = build_model(cfg, "cpu", with_mtp=False)
+    mtp = cfg.num_nextn_predict_layers
+    model = build_model(cfg, "cpu", with_mtp=bool(mtp))
     w = gguf.GGUFWriter(os.fspath(path), "deepseek2", split_max_tensors=split_max_tensors)
-    a = "deepseek2"
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(cfg.num_hidden_layers + mtp)  # (llama.cpp counts the MTP layers in block_count)
+    if mtp:
+        w.add_nextn_predict_layers(mtp)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -137,7 +141,7 @@ def write_gguf(path, cfg: ModelConfig, types: dict[str, str] | None = None, toke
         add_tokenizer(w, tokenizer)
     if chat_template is not None:
         w.add_chat_template(chat_template)
-    inverse = _inverse_names(cfg.num_hidden_layers)
+    inverse = _inverse_names(cfg.num_hidden_layers + mtp)
     out: dict[str, np.ndarray] = {}
     H, nope, v, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     for pname, p in model.state_dict().items():
@@ -198,7 +202,7 @@ def add_tokenizer(w, tok, pre: str = "gpt2") -> None:
 
 def reference_model(cfg: ModelConfig, weights: dict[str, np.ndarray]):
     """dsv3 in float32 holding exactly the dequantised values."""
-    model = build_model(cfg, "cpu", with_mtp=False)
+    model = build_model(cfg, "cpu", with_mtp=bool(cfg.num_nextn_predict_layers))
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
     return model.eval()
 
@@ -236,6 +240,17 @@ def test_metadata_maps_to_the_config(tmp_path):
               "routed_scaling_factor", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
               "v_head_dim", "rms_norm_eps", "rope", "max_position_embeddings", "tie_word_embeddings"):
         assert getattr(got, f) == getattr(cfg, f), f
+
+
+def test_gating_function_defaults_follow_the_expert_bias(tmp_path):
+    cfg = gguf_tiny_cfg()
+    write_gguf(tmp_path / "m.gguf", cfg)
+    g = read_gguf(tmp_path / "m.gguf")
+    del g.metadata["deepseek2.expert_gating_func"]
+    assert gguf_config(g).scoring_func == "sigmoid"  # the V3-only bias tensor is there
+    g.tensors = {n: t for n, t in g.tensors.items() if not n.endswith("exp_probs_b.bias")}
+    got = gguf_config(g)
+    assert got.scoring_func == "softmax" and got.topk_method == "group_limited_greedy"
 
 
 def test_a_foreign_architecture_and_a_missing_key_are_named(tmp_path):

@@ -98,3 +98,17 @@ def test_a_gguf_model_packs_for_the_kernels_and_runs_close_to_the_reference(tmp_
     llm = dsv3.LLM(str(tmp_path / "m.gguf"), max_model_len=64)
     out = llm.generate([[5, 17, 99, 250]], dsv3.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 6
+
+
+def test_the_avx2_build_computes_the_same_bits_for_every_gguf_scheme():
+    if "avx512f" not in cpu_ext.cpu_flags():
+        pytest.skip("the default build already is the AVX2 one")
+    avx2 = cpu_ext.build("dsv3_cpu_avx2", ("-mno-avx512f",))
+    for qtype in TYPES:
+        codes, scales, s = _gguf_weights(qtype, 40, 256)
+        blob = quant_cpu.pack(codes, scales, s)
+        x = (torch.randn(13, 256) * 2).to(BF)
+        got = avx2.linear_f32(x, blob, 40)
+        want = quant_cpu.linear_quant_acts(x, codes, scales, s)
+        assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all(), qtype
+        assert torch.equal(got, OPS.linear_f32(x, blob, 40)), qtype

@@ -50,6 +50,21 @@ def test_every_type_gives_the_dequantized_logits(tmp_path, split_kv_b):
     _assert_logits_equal(model, reference_model(cfg, weights))
 
 
+def test_mtp_layers_in_the_file_load_and_draft_like_the_reference(tmp_path):
+    cfg = gguf_tiny_cfg(num_nextn_predict_layers=1)
+    weights = write_gguf(tmp_path / "m.gguf", cfg, MIXED)
+    assert "blk.3.nextn.eh_proj.weight" in read_gguf(tmp_path / "m.gguf").tensors
+    model = dsv3.load_model(tmp_path / "m.gguf", dtype=torch.float32)
+    assert len(model.mtp_layers) == 1
+    ref = reference_model(cfg, weights)
+    with torch.no_grad():
+        h, r = model.hidden_states(IDS), ref.hidden_states(IDS)
+        a, _ = model.mtp(1, h, IDS.roll(-1, 1))
+        b, _ = ref.mtp(1, r, IDS.roll(-1, 1))
+    assert ((a - b).norm() / b.norm()).item() <= 1e-5
+    assert not dsv3.load_model(tmp_path / "m.gguf", dtype=torch.float32, with_mtp=False).mtp_layers
+
+
 def test_bf16_compute_dtype_runs_the_quantized_weights(tmp_path):
     cfg = gguf_tiny_cfg()
     weights = write_gguf(tmp_path / "m.gguf", cfg, MIXED)
@@ -209,3 +224,11 @@ def test_info_and_plan_accept_a_gguf_file(tmp_path, capsys):
 
     lines = list(commands(report))
     assert lines and all("--model " + str(tmp_path / "m.gguf") in c and "--quantize" not in c for c in lines)
+
+
+def test_parallel_runs_refuse_a_gguf_file_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg())
+    with pytest.raises(ValueError, match=r"m\.gguf is a GGUF file, which dsv3 loads on one process"):
+        dsv3.LLM(str(tmp_path / "m.gguf"), parallel=SimpleNamespace(world_size=2))

@@ -40,7 +40,7 @@ class LLM:
                  device: str | torch.device = "cpu", fp8_mode: str = "dequantize", with_mtp: bool | None = None,
                  progress: bool | None = None, parallel=None, expert_placement=None, cpu_prepack: bool = True,
                  quantize: str | None = None, **engine_kwargs):
-        """model: checkpoint directory (default: the embedded model). cpu_prepack: on the CPU in bf16, pack the
+        """model: checkpoint directory or GGUF file (default: the embedded model; docs/gguf.md). cpu_prepack: on the CPU in bf16, pack the
         weights for oneDNN (faster, bit-identical, inference only). engine_kwargs: EngineConfig fields
         (max_model_len, cache_memory_bytes, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, ...).
         parallel: a dsv3.parallel.ParallelState (init_parallel under torchrun): this rank loads only its shard and
@@ -54,6 +54,12 @@ class LLM:
         if isinstance(engine_kwargs.get("cache_dtype"), str):
             engine_kwargs["cache_dtype"] = parse_dtype(engine_kwargs["cache_dtype"])
         self.path = resolve_model(None if model is None else os.fspath(model))
+        if parallel is not None and parallel.world_size > 1:
+            from ..gguf.files import is_gguf_path
+
+            if is_gguf_path(self.path):
+                raise ValueError(f"{self.path} is a GGUF file, which dsv3 loads on one process; tensor/expert "
+                                 f"parallel runs (--tp/--ep) need a Hugging Face checkpoint directory")
         if parallel is not None and parallel.world_size > 1:
             from ..parallel import load_sharded
 

@@ -4,7 +4,10 @@ Kimi-K2 and V2-Lite) -> ModelConfig, through the Hugging Face config.json fields
 Where GGUF says less than config.json, the choices are llama.cpp's own reading of the same keys:
 - MLA is written as MQA (head_count_kv 1); key_length_mla / value_length_mla hold the per-head dims. Files from
   before those keys existed have key_length = nope + rope, value_length = v.
-- expert_gating_func absent means softmax (llama.cpp's rule for old V2 files); 1 = softmax, 2 = sigmoid.
+- expert_gating_func (1 = softmax, 2 = sigmoid) absent: sigmoid when the file has the expert-bias tensor
+  (exp_probs_b exists only in the V3 family, which scores with sigmoid; the converter leaves the key out when
+  config.json does not spell scoring_func, as transformers' own DeepseekV3Config does), else softmax (llama.cpp's
+  rule for old V2 files; llama.cpp applies it to the first case too, which mis-scores such V3 files).
 - The routing rule: an expert-bias tensor (exp_probs_b) means noaux_tc (V3); else groups > 1 means
   group_limited_greedy (V2); else greedy (V2-Lite).
 - YaRN: the converter stores 0.1 * mscale_all_dim as yarn_log_multiplier and no mscale; every published member has
@@ -64,10 +67,10 @@ def gguf_config(g: GGUFModel) -> ModelConfig:
                             f"vocabulary size is unknown")
         vocab = len(tokens)
     n_experts = key("expert_count", None)
-    gating = int(key("expert_gating_func", 1))
+    has_bias = any(n.endswith(".exp_probs_b.bias") for n in g.tensors)
+    gating = int(key("expert_gating_func", 2 if has_bias else 1))
     if gating not in _GATING:
         raise GGUFError(f"{g.path}: {ARCH}.expert_gating_func is {gating}; dsv3 supports 1 (softmax) and 2 (sigmoid)")
-    has_bias = any(n.endswith(".exp_probs_b.bias") for n in g.tensors)
     groups = int(key("expert_group_count", 1) or 1)
     topk_method = "noaux_tc" if has_bias else ("group_limited_greedy" if groups > 1 else "greedy")
     raw: dict[str, Any] = dict(

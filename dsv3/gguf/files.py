@@ -8,6 +8,7 @@ whose `split.count` / `split.no` keys say where it belongs; the metadata that de
 """
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class GGUFTensor:
     shape: tuple[int, ...]
     data: np.ndarray
     nbytes: int
+    offset: int = 0  # of its first byte in the file
+    part: int = 0  # index of its file in GGUFModel.files
 
 
 @dataclass
@@ -57,6 +60,19 @@ class GGUFModel:
     def where(self, name: str) -> str:
         t = self.tensors.get(name)
         return f"{name} ({os.path.basename(t.file)})" if t else name
+
+    def release(self, t: GGUFTensor) -> None:
+        """Drop the mapped pages of tensor t from this process (the page cache keeps them): a load then holds only
+        what it has decoded, not the file's pages as well, in its resident set."""
+        mm = getattr(self.readers[t.part].data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (OSError, ValueError):
+            pass  # only an optimisation
 
     def type_bytes(self) -> dict[str, int]:
         """Bytes per tensor type, most first."""
@@ -214,6 +230,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
                                 f"come from different models")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             data = t.data if t.data.ndim == len(shape) else t.data.reshape(*shape[:-1], -1)
-            model.tensors[t.name] = GGUFTensor(t.name, fpath, t.tensor_type.name, shape, data, int(t.n_bytes))
+            model.tensors[t.name] = GGUFTensor(t.name, fpath, t.tensor_type.name, shape, data, int(t.n_bytes),
+                                               int(t.data_offset), k)
     assert model is not None
     return model

@@ -166,6 +166,8 @@ def load_gguf_weights(model: Transformer, g: GGUFModel, dtype: torch.dtype, devi
                     else:
                         _set(model, target, _load_float(t, torch.float32 if isinstance(mod, Gate) else dtype,
                                                         device))
+                for s in srcs:
+                    g.release(g.tensors[s])
                 bar.update(sum(g.tensors[s].nbytes for s in srcs))
     finally:
         bar.close()

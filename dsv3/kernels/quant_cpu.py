@@ -28,19 +28,19 @@ KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 
 KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
 
 
-def int4m(s: quant.Scheme) -> bool:
-    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
-    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
-
-
 def native(s: quant.Scheme) -> bool:
     """dsv3's own int8 / int4 (groups of 32, float16 scales): the kernels' compact kinds 1 and 2."""
     return s.bits in KIND and s == quant.Scheme(s.bits)
 
 
+def int4m(s: quant.Scheme) -> bool:
+    """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
+    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
+
+
 def supported(s: quant.Scheme) -> bool:
-    """Whether the kernels run scheme s: the native kinds, or (kind int8x, exactly: the codes widened to int8,
-    scales and mins in float32) GGUF's schemes with float32 scales."""
+    """Whether the kernels run scheme s: the native kinds, int4m, or (kind int8x, exactly: the codes widened to
+    int8, scales and mins in float32) GGUF's other schemes with float32 scales."""
     if native(s):
         return True
     return (s.bits in KIND and s.scale_dtype == torch.float32
@@ -75,8 +75,9 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
-    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16]; kind int4m: float32 scales
-    and mins [panels, n, 16] each)."""
+    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16])."""
+    if not supported(s):
+        raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
     if not native(s) and not int4m(s):
         return pack_int8x(*to_int8x(codes, scales, s))
     *lead, o = codes.shape[:-1]
@@ -112,8 +113,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
 
 
 def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16] and
-    mins [panels, I/32, 16] (header group size 16)."""
+    """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
+    and mins [panels, I/32, 16] (header group size 16)."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")

@@ -9,11 +9,11 @@
 //     int4: [n][G/8 step pairs][16 rows][4 inputs] bytes, the low nibble from step 2k, the high one from step 2k+1
 //           (64 bytes = 8 inputs of 16 rows); codes c in [0, 15], w = (c - 8) * scale;
 //   scales [panels][n][16 rows] float16 (the group scales of the 16 rows side by side).
-// kind 3 (int8x, GGUF's K-quants and any mixture of schemes fused into one matrix, kernels/quant_cpu.py): int8
-//   codes as kind 1, the weight w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][16]
-//   and float32 mins per 32 inputs (g) [panels][D/32][16] right after them; header G = 16.
-// kind 4 (int4m, GGUF's Q4_K and Q4_1): int4 codes as kind 2 but without the offset, w = c * scale_g - min_g with
-//   float32 scales [panels][D/32][16] and float32 mins [panels][D/32][16] right after them; 6 bits per weight.
+//   kind 3 (int8x, GGUF's Q5_K / Q6_K / Q5_1 and any mixture of schemes fused into one matrix, quant_cpu.py):
+//     codes as int8, w = c * scale_h - min_g with float32 scales per 16 inputs (h) [panels][D/16][16 rows] and
+//     float32 mins per 32 (g) [panels][D/32][16 rows] right after them; header G = 16;
+//   kind 4 (int4m, GGUF's Q4_K / Q4_1): codes as int4 but without the offset, w = c * scale_g - min_g, float32
+//     scales [panels][n][16 rows] then float32 mins [panels][n][16 rows] (6 bits per weight).
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -58,18 +58,12 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
-  if (h.kind == kQInt8X) {
-    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
+  if (h.kind == kQInt8X || h.kind == kQInt4M) {
+    const int64_t panels = (R + kQPanel - 1) / kQPanel, per = h.kind == kQInt8X ? D / 16 : D / 32;
     m.sf = reinterpret_cast<const float*>(base + h.scales);
-    m.mn = m.sf + panels * (D / 16) * kQPanel;
-    TORCH_CHECK(h.scales + (panels * (D / 16 + D / 32) * kQPanel) * 4 <= h.bytes, name, ": blob too short for its "
-                "scales and mins");
-  } else if (h.kind == kQInt4M) {
-    const int64_t panels = (R + kRows - 1) / kRows * (kRows / kQPanel);
-    m.sf = reinterpret_cast<const float*>(base + h.scales);
-    m.mn = m.sf + panels * (D / 32) * kQPanel;
-    TORCH_CHECK(h.scales + panels * (D / 32) * kQPanel * 8 <= h.bytes, name, ": blob too short for its scales and "
-                "mins");
+    m.mn = m.sf + panels * per * kQPanel;
+    TORCH_CHECK(h.scales + panels * (per + D / 32) * kQPanel * 4 <= h.bytes, name,
+                ": blob too short for its scales and mins");
   }
   return m;
 }
@@ -166,9 +160,6 @@ struct QActs {
 // dpwssd (int8: codes widened to int16 x int16 inputs, 2 per lane) forms 16 rows' partial sums; on AVX2 the block is
 // two halves of 8 rows, with maddubs / madd. Both give the same exact integer group sums and then the same float32
 // operations per row, so every build computes the same bits.
-// M (kind int4m): codes without the offset, float32 scales, and the group's min times its activation sum taken off.
-// X (kind int8x): the two 16-input halves of a group keep separate sums for their own float32 scales, and the
-// group's min times its activation sum is taken off: y += d_g * (s_h0 S_h0 + s_h1 S_h1 - min_g * sum_g q).
 
 inline int32_t load4(const void* p) {
   int32_t v;
@@ -191,11 +182,13 @@ inline void store_rows(const Out& y, int64_t t, int64_t row0, int64_t R, const f
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DSV3_QVNNI 1
 
-template <int TB, bool M>
+// M (kind int4m): codes without the offset, float32 scales, the group's min times its activation sum taken off.
+template <int TB, bool M = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m512i nib = _mm512_set1_epi8(0x0f);
   const uint8_t* w = m.q + rb * n * 256;
+  const uint16_t* sc = m.s + rb * n * 16;
   __m512 acc[TB];
   for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < n; ++g, w += 256) {
@@ -217,12 +210,12 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
                                           _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), ws));
         acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
       }
-    } else {
-      const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.s + (rb * n + g) * 16)));
-      for (int t = 0; t < TB; ++t) {
-        const __m512i s32 = _mm512_sub_epi32(sum[t], _mm512_set1_epi32(8 * x[t].s[g]));
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
-      }
+      continue;
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 16)));
+    for (int t = 0; t < TB; ++t) {
+      const __m512i s32 = _mm512_sub_epi32(sum[t], _mm512_set1_epi32(8 * x[t].s[g]));
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
     }
   }
   alignas(64) float lanes[16];
@@ -232,14 +225,17 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-template <int TB, bool X>
+// X (kind int8x): the group's two 16-input halves keep their own sums for their own float32 scales, and the
+// group's min times its activation sum is taken off: y += d_g (s_h0 S_h0 + s_h1 S_h1 - min_g sum_g q).
+template <int TB, bool X = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512;
+  const uint16_t* sc = m.s + rb * n * 16;
   __m512 acc[TB];
   for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < n; ++g, w += 512) {
-    __m512i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27; sum2: X's second half
+    __m512i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
     for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm512_setzero_si512();
     for (int k = 0; k < 16; ++k) {
       const __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32)));
@@ -250,8 +246,8 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       }
     }
     if constexpr (X) {
-      const float* sc = m.sf + (rb * 2 * n + 2 * g) * 16;
-      const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+      const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
+      const __m512 s0 = _mm512_loadu_ps(s2), s1 = _mm512_loadu_ps(s2 + 16);
       const __m512 mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
       for (int t = 0; t < TB; ++t) {
         __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), s0);
@@ -259,11 +255,11 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])), r);
         acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
       }
-    } else {
-      const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.s + (rb * n + g) * 16)));
-      for (int t = 0; t < TB; ++t)
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t]), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
+      continue;
     }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g * 16)));
+    for (int t = 0; t < TB; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t]), _mm512_mul_ps(ws, _mm512_set1_ps(x[t].d[g])), acc[t]);
   }
   alignas(64) float lanes[16];
   for (int t = 0; t < TB; ++t) {
@@ -272,16 +268,17 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sums: 16-24 of the 32 vector registers)
+constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sums: 16 of the 32 vector registers)
 
 #else  // AVX2: each 16-row block as two halves of 8 rows
 
-template <int TB, bool M>
+template <int TB, bool M = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
     const uint8_t* w = m.q + rb * n * 256 + h * 32;
+    const uint16_t* sc = m.s + rb * n * 16 + h * 8;
     __m256 acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n; ++g, w += 256) {
@@ -296,20 +293,20 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
                                                              _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq + 4)))));
         }
       }
-      const int64_t so = (rb * n + g) * 16 + h * 8;
       if constexpr (M) {
-        const __m256 ws = _mm256_loadu_ps(m.sf + so), mn = _mm256_loadu_ps(m.mn + so);
+        const __m256 ws = _mm256_loadu_ps(m.sf + (rb * n + g) * 16 + h * 8);
+        const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
         for (int t = 0; t < TB; ++t) {
           const __m256 r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])),
                                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones)), ws));
           acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
-      } else {
-        const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + so)));
-        for (int t = 0; t < TB; ++t) {
-          const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
-        }
+        continue;
+      }
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)));
+      for (int t = 0; t < TB; ++t) {
+        const __m256i s32 = _mm256_sub_epi32(_mm256_madd_epi16(sum[t], ones), _mm256_set1_epi32(8 * x[t].s[g]));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
       }
     }
     alignas(32) float lanes[8];
@@ -320,15 +317,16 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-template <int TB, bool X>
+template <int TB, bool X = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   for (int h = 0; h < 2; ++h) {
     const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512 + h * 16;
+    const uint16_t* sc = m.s + rb * n * 16 + h * 8;
     __m256 acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n; ++g, w += 512) {
-      __m256i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27; sum2: X's 2nd half
+      __m256i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
       for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm256_setzero_si256();
       for (int k = 0; k < 16; ++k) {
         const __m256i wk = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 32)));
@@ -339,8 +337,8 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         }
       }
       if constexpr (X) {
-        const float* sc = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
-        const __m256 s0 = _mm256_loadu_ps(sc), s1 = _mm256_loadu_ps(sc + 16);
+        const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
+        const __m256 s0 = _mm256_loadu_ps(s2), s1 = _mm256_loadu_ps(s2 + 16);
         const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
         for (int t = 0; t < TB; ++t) {
           __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[t]), s0);
@@ -348,12 +346,11 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
           r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])), r);
           acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
-      } else {
-        const __m256 ws =
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.s + (rb * n + g) * 16 + h * 8)));
-        for (int t = 0; t < TB; ++t)
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
+        continue;
       }
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)));
+      for (int t = 0; t < TB; ++t)
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[t]), _mm256_mul_ps(ws, _mm256_set1_ps(x[t].d[g])), acc[t]);
     }
     alignas(32) float lanes[8];
     for (int t = 0; t < TB; ++t) {
@@ -369,12 +366,10 @@ constexpr int kQTileMax = 4;  // input rows per tile at most (16 registers)
 
 template <int TB>
 void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
-  switch (m.kind) {
-    case kQInt4: qtile_int4<TB, false>(m, rb, x, y); break;
-    case kQInt4M: qtile_int4<TB, true>(m, rb, x, y); break;
-    case kQInt8X: qtile_int8<TB, true>(m, rb, x, y); break;
-    default: qtile_int8<TB, false>(m, rb, x, y);
-  }
+  if (m.kind == kQInt4) qtile_int4<TB>(m, rb, x, y);
+  else if (m.kind == kQInt4M) qtile_int4<TB, true>(m, rb, x, y);
+  else if (m.kind == kQInt8X) qtile_int8<TB, true>(m, rb, x, y);
+  else qtile_int8<TB>(m, rb, x, y);
 }
 
 // Row blocks [rb0, rb1) of a quantised m against n quantised input rows x[0..n) into out rows 0..n: tiles of the
