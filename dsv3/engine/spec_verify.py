@@ -44,11 +44,22 @@ class SpecVerification:
             return
         seqs = [batch.seqs[i] for i in drafted]
         picks = [r for i in drafted for r in range(offsets[i], offsets[i + 1])]
-        verified = verify_rows(logits[picks], [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
-                               [s.extra["sampling"] for s in seqs])
+        try:
+            verified = verify_rows(logits[picks], [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                   [s.extra["sampling"] for s in seqs])
+        except Exception:  # noqa: BLE001 - one sequence's failure ends that sequence only: retry one by one
+            verified = [self._verify_one(logits[offsets[i]:offsets[i + 1]], s) for i, s in zip(drafted, seqs)]
         for i, seq, toks in zip(drafted, seqs, verified):
             new_tokens[i] = toks
             self._count_verified(seq, len(toks) - 1)
+
+    @staticmethod
+    def _verify_one(logits: torch.Tensor, seq: Sequence) -> list[int]:
+        try:
+            return verify_rows(logits, [seq.draft], [seq.extra["draft_q"]], [seq.extra["sampling"]])[0]
+        except Exception as e:  # noqa: BLE001 - the engine ends this request with the error (RequestBook._append)
+            seq.extra["sampling"].fail(f"draft verification failed ({type(e).__name__}: {e})")
+            return [0]
 
     def _draft_from_step(self, batch, fused: StepDrafts) -> None:
         """After a step's appends, MTP at each drafting sequence's last verified row proposes its next draft: drawn
@@ -89,6 +100,8 @@ class SpecVerification:
         g = self.runner.graphs
         if g is None or self.num_draft != 1 or self.sync_tokens is not None:
             return None
+        if any("guided" in seq.extra or seq.params.logit_bias for seq in batch.seqs):
+            return None  # the graphs' fused argmaxes cannot see a grammar mask or a bias
         for seq, k, n in zip(batch.seqs, n_known, batch.num_new):
             if k != 1 or n != 1 + len(seq.draft) or not seq.extra["speculate"] or not seq.params.greedy:
                 return None
