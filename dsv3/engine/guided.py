@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -190,8 +191,9 @@ class GrammarBackend:
         t0 = time.perf_counter()
         try:
             compiled = self._compile(spec)
-        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar reports bad input as RuntimeError
+        except Exception as e:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError, or worse
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", first)  # xgrammar's "[time] file.cc:line: "
             raise ValueError(f"the {spec.kind} constraint cannot be compiled: {first}") from None
         with self._lock:
             self.compile_seconds[key] = time.perf_counter() - t0

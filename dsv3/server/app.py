@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from . import protocol, serving
+from . import protocol, serving, serving_chat
 from .engine_loop import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -175,7 +175,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         try:
-            return await serving.chat_completions(state, request, req)
+            return await serving_chat.chat_completions(state, request, req)
         except ClientDisconnected:
             return serving.disconnected_response()
 
