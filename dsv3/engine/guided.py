@@ -37,6 +37,8 @@ MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 4096
 GRAMMAR_CACHE_SIZE = 256
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+_BOUNDED_CHAR = r'[^\"\\\r\n]'  # (EBNF text)
+_JSON_CHAR = r'[^\0-\x1f\"\\]'
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
 
 
@@ -173,6 +175,7 @@ class GrammarBackend:
             vocab = ["" if i in special else tokenizer.decode([i]) for i in range(n)]
             vtype = xgr.VocabType.RAW
         self.vocab_size = vocab_size
+        self.special = frozenset(special) - set(eos_ids)
         self.info = xgr.TokenizerInfo(vocab, vtype, vocab_size=vocab_size, stop_token_ids=list(eos_ids))
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._cache: OrderedDict[str, Any] = OrderedDict()
@@ -206,12 +209,16 @@ class GrammarBackend:
     def _compile(self, spec: GuidedDecoding) -> Any:
         c = self.compiler
         kind = spec.kind
-        if kind == "json":
-            schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+        if kind in ("json", "json_object"):
+            if kind == "json":
+                schema, strict = (spec.json if isinstance(spec.json, str) else json.dumps(spec.json)), spec.strict
+            else:
+                schema, strict = '{"type": "object"}', False
             # Compact JSON: any_whitespace would let a weak model pad with spaces until max_tokens runs out.
-            return c.compile_json_schema(schema, any_whitespace=False, strict_mode=spec.strict)
-        if kind == "json_object":
-            return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            grammar = self._xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+            # xgrammar's length-bounded strings allow raw control characters, which JSON forbids (its unbounded
+            # strings exclude them): give both the same character class.
+            return c.compile_grammar(str(grammar).replace(_BOUNDED_CHAR, _JSON_CHAR))
         if kind == "regex":
             return c.compile_regex(spec.regex)
         if kind == "choice":
@@ -229,6 +236,7 @@ class GuidedState:
         xgr = backend._xgr
         self._xgr = xgr
         self.vocab_size = backend.vocab_size
+        self.special = backend.special
         self.matcher = xgr.GrammarMatcher(compiled, max_rollback_tokens=-1)
 
     @property
@@ -253,7 +261,7 @@ class GuidedState:
                 continue
             m.fill_next_token_bitmask(bitmask, first + j)
             if j + 1 < rows:
-                if j < len(draft) and m.accept_token(int(draft[j])):
+                if j < len(draft) and draft[j] not in self.special and m.accept_token(int(draft[j])):
                     advanced += 1
                 else:  # a refused draft: verification stops at row j, later rows only need some mask
                     for k in range(j + 1, rows):
