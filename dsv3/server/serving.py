@@ -143,8 +143,9 @@ def make_params(state: ServerState, req, max_tokens: int, logprobs: int | None,
         param = None
         if msg.startswith("SamplingParams."):
             param, _, rest = msg[len("SamplingParams."):].partition(" ")
+            msg = f"{(renamed or {}).get(param, param)} {rest}"
+            param = param.partition("[")[0]  # logit_bias[5] -> the field, logit_bias
             param = (renamed or {}).get(param, param)
-            msg = f"{param} {rest}"
         raise APIError(400, msg, param=param, code="invalid_value") from None
     return params
 
