@@ -92,6 +92,7 @@ class ChoiceOutput:
         reasoning = None
         if self.splitter is not None:
             reasoning, text = self.splitter.split(text)
+            reasoning = reasoning or None
         calls: list[ToolCall] | None = None
         content: str | None = text
         if self.mode.forced is not None:
