@@ -212,3 +212,15 @@ def test_family_templates_render_tool_results(tiny_ckpt, family):
     if family == "deepseek_v31":
         off = tok.apply_chat_template(req.conversation(), True, thinking=False)
         assert off.endswith("</think>") and not starts_in_reasoning(off)
+
+
+def test_dsv3_chat_shows_reasoning_apart_and_keeps_only_the_answer(capsys):
+    from dsv3.commands.chat import _Shown
+
+    show = _Shown(reasons=True, in_reasoning=True, tty=False)
+    kept = "".join(show.write(d) for d in ["pla", "n it</th", "ink>The ", "answer."]) + show.write("", final=True)
+    assert kept == "The answer."
+    assert capsys.readouterr().out == "[thinking]\nplan it\n[answer]\nThe answer."
+    tty = _Shown(reasons=True, in_reasoning=False, tty=True)
+    assert tty.write("<think>x</think>y", final=True) == "y"
+    assert capsys.readouterr().out == "\033[2mx\033[0my"
