@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .guided import apply_row_constraints
 from .sampling import shared_temperature, uniforms
 from .scheduler import Sequence
 from .speculative import accept_greedy, verify_rows
@@ -52,6 +53,15 @@ class SpecVerification:
         for i, seq, toks in zip(drafted, seqs, verified):
             new_tokens[i] = toks
             self._count_verified(seq, len(toks) - 1)
+
+    def _propose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Drafts of constrained sequences come from the MTP logits under their logit bias and grammar mask (the
+        grammar's state after the tokens just appended): a draft the grammar refuses would only be rejected, so more
+        are accepted, and the draft's q is the masked distribution it was drawn from, which keeps verification exact.
+        (LLMEngine lists this mixin before SpecDrafting, so every drafting path comes through here.)"""
+        if any("guided" in s.extra or s.params.logit_bias for s in seqs):
+            apply_row_constraints(logits, seqs, [[0]] * len(seqs))
+        return super()._propose(logits, seqs)
 
     @staticmethod
     def _verify_one(logits: torch.Tensor, seq: Sequence) -> list[int]:
@@ -179,7 +189,9 @@ class SpecVerification:
                 continue
             rows.append(i)
             p = seq.params
-            if p.greedy:
+            if "guided" in seq.extra or p.logit_bias:
+                filtered = True  # its draft is drawn after the step, under its mask (_propose)
+            elif p.greedy:
                 temps.append(0.0)
             elif shared_temperature([seq.extra["sampling"]]) is None:
                 filtered = True
