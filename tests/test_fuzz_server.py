@@ -89,3 +89,33 @@ def test_reasoning_content_with_the_thinking_switch(client):
     off = client.post("/v1/chat/completions", json={**think, "chat_template_kwargs": {"thinking": False}}).json()
     msg = off["choices"][0]["message"]
     assert msg["content"] and msg["reasoning_content"] is None
+
+
+def test_grammar_compilation_does_not_hold_up_other_requests(client, monkeypatch):
+    import time
+
+    from dsv3.engine.guided import GrammarBackend
+
+    real = GrammarBackend._compile
+
+    def slow(self, spec):
+        if spec.kind == "regex" and spec.regex == "slow[0-9]":
+            time.sleep(3.0)
+        return real(self, spec)
+
+    monkeypatch.setattr(GrammarBackend, "_compile", slow)
+    done = {}
+
+    def post(name, body):
+        r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, **body})
+        done[name] = (time.perf_counter(), r.status_code, r.json())
+
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(post, "slow", {"guided_regex": "slow[0-9]"})
+        time.sleep(0.3)  # the slow compile is under way
+        b = pool.submit(post, "free", {"temperature": 0})
+        a.result()
+        b.result()
+    assert done["free"][1] == 200 and done["slow"][1] == 200
+    assert done["free"][0] < done["slow"][0] - 1.0  # answered while the other grammar was still compiling
+    assert done["slow"][2]["choices"][0]["message"]["content"] in {f"slow{i}" for i in range(10)}
