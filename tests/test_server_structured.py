@@ -186,3 +186,21 @@ def test_refused_before_any_work(server, body, param, code):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["code"] == code and err["type"] == "invalid_request_error", err
+
+
+def test_n_streaming_and_logprobs_under_a_schema(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    kw = dict(model=NAME, messages=USER, temperature=1.0, seed=11, max_tokens=200, response_format=fmt)
+    r = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in r.choices]
+    for t in texts:
+        jsonschema.validate(json.loads(t), PERSON)
+    assert len(set(texts)) > 1  # each copy has its own sample and its own grammar state
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in client.chat.completions.create(stream=True, **kw))
+    assert streamed == texts[0]  # completion 0 of a seeded request = the same request with n = 1, streamed or not
+    # The mask rules tokens out: their logprobs are -inf inside, -9999 on the wire (JSON has no -inf).
+    r = client.chat.completions.create(model=NAME, messages=USER, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=5, extra_body={"guided_choice": ["yes", "no"]})
+    entries = r.choices[0].logprobs.content
+    assert r.choices[0].message.content in ("yes", "no") and entries
+    assert all(-9999.0 <= t.logprob <= 0 for e in entries for t in e.top_logprobs)
