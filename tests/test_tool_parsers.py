@@ -224,3 +224,13 @@ def test_dsv3_chat_shows_reasoning_apart_and_keeps_only_the_answer(capsys):
     tty = _Shown(reasons=True, in_reasoning=False, tty=True)
     assert tty.write("<think>x</think>y", final=True) == "y"
     assert capsys.readouterr().out == "\033[2mx\033[0my"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_auto_call():
+    fmt = FORMATS["deepseek_v31"]
+    mode = ChatOutputMode(tool_format=fmt, tool_names=TOOLS, parallel=False)
+    msg, finish = ChoiceOutput(mode).message(CASES["deepseek_v31"], "stop")
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"] and finish == "tool_calls"
+    out = ChoiceOutput(mode)
+    deltas = out.feed(CASES["deepseek_v31"]) + out.finish("stop")[0]
+    assert {tc["index"] for d in deltas for tc in d.get("tool_calls", [])} == {0}

@@ -53,6 +53,7 @@ class ChatOutputMode:
     tool_format: ToolFormat | None = None  # tool_choice auto with a template that writes tool calls
     tool_names: list[str] = field(default_factory=list)
     forced: str | None = None  # "required", or the named function (output is the constraint's JSON)
+    parallel: bool = True  # parallel_tool_calls: false keeps the first call an "auto" answer makes
 
     @property
     def parses(self) -> bool:
@@ -102,7 +103,7 @@ class ChoiceOutput:
         elif self.mode.tool_format is not None:
             parsed = self.mode.tool_format.parse(text, self.mode.tool_names)
             if parsed is not None and parsed[1]:
-                content, calls = parsed[0] or None, parsed[1]
+                content, calls = parsed[0] or None, parsed[1] if self.mode.parallel else parsed[1][:1]
         msg: dict[str, Any] = {"content": content, "reasoning_content": reasoning,
                                "tool_calls": [c.openai() for c in calls or []]}
         return msg, ("tool_calls" if calls and finish_reason == "stop" else finish_reason)
@@ -142,7 +143,7 @@ class ChoiceOutput:
                     out[-1]["content"] += value
                 else:
                     out.append({"content": value})
-            else:
+            elif self.mode.parallel or not self.num_calls:
                 out += self._call_deltas([value])
         return out
 

@@ -81,7 +81,7 @@ def _render(state: ServerState, req: ChatCompletionRequest) -> tuple[str, str | 
 def _output_mode(req: ChatCompletionRequest, prompt_text: str, template: str | None, guided) -> ChatOutputMode:
     choice = req.tool_choice or ("auto" if req.tools else "none")
     names = [t.function.name for t in req.tools or []]
-    mode = ChatOutputMode(tool_names=names)
+    mode = ChatOutputMode(tool_names=names, parallel=req.parallel_tool_calls)
     if isinstance(choice, NamedToolChoice):
         mode.forced = choice.function.name
     elif choice == "required":
