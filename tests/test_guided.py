@@ -48,11 +48,11 @@ def params(guided: GuidedDecoding | None = None, **kw) -> SamplingParams:
 def test_json_schema_sampled_outputs_validate(llms):
     llm = llms["auto"]
     g = GuidedDecoding(json=SCHEMA)
-    outs = llm.generate(["Describe a user:"] * 24, [params(g, temperature=1.0, seed=s) for s in range(24)])
+    outs = llm.generate(["Describe a user:"] * 16, [params(g, temperature=1.0, seed=s) for s in range(16)])
     for o in outs:
         assert o.finish_reason == "stop", o.text
         jsonschema.validate(json.loads(o.text), SCHEMA)
-    assert len({o.text for o in outs}) > 12  # sampled, not one answer repeated
+    assert len({o.text for o in outs}) > 8  # sampled, not one answer repeated
     assert llm.engine.stats["spec_verify_steps"] > 0  # drafts were verified against the grammar
 
 
@@ -67,7 +67,7 @@ def test_json_schema_sampled_outputs_validate(llms):
 def test_speculation_gives_the_same_constrained_output(llms, guided, check):
     """Greedy: drafts checked against the grammar give exactly the output of decoding without speculation."""
     prompts = ["The answer:", "def f(x):", "Colour of the sky"]
-    n = 48  # (greedy JSON from a random model may run on to the limit: the comparison is the point here)
+    n = 32  # (greedy JSON from a random model may run on to the limit: the comparison is the point here)
     auto = llms["auto"].generate(prompts, [params(guided, max_tokens=n)] * 3)
     off = llms["off"].generate(prompts, [params(guided, max_tokens=n)] * 3)
     assert [o.token_ids for o in auto] == [o.token_ids for o in off]
