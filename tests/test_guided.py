@@ -209,3 +209,30 @@ def test_a_failing_append_ends_only_its_request(llms, monkeypatch):
     outs = llm.generate(["a", "b"], [params(g, max_tokens=8), params(max_tokens=8, ignore_eos=True)])
     assert outs[0].finish_reason == "error" and "matcher broke" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 8
+
+
+def test_a_failing_draft_verification_ends_only_its_request(llms, monkeypatch):
+    """With speculation: the batched verification fails because of one sequence, each is verified alone, that one
+    ends with the error and the others (greedy and seeded sampled, all speculating) get their own tokens."""
+    from dsv3.engine import spec_verify
+
+    llm = llms["auto"]
+    prompts = ["Once upon a time", "def main():", "Describe a user:", "A list:"]
+    ps = [params(max_tokens=16, ignore_eos=True), params(max_tokens=16, ignore_eos=True),
+          params(max_tokens=16, ignore_eos=True, temperature=1.0, seed=13),
+          params(max_tokens=16, ignore_eos=True, temperature=1.0, seed=5)]
+    alone = {i: llm.generate(prompts[i], ps[i])[0] for i in (0, 1, 3)}
+    real = spec_verify.verify_rows
+
+    def poisoned(logits, drafts, qs, states):
+        if any(s.params.seed == 13 for s in states):
+            raise RuntimeError("verification broke")
+        return real(logits, drafts, qs, states)
+
+    monkeypatch.setattr(spec_verify, "verify_rows", poisoned)
+    before = llm.engine.stats["spec_verify_steps"]
+    outs = llm.generate(prompts, ps)
+    assert llm.engine.stats["spec_verify_steps"] > before
+    assert outs[2].finish_reason == "error" and "verification broke" in outs[2].error
+    for i in (0, 1, 3):
+        assert outs[i].token_ids == alone[i].token_ids

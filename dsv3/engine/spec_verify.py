@@ -150,8 +150,11 @@ class SpecVerification:
             return None
         positions, ctx = reuse
         if fused_mtp is not None:
-            accepted = verify_rows(logits, [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
-                                   [s.extra["sampling"] for s in seqs])
+            try:
+                accepted = verify_rows(logits, [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                       [s.extra["sampling"] for s in seqs])
+            except Exception:  # noqa: BLE001 - one sequence's failure ends that sequence only (see _verify_drafts)
+                accepted = [self._verify_one(logits[offsets[i]:offsets[i + 1]], s) for i, s in enumerate(seqs)]
             # Each verified row's next token is the one accepted after it; rows past the last verified one are
             # throwaway (their latents are rewritten before anyone reads them).
             next_ids = []
