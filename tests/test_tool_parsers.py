@@ -234,3 +234,27 @@ def test_parallel_tool_calls_false_keeps_the_first_auto_call():
     out = ChoiceOutput(mode)
     deltas = out.feed(CASES["deepseek_v31"]) + out.finish("stop")[0]
     assert {tc["index"] for d in deltas for tc in d.get("tool_calls", [])} == {0}
+
+
+def test_server_parser_overrides():
+    from types import SimpleNamespace
+
+    pytest.importorskip("fastapi")
+    from dsv3.server.app import create_app
+    from dsv3.server.serving_chat import _output_mode
+
+    req = _request(tool_choice="auto")
+    v31 = FAMILY["deepseek_v31"]
+
+    def mode(tools: str, reasoning: str, template=v31, prompt="<｜Assistant｜><think>"):
+        return _output_mode(SimpleNamespace(tool_call_parser=tools, reasoning_parser=reasoning), req, prompt,
+                            template, None)
+
+    m = mode("auto", "auto")
+    assert m.tool_format.name == "deepseek_v31" and m.reasoning and m.starts_in_reasoning
+    m = mode("none", "none")
+    assert m.tool_format is None and not m.reasoning
+    m = mode("kimi_k2", "think", template="{{ messages }}", prompt="x")  # a template without any markers
+    assert m.tool_format.name == "kimi_k2" and m.reasoning and not m.starts_in_reasoning
+    with pytest.raises(ValueError, match="tool_call_parser 'hermes'"):
+        create_app(None, "x", tool_call_parser="hermes")

@@ -45,6 +45,8 @@ class ServerState:
     shutdown_grace: float = 30.0
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_call_parser: str = "auto"  # "auto": the chat template's format; "none"; or a tool_parsers.FORMATS name
+    reasoning_parser: str = "auto"  # "auto": when the template knows the think tags; "none"; "think"
 
     def __post_init__(self):
         e = self.engine.engine

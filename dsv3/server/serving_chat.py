@@ -45,7 +45,7 @@ from .serving import (
     submit,
     usage,
 )
-from .tool_parsers import detect_tool_format
+from .tool_parsers import FORMATS, detect_tool_format
 
 __all__ = ["chat_completions"]
 
@@ -78,7 +78,8 @@ def _render(state: ServerState, req: ChatCompletionRequest) -> tuple[str, str | 
     return text, template
 
 
-def _output_mode(req: ChatCompletionRequest, prompt_text: str, template: str | None, guided) -> ChatOutputMode:
+def _output_mode(state: ServerState, req: ChatCompletionRequest, prompt_text: str, template: str | None,
+                 guided) -> ChatOutputMode:
     choice = req.tool_choice or ("auto" if req.tools else "none")
     names = [t.function.name for t in req.tools or []]
     mode = ChatOutputMode(tool_names=names, parallel=req.parallel_tool_calls)
@@ -86,10 +87,12 @@ def _output_mode(req: ChatCompletionRequest, prompt_text: str, template: str | N
         mode.forced = choice.function.name
     elif choice == "required":
         mode.forced = "required"
-    elif choice == "auto" and req.tools and guided is None:
-        mode.tool_format = detect_tool_format(template)
+    elif choice == "auto" and req.tools and guided is None and state.tool_call_parser != "none":
+        parser = state.tool_call_parser
+        mode.tool_format = detect_tool_format(template) if parser == "auto" else FORMATS[parser]
     # A constrained answer starts with its first token, so it has no think block to split off.
-    if guided is None and template_reasons(template):
+    reasons = {"auto": template_reasons(template), "none": False, "think": True}[state.reasoning_parser]
+    if guided is None and reasons:
         mode.reasoning = True
         mode.starts_in_reasoning = starts_in_reasoning(prompt_text)
     return mode
@@ -107,7 +110,7 @@ async def chat_completions(state: ServerState, request: Request, req: ChatComple
     max_tokens = resolve_max_tokens(state, [len(prompt)], req.requested_max_tokens, "messages")
     guided = req.guided(tool_choice_guided(req.tools or [], req.tool_choice, req.parallel_tool_calls))
     await compile_guided(state, guided, req.guided_param)
-    mode = _output_mode(req, text, template, guided)
+    mode = _output_mode(state, req, text, template, guided)
     # Parsers read the marker tokens (think tags, tool-call tokens), which are special tokens in real vocabularies.
     params = make_params(state, req, max_tokens, req.num_logprobs, {"logprobs": "top_logprobs"}, guided=guided,
                          skip_special_tokens=not mode.parses)
