@@ -236,3 +236,26 @@ def test_a_failing_draft_verification_ends_only_its_request(llms, monkeypatch):
     assert outs[2].finish_reason == "error" and "verification broke" in outs[2].error
     for i in (0, 1, 3):
         assert outs[i].token_ids == alone[i].token_ids
+
+
+def test_logits_wider_than_the_tokenizer_never_pick_padding(llms):
+    """Real checkpoints pad the head beyond the tokenizer (DeepSeek-V3: 129,280 rows, ~128,815 tokens): the
+    padding ids are never allowed, and special tokens other than eos never appear inside a constrained output."""
+    from dsv3.engine.guided import GrammarBackend, apply_row_constraints
+
+    tok = llms["auto"].tokenizer
+    wide = tok.vocab_size + 77
+    backend = GrammarBackend(tok, wide, [1])
+    state = backend.new_state(GuidedDecoding(json_object=True))
+
+    class Seq:
+        draft: list = []
+        extra = {"guided": state}
+
+    logits = torch.zeros(1, wide)
+    logits[0, tok.vocab_size:] = 1000.0  # the padding would win without the mask
+    apply_row_constraints(logits, [Seq()], [[0]])
+    allowed = (logits[0] > -1e30).nonzero().flatten().tolist()
+    assert allowed and max(allowed) < tok.vocab_size
+    assert not set(allowed) & set(tok.special_ids)
+    assert all(tok.decode([i]).lstrip().startswith("{") for i in allowed)
