@@ -259,3 +259,29 @@ def test_logits_wider_than_the_tokenizer_never_pick_padding(llms):
     assert allowed and max(allowed) < tok.vocab_size
     assert not set(allowed) & set(tok.special_ids)
     assert all(tok.decode([i]).lstrip().startswith("{") for i in allowed)
+
+
+@pytest.mark.slow
+def test_sampled_speculation_under_a_grammar_keeps_the_distribution(llms):
+    """Two-sample chi-square: seeded sampled outputs under a regex, speculating (drafts drawn from the masked MTP
+    head, verified against the masked target) and not, come from the same distribution."""
+    from scipy.stats import chi2_contingency
+
+    g = GuidedDecoding(regex="[abc][abc]")
+    n = 180
+    counts = {}
+    for name in ("auto", "off"):
+        eng = llms[name].engine
+        before = eng.stats["spec_drafted"]
+        outs = llms[name].generate(["Letters:"] * n, [params(g, temperature=1.5, seed=s, max_tokens=8)
+                                                      for s in range(n)])
+        assert all(re.fullmatch("[abc]{2}", o.text) for o in outs)
+        counts[name] = {o.text: 0 for o in outs}
+        for o in outs:
+            counts[name][o.text] += 1
+        if name == "auto":
+            assert eng.stats["spec_drafted"] > before
+    keys = sorted(set(counts["auto"]) | set(counts["off"]))
+    table = [[counts[name].get(k, 0) + 0.5 for k in keys] for name in ("auto", "off")]
+    assert len(keys) > 4
+    assert chi2_contingency(table).pvalue > 0.001
