@@ -90,6 +90,10 @@ COMMON = {
     "guided_regex": regex,
     "guided_choice": st.one_of(st.lists(st.text(max_size=4), max_size=4), junk),
     "guided_grammar": grammar,
+    "structured_outputs": st.one_of(st.fixed_dictionaries({}, optional={"json": schema, "regex": regex,
+                                                                       "choice": st.lists(st.text(max_size=3)),
+                                                                       "grammar": grammar,
+                                                                       "json_object": st.booleans()}), junk),
 }
 CHAT = {
     "logprobs": st.one_of(st.booleans(), junk),

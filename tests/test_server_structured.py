@@ -152,6 +152,9 @@ def test_other_constraints_and_logit_bias(client, ckpt):
     r = client.chat.completions.create(model=NAME, messages=USER, max_tokens=10, temperature=1.0, seed=3,
                                        extra_body={"guided_choice": ["sunny", "rainy"]})
     assert r.choices[0].message.content in ("sunny", "rainy")
+    r = client.chat.completions.create(model=NAME, messages=USER, max_tokens=10, temperature=1.0, seed=4,
+                                       extra_body={"structured_outputs": {"choice": ["up", "down"]}})
+    assert r.choices[0].message.content in ("up", "down")
     r = client.completions.create(model=NAME, prompt="Date:", max_tokens=30, temperature=1.0, seed=3,
                                   extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]"})
     assert len(r.choices[0].text) == 7 and r.choices[0].text.startswith("20")
@@ -176,6 +179,8 @@ def test_other_constraints_and_logit_bias(client, ckpt):
      "invalid_value"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", "invalid_value"),
     ({"logit_bias": {"5": 250}}, "logit_bias", "invalid_value"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "invalid_value"),
+    ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs", "invalid_grammar"),
     ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_value"),
     ({"temperature": 1e308}, "temperature", "invalid_value"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name",

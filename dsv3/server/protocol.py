@@ -4,7 +4,7 @@ Requests are validated in strict JSON mode: a string where a number belongs is a
 Fields OpenAI defines that this server cannot honour (suffix, best_of != n) are refused with a 400 naming the
 field, rather than ignored; fields it does not know at all are ignored, as clients send provider-specific extras.
 Beside OpenAI's fields it reads vLLM's extensions: guided_json / guided_regex / guided_choice / guided_grammar
-(structured outputs), top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, chat_template_kwargs. Value
+and their newer form structured_outputs (structured outputs), top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, chat_template_kwargs. Value
 ranges are checked by SamplingParams.validate(), which names the field in its message.
 """
 from __future__ import annotations
@@ -93,6 +93,15 @@ class ResponseFormat(_Strict):
     json_schema: JSONSchemaFormat | None = None
 
 
+class StructuredOutputs(_Strict):
+    """vLLM's newer form of the guided_* fields: one of json / regex / choice / grammar / json_object."""
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -133,6 +142,7 @@ class _Sampling(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -174,6 +184,16 @@ class _Sampling(_Strict):
             value = getattr(self, name)
             if value is not None:
                 asked.append((name, {key: value}))
+        so = self.structured_outputs
+        if so is not None:
+            given = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                       ("grammar", so.grammar), ("json_object", so.json_object or None))
+                     if v is not None}
+            if len(given) != 1:
+                raise APIError(400, "structured_outputs needs exactly one of json, regex, choice, grammar, "
+                               f"json_object; got {', '.join(given) or 'none'}", param="structured_outputs",
+                               code="invalid_value")
+            asked.append(("structured_outputs", given))
         if tool_guided is not None:
             asked.append(("tool_choice", {}))
         if len(asked) > 1:
@@ -194,7 +214,7 @@ class _Sampling(_Strict):
     def guided_param(self) -> str:
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format"
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
             if getattr(self, name) is not None:
                 return name
         return "tool_choice"
