@@ -175,6 +175,11 @@ class Tokenizer:
         # The template writes bos itself (as HF's apply_chat_template(tokenize=True) assumes); never add another.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_bos=False)
 
+    def chat_template_source(self, chat_template: str | None = None, **extra: Any) -> str:
+        """The template source apply_chat_template would render with these arguments (servers read the tool-call
+        and reasoning formats from it). Raises ChatTemplateError when there is none."""
+        return self._template_source(chat_template, extra)
+
     def _template_source(self, chat_template: str | None, extra: Mapping[str, Any]) -> str:
         if chat_template is not None and chat_template not in self.chat_templates:
             if "{" not in chat_template:

@@ -26,6 +26,13 @@ def add_parser(sub) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before aborting them")
     g.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    g.add_argument("--tool-call-parser", default="auto",
+                   choices=["auto", "none", "deepseek_v3", "deepseek_v31", "kimi_k2"],
+                   help="the format tool calls are read in with tool_choice auto (default: read from the chat "
+                        "template; none: never parse calls)")
+    g.add_argument("--reasoning-parser", default="auto", choices=["auto", "none", "think"],
+                   help="split <think>...</think> into reasoning_content (default: when the chat template knows "
+                        "the tags)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -47,7 +54,8 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None
     llm = make_llm(args, max_waiting=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.path))
-    app = create_app(llm.engine, name, api_key, shutdown_grace=1.0)
+    app = create_app(llm.engine, name, api_key, shutdown_grace=1.0, tool_call_parser=args.tool_call_parser,
+                     reasoning_parser=args.reasoning_parser)
     # The engine aborts what is still running after --shutdown-timeout; uvicorn waits a little longer, so the
     # aborted handlers can still answer (503 / an error event) before it cancels them.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,

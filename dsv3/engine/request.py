@@ -7,14 +7,20 @@ the context length) and detokenised delta, and a request's metrics. The step its
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
+from .guided import GrammarBackend
 from .sampling import LogprobEntry, SamplingParams, SequenceSamplingState
 from .scheduler import Sequence, SeqStatus
 from .speculative import supports_speculation
 
 __all__ = ["RequestBook", "RequestOutput", "run_to_completion"]
+
+log = logging.getLogger(__name__)
+_BACKEND_LOCK = threading.Lock()
 
 
 @dataclass
@@ -26,11 +32,12 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (then `error` says what failed)
     num_cached_tokens: int = 0
     logprobs: list[LogprobEntry] | None = None
     new_logprobs: list[LogprobEntry] | None = None
     metrics: dict = field(default_factory=dict)
+    error: str | None = None
 
 
 def run_to_completion(engine, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
@@ -86,7 +93,12 @@ class RequestBook:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
+        if params.logit_bias:
+            params.validate(self.cfg.vocab_size)  # the bias's token ids against the logits' width
+        guided = self.guided_backend().new_state(params.guided) if params.guided is not None else None
         seq = Sequence(rid, ids, params)
+        if guided is not None:
+            seq.extra["guided"] = guided
         seq.extra["sampling"] = state = SequenceSamplingState.create(params, ids, self.cfg.vocab_size, self.device)
         seq.extra["speculate"] = self.num_draft > 0 and supports_speculation(state)
         seq.extra["draft_q"] = []
@@ -94,11 +106,23 @@ class RequestBook:
         seq.extra["text"] = ""
         seq.extra["logprobs"] = [] if params.logprobs is not None else None
         if self.tokenizer is not None:
-            seq.extra["detok"] = self.tokenizer.detokenizer(ids)
+            seq.extra["detok"] = self.tokenizer.detokenizer(ids, params.skip_special_tokens)
             seq.extra["stop"] = self.tokenizer.stop_checker(params.stop) if params.stop else None
         self.scheduler.add(seq)
         self.seqs[rid] = seq
         return rid
+
+    def guided_backend(self) -> GrammarBackend:
+        """The engine's xgrammar backend (built on first use; thread-safe, so a server compiles off the engine
+        thread and the engine finds the grammar cached)."""
+        backend = getattr(self, "_guided_backend", None)
+        if backend is None:
+            with _BACKEND_LOCK:
+                backend = getattr(self, "_guided_backend", None)
+                if backend is None:
+                    backend = self._guided_backend = GrammarBackend(self.tokenizer, self.cfg.vocab_size,
+                                                                    sorted(self.eos_ids))
+        return backend
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its cache blocks; False if it is unknown or already finished."""
@@ -126,6 +150,25 @@ class RequestBook:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats["prompt_tokens"] += len(seq.prompt_ids)
+        error = seq.extra["sampling"].error
+        if error is None:
+            try:
+                return self._append_token(seq, tok, lp, now)
+            except Exception as e:  # noqa: BLE001 - a failure of one request's output ends that request only
+                error = f"{type(e).__name__}: {e}"
+        # The step's work for this sequence failed: it ends alone, with the error, and the token is dropped.
+        log.warning("request %s failed: %s", seq.request_id, error)
+        seq.extra["sampling"].fail(error)
+        self._finish(seq, "error", now)
+        out = RequestOutput(seq.request_id, seq.prompt_ids, list(seq.output_ids), seq.extra["text"], [], "", True,
+                            "error", seq.num_cached_prompt, seq.extra["logprobs"], None, self._metrics(seq, now))
+        out.error = f"the engine failed on this request ({error})"
+        return out
+
+    def _append_token(self, seq: Sequence, tok: int, lp, now: float) -> RequestOutput:
+        guided = seq.extra.get("guided")
+        if guided is not None:
+            guided.accept(tok)  # first: a token the grammar refuses must not reach the output
         seq.append_token(tok)
         seq.extra["sampling"].append(tok)
         self.stats["generated_tokens"] += 1
@@ -133,7 +176,7 @@ class RequestBook:
         new_text = ""
         reason = None
         is_eos = tok in self.eos_ids and not p.ignore_eos
-        if is_eos or tok in (p.stop_token_ids or ()):
+        if is_eos or tok in (p.stop_token_ids or ()) or (guided is not None and guided.terminated):
             reason = "stop"
         if "detok" in seq.extra and reason is None:
             delta = seq.extra["detok"].add(tok)

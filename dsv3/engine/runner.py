@@ -20,6 +20,7 @@ import torch
 from ..kernels import dispatch
 from ..model.mla import MLA
 from ..model.transformer import Transformer
+from .guided import apply_row_constraints
 from .kv_cache import LatentKVCache
 from .scheduler import ScheduledBatch, Sequence
 
@@ -322,7 +323,14 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the batch's new tokens (a sequence's known tokens, then its draft tokens). logits_rows[i]:
         offsets within seq i's chunk whose logits are wanted. Returns (logits [sum(len(rows)), V] float32,
-        hidden states of every packed token [T, D] after the final norm)."""
+        hidden states of every packed token [T, D] after the final norm). The logits carry each sequence's logit
+        bias and grammar mask (engine/guided.py), so sampling and draft verification see the constrained
+        distribution."""
+        logits, h = self._run(batch, logits_rows)
+        apply_row_constraints(logits, batch.seqs, logits_rows)
+        return logits, h
+
+    def _run(self, batch: ScheduledBatch, logits_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = batch.seqs
         if self.graphs is not None and self.graphs.can_run(seqs, batch.num_new, logits_rows):
             self.last = None  # no step context to reuse

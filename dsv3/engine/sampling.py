@@ -29,10 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import cpu_ext
+from .guided import GuidedDecoding, validate_constraints
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_N = 128
+# Beyond this every token is equally likely to float32 precision anyway; the bound keeps 1 / temperature normal.
+MAX_TEMPERATURE = 100.0
 # Below this a temperature is treated as 0: dividing by it overflows float32 logits into inf and nan.
 GREEDY_BELOW = 1e-5
 _TOP_P_OFF = 2.0  # above any cumulative probability, so float rounding of the cumsum never cuts a row's tail
@@ -62,6 +65,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; n = chosen token's logprob and the n most likely
     n: int = 1
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> added to its logit, in [-100, 100]
+    guided: GuidedDecoding | None = None  # structured output (engine/guided.py)
+    skip_special_tokens: bool = True  # the output text leaves special tokens out (tool and reasoning parsers
+    # that read marker tokens set it False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,8 +94,8 @@ class SamplingParams:
 
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise bad("max_tokens", "must be a positive integer (the most tokens to generate)")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "must be a finite number >= 0 (0 means greedy)")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be a number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise bad("top_k", "must be an integer >= 1, or 0 / -1 to turn it off")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -125,6 +132,9 @@ class SamplingParams:
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}] (how many top tokens)")
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise bad("n", f"must be an integer in [1, {MAX_N}] (completions per prompt)")
+        validate_constraints(self, vocab_size)
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "must be True or False")
         return self
 
 
@@ -146,6 +156,11 @@ class SequenceSamplingState:
         if params.seed is not None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(sample_seed(params.seed, sample_index))
+        self.error: str | None = None  # set when this sequence's sampling failed: the engine ends it alone
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids [K], biases [K] float32)
+        if params.logit_bias:
+            self.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=device),
+                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device))
         self.output_counts: torch.Tensor | None = None  # [V] int32
         self.prompt_mask: torch.Tensor | None = None  # [V] bool
         if params.uses_penalties:
@@ -159,6 +174,11 @@ class SequenceSamplingState:
     def create(cls, params: SamplingParams, prompt_ids: Sequence[int] | torch.Tensor, vocab_size: int,
                device: torch.device | str = "cpu", sample_index: int = 0) -> SequenceSamplingState:
         return cls(params, prompt_ids, vocab_size, device, sample_index)
+
+    def fail(self, message: str) -> None:
+        """Mark the sequence failed (the first reason wins); RequestBook._append then ends it with the error."""
+        if self.error is None:
+            self.error = message
 
     def append(self, token_ids: int | Sequence[int] | torch.Tensor) -> None:
         """Count tokens committed to the sequence (host ints or a device tensor; no sync either way)."""
@@ -248,6 +268,18 @@ class SamplerOutput:
         return LogprobEntry(ids[row], lps[row], list(zip(top_ids[row][:n], top_lps[row][:n])))
 
 
+class _RowwiseOutput(SamplerOutput):
+    """Rows sampled one by one after a batch failed (Sampler.sample): the same interface over per-row outputs."""
+
+    def __init__(self, rows: list[SamplerOutput]):
+        super().__init__(torch.cat([r.token_ids for r in rows]),
+                         num_logprobs=[r.num_logprobs[0] for r in rows])
+        self.rows = rows
+
+    def logprob_entry(self, row: int) -> LogprobEntry | None:
+        return self.rows[row].logprob_entry(0)
+
+
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """logits [B, V] float32, changed in place for the penalty rows."""
     if not batch.penalty_rows:
@@ -325,6 +357,35 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor,
                batch: SamplingBatch | Sequence[SequenceSamplingState]) -> SamplerOutput:
+        """Given states, a failure that concerns some rows (a bad parameter, a kernel refusing a row) ends those
+        rows only: the batch is sampled again row by row, and each row that still fails gets the error on its state
+        (state.error; its token is a placeholder the engine drops) while the others get their tokens."""
+        if isinstance(batch, SamplingBatch):
+            return self._sample(logits, batch)
+        states = list(batch)
+        try:
+            return self._sample(logits, states)
+        except Exception:  # noqa: BLE001 - narrowed down per row below
+            if len(states) == 1:
+                return self._failed_row(logits, states[0])
+        self._check(logits, len(states))
+        return _RowwiseOutput([self._sample_row(logits[i:i + 1], s) for i, s in enumerate(states)])
+
+    def _sample_row(self, logits: torch.Tensor, state: SequenceSamplingState) -> SamplerOutput:
+        try:
+            return self._sample(logits, [state])
+        except Exception:  # noqa: BLE001
+            return self._failed_row(logits, state)
+
+    def _failed_row(self, logits: torch.Tensor, state: SequenceSamplingState) -> SamplerOutput:
+        import traceback
+
+        err = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        state.fail(f"sampling failed ({err})")
+        return SamplerOutput(torch.zeros(1, dtype=torch.long, device=logits.device), num_logprobs=[None])
+
+    def _sample(self, logits: torch.Tensor,
+                batch: SamplingBatch | Sequence[SequenceSamplingState]) -> SamplerOutput:
         if not isinstance(batch, SamplingBatch):
             states = list(batch)
             no_logprobs = all(s.params.logprobs is None for s in states)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .guided import apply_row_constraints
 from .sampling import shared_temperature, uniforms
 from .scheduler import Sequence
 from .speculative import accept_greedy, verify_rows
@@ -44,11 +45,31 @@ class SpecVerification:
             return
         seqs = [batch.seqs[i] for i in drafted]
         picks = [r for i in drafted for r in range(offsets[i], offsets[i + 1])]
-        verified = verify_rows(logits[picks], [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
-                               [s.extra["sampling"] for s in seqs])
+        try:
+            verified = verify_rows(logits[picks], [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                   [s.extra["sampling"] for s in seqs])
+        except Exception:  # noqa: BLE001 - one sequence's failure ends that sequence only: retry one by one
+            verified = [self._verify_one(logits[offsets[i]:offsets[i + 1]], s) for i, s in zip(drafted, seqs)]
         for i, seq, toks in zip(drafted, seqs, verified):
             new_tokens[i] = toks
             self._count_verified(seq, len(toks) - 1)
+
+    def _propose(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Drafts of constrained sequences come from the MTP logits under their logit bias and grammar mask (the
+        grammar's state after the tokens just appended): a draft the grammar refuses would only be rejected, so more
+        are accepted, and the draft's q is the masked distribution it was drawn from, which keeps verification exact.
+        (LLMEngine lists this mixin before SpecDrafting, so every drafting path comes through here.)"""
+        if any("guided" in s.extra or s.params.logit_bias for s in seqs):
+            apply_row_constraints(logits, seqs, [[0]] * len(seqs))
+        return super()._propose(logits, seqs)
+
+    @staticmethod
+    def _verify_one(logits: torch.Tensor, seq: Sequence) -> list[int]:
+        try:
+            return verify_rows(logits, [seq.draft], [seq.extra["draft_q"]], [seq.extra["sampling"]])[0]
+        except Exception as e:  # noqa: BLE001 - the engine ends this request with the error (RequestBook._append)
+            seq.extra["sampling"].fail(f"draft verification failed ({type(e).__name__}: {e})")
+            return [0]
 
     def _draft_from_step(self, batch, fused: StepDrafts) -> None:
         """After a step's appends, MTP at each drafting sequence's last verified row proposes its next draft: drawn
@@ -89,6 +110,8 @@ class SpecVerification:
         g = self.runner.graphs
         if g is None or self.num_draft != 1 or self.sync_tokens is not None:
             return None
+        if any("guided" in seq.extra or seq.params.logit_bias for seq in batch.seqs):
+            return None  # the graphs' fused argmaxes cannot see a grammar mask or a bias
         for seq, k, n in zip(batch.seqs, n_known, batch.num_new):
             if k != 1 or n != 1 + len(seq.draft) or not seq.extra["speculate"] or not seq.params.greedy:
                 return None
@@ -127,8 +150,11 @@ class SpecVerification:
             return None
         positions, ctx = reuse
         if fused_mtp is not None:
-            accepted = verify_rows(logits, [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
-                                   [s.extra["sampling"] for s in seqs])
+            try:
+                accepted = verify_rows(logits, [s.draft for s in seqs], [s.extra["draft_q"] for s in seqs],
+                                       [s.extra["sampling"] for s in seqs])
+            except Exception:  # noqa: BLE001 - one sequence's failure ends that sequence only (see _verify_drafts)
+                accepted = [self._verify_one(logits[offsets[i]:offsets[i + 1]], s) for i, s in enumerate(seqs)]
             # Each verified row's next token is the one accepted after it; rows past the last verified one are
             # throwaway (their latents are rewritten before anyone reads them).
             next_ids = []
@@ -166,7 +192,9 @@ class SpecVerification:
                 continue
             rows.append(i)
             p = seq.params
-            if p.greedy:
+            if "guided" in seq.extra or p.logit_bias:
+                filtered = True  # its draft is drawn after the step, under its mask (_propose)
+            elif p.greedy:
                 temps.append(0.0)
             elif shared_temperature([seq.extra["sampling"]]) is None:
                 filtered = True

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from . import protocol, serving
+from . import protocol, serving, serving_chat
 from .engine_loop import AsyncEngine
 from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -175,7 +175,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         try:
-            return await serving.chat_completions(state, request, req)
+            return await serving_chat.chat_completions(state, request, req)
         except ClientDisconnected:
             return serving.disconnected_response()
 
@@ -216,10 +216,20 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
-def create_app(engine, model_name: str, api_key: str | None = None, shutdown_grace: float = 30.0) -> FastAPI:
+def create_app(engine, model_name: str, api_key: str | None = None, shutdown_grace: float = 30.0,
+               tool_call_parser: str = "auto", reasoning_parser: str = "auto") -> FastAPI:
     """An app around an LLMEngine; its engine thread starts and stops with the app's lifespan. The queue limit
-    (429 beyond it) is the engine's max_waiting."""
+    (429 beyond it) is the engine's max_waiting. tool_call_parser: "auto" (the chat template's format), "none" or a
+    format of tool_parsers.FORMATS; reasoning_parser: "auto" (when the template knows the think tags), "none",
+    "think"."""
+    from .tool_parsers import FORMATS
+
+    if tool_call_parser not in ("auto", "none", *FORMATS):
+        raise ValueError(f"tool_call_parser {tool_call_parser!r}: choose auto, none or one of {sorted(FORMATS)}")
+    if reasoning_parser not in ("auto", "none", "think"):
+        raise ValueError(f"reasoning_parser {reasoning_parser!r}: choose auto, none or think")
     metrics = ServerMetrics()
     state = ServerState(AsyncEngine(engine, observer=metrics), model_name, api_key, engine.config.max_waiting,
-                        shutdown_grace, metrics)
+                        shutdown_grace, metrics, tool_call_parser=tool_call_parser,
+                        reasoning_parser=reasoning_parser)
     return build_app(state)

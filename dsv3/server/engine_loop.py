@@ -34,7 +34,8 @@ class EngineStopped(RuntimeError):
 
 
 class RequestAborted(RuntimeError):
-    """The engine dropped the request before it finished: 503 at shutdown, 500 when a step failed."""
+    """The engine dropped the request before it finished: 503 at shutdown, 500 when a step (or this request's own
+    part of it) failed."""
 
     def __init__(self, message: str, status: int = 503):
         super().__init__(message)
@@ -253,14 +254,22 @@ class AsyncEngine:
             self._fail_all(RequestAborted(f"the engine failed while generating ({type(e).__name__}: {e})", 500))
             return
         now = time.perf_counter()
-        batch = []
+        batch, failed = [], []
         for out in outputs:
             route = self._routes.get(out.request_id)
             if route is None:  # aborted while its step ran
                 continue
-            batch.append((route.group, route.index, out))
             if out.finished:
                 del self._routes[out.request_id]
+            if out.finish_reason == "error":
+                # The engine ended this request alone (its other rows went on): its handler answers the error.
+                failed.append((route.group, route.index, RequestAborted(out.error or "the engine failed", 500)))
+                if self.observer is not None:
+                    self.observer.on_aborted(route.group, route.index)
+                continue
+            batch.append((route.group, route.index, out))
+        if failed:
+            self._deliver(failed)
         if not batch:
             if self.engine.num_running == 0:
                 # Only waiting requests that cannot be scheduled yet: do not spin on them.

@@ -20,17 +20,10 @@ from .engine_loop import AsyncEngine, EngineStopped, QueueFullError, RequestAbor
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionRequest,
-    ChoiceLogprobs,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    ResponseMessage,
-    TokenLogprob,
-    TopLogprob,
     Usage,
 )
 
@@ -52,6 +45,8 @@ class ServerState:
     shutdown_grace: float = 30.0
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_call_parser: str = "auto"  # "auto": the chat template's format; "none"; or a tool_parsers.FORMATS name
+    reasoning_parser: str = "auto"  # "auto": when the template knows the think tags; "none"; "think"
 
     def __post_init__(self):
         e = self.engine.engine
@@ -139,18 +134,20 @@ def resolve_max_tokens(state: ServerState, prompt_lens: list[int], requested: in
 
 
 def make_params(state: ServerState, req, max_tokens: int, logprobs: int | None,
-                renamed: dict[str, str] | None = None) -> SamplingParams:
-    """`renamed` maps SamplingParams field names to the request's own, for the error's param."""
+                renamed: dict[str, str] | None = None, **extra: Any) -> SamplingParams:
+    """`renamed` maps SamplingParams field names to the request's own, for the error's param; `extra` goes to
+    req.sampling_params (guided, skip_special_tokens)."""
     try:
-        params = req.sampling_params(max_tokens, logprobs)
+        params = req.sampling_params(max_tokens, logprobs, **extra)
         params.validate(state.engine.engine.cfg.vocab_size)
     except ValueError as e:
         msg = str(e)
         param = None
         if msg.startswith("SamplingParams."):
             param, _, rest = msg[len("SamplingParams."):].partition(" ")
+            msg = f"{(renamed or {}).get(param, param)} {rest}"
+            param = param.partition("[")[0]  # logit_bias[5] -> the field, logit_bias
             param = (renamed or {}).get(param, param)
-            msg = f"{param} {rest}"
         raise APIError(400, msg, param=param, code="invalid_value") from None
     return params
 
@@ -170,6 +167,23 @@ async def submit(state: ServerState, prompts: list[list[int]], params: SamplingP
                        headers={"Retry-After": "5"}) from None
     except ValueError as e:  # the engine's own checks (e.g. the cache could never hold this request)
         raise APIError(400, str(e), code="invalid_value") from None
+
+
+async def compile_guided(state: ServerState, guided, param: str) -> None:
+    """Compile the request's grammar on a worker thread (cached by the engine's backend, which then finds it when
+    the request is added), so the engine thread keeps stepping; a grammar xgrammar refuses is a 400 here."""
+    if guided is None:
+        return
+    engine = state.engine.engine
+    try:
+        await asyncio.to_thread(lambda: engine.guided_backend().compile(guided))
+    except ValueError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_grammar") from None
+
+
+def finite_logprob(value: float) -> float:
+    # A token a grammar or a -100 bias ruled out has logprob -inf, which JSON cannot carry; OpenAI writes -9999.
+    return value if value > -9999.0 else -9999.0
 
 
 def shown_logprobs(state: ServerState, out: RequestOutput, params: SamplingParams) -> list:
@@ -242,85 +256,13 @@ def usage(prompt_tokens: int, finals: list[RequestOutput]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 
 
-# ---- chat completions -------------------------------------------------------------------------------------------
-
-def _chat_logprobs(state: ServerState, entries: list[LogprobEntry]) -> ChoiceLogprobs:
-    content = []
-    for e in entries:
-        text, data = state.tokens(e.token_id)
-        top = [TopLogprob(token=state.tokens(t)[0], logprob=lp, bytes=state.tokens(t)[1]) for t, lp in e.top]
-        content.append(TokenLogprob(token=text, logprob=e.logprob, bytes=data, top_logprobs=top))
-    return ChoiceLogprobs(content=content)
-
-
-async def chat_completions(state: ServerState, request: Request, req: ChatCompletionRequest) -> Response:
-    arrival = time.perf_counter()
-    req.check()
-    check_model(state, req.model)
-    if state.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer, so it cannot chat; use /v1/completions with token ids",
-                       param="messages")
-    try:
-        prompt = state.tokenizer.encode_chat(req.conversation(), add_generation_prompt=True)
-    except ValueError as e:  # validate_messages or the template's own raise_exception
-        raise APIError(400, str(e), param="messages") from None
-    max_tokens = resolve_max_tokens(state, [len(prompt)], req.requested_max_tokens, "messages")
-    params = make_params(state, req, max_tokens, req.num_logprobs, {"logprobs": "top_logprobs"})
-    rid = new_id("chatcmpl")
-    created = int(time.time())
-    group = await submit(state, [prompt], params, arrival, rid)
-    if req.stream:
-        return EngineStreamingResponse(_chat_stream(state, req, params, group, rid, created, len(prompt)), group)
-    finals = await collect(request, group)
-    choices = []
-    for i, out in enumerate(finals):
-        lp = None
-        if params.logprobs is not None:
-            lp = _chat_logprobs(state, shown_logprobs(state, out, params))
-        choices.append(ChatChoice(index=i, message=ResponseMessage(content=out.text), logprobs=lp,
-                                  finish_reason=out.finish_reason))
-    body = ChatCompletion(id=rid, created=created, model=state.model_name, system_fingerprint=SYSTEM_FINGERPRINT,
-                          choices=choices, usage=usage(len(prompt), finals))
-    return JSONResponse(body.model_dump())
-
-
-def _stream_head(state: ServerState, obj: str, rid: str, created: int, include_usage: bool) -> dict:
+def stream_head(state: ServerState, obj: str, rid: str, created: int, include_usage: bool) -> dict:
     """The fields every chunk of a stream repeats (usage: null until the final usage chunk, when asked for)."""
     head = {"id": rid, "object": obj, "created": created, "model": state.model_name,
             "system_fingerprint": SYSTEM_FINGERPRINT}
     if include_usage:
         head["usage"] = None
     return head
-
-
-async def _chat_stream(state: ServerState, req: ChatCompletionRequest, params: SamplingParams, group: RequestGroup,
-                       rid: str, created: int, prompt_len: int) -> AsyncIterator[str]:
-    head = _stream_head(state, "chat.completion.chunk", rid, created, req.include_usage)
-
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
-        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                         "finish_reason": finish_reason}]})
-
-    for i in range(len(group)):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    finals: list[RequestOutput | None] = [None] * len(group)
-    try:
-        async for i, out in group:
-            entries = out.new_logprobs
-            if entries and hidden_stop_token(state, out, params):
-                entries = entries[:-1]
-            if out.new_text or entries:
-                lp = _chat_logprobs(state, entries).model_dump() if entries else None
-                yield chunk(i, {"content": out.new_text}, lp)
-            if out.finished:
-                finals[i] = out
-                yield chunk(i, {}, finish_reason=out.finish_reason)
-    except RequestAborted as e:
-        yield stream_error(e)
-        return
-    if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(prompt_len, finals).model_dump()})
-    yield "data: [DONE]\n\n"
 
 
 # ---- completions ------------------------------------------------------------------------------------------------
@@ -335,8 +277,8 @@ class _CompletionLogprobBuilder:
         for e in entries:
             text = self.state.tokens(e.token_id)[0]
             out.tokens.append(text)
-            out.token_logprobs.append(e.logprob)
-            out.top_logprobs.append({self.state.tokens(t)[0]: lp for t, lp in e.top})
+            out.token_logprobs.append(finite_logprob(e.logprob))
+            out.top_logprobs.append({self.state.tokens(t)[0]: finite_logprob(lp) for t, lp in e.top})
             out.text_offset.append(self.offset)
             self.offset += len(text)
         return out
@@ -354,7 +296,9 @@ async def completions(state: ServerState, request: Request, req: CompletionReque
         except ValueError as e:
             raise APIError(400, f"prompt[{i}]: {e}" if len(raw) > 1 else str(e), param="prompt") from None
     max_tokens = resolve_max_tokens(state, [len(p) for p in prompts], req.max_tokens, "prompt")
-    params = make_params(state, req, max_tokens, req.logprobs)
+    guided = req.guided()
+    await compile_guided(state, guided, req.guided_param)
+    params = make_params(state, req, max_tokens, req.logprobs, guided=guided)
     rid = new_id("cmpl")
     created = int(time.time())
     echo = [_prompt_text(state, r, p) if req.echo else "" for r, p in zip(raw, prompts) for _ in range(params.n)]
@@ -385,7 +329,7 @@ def _prompt_text(state: ServerState, raw: str | list[int], ids: list[int]) -> st
 async def _completion_stream(state: ServerState, req: CompletionRequest, params: SamplingParams,
                              group: RequestGroup, rid: str, created: int, prompt_tokens: int,
                              echo: list[str]) -> AsyncIterator[str]:
-    head = _stream_head(state, "text_completion", rid, created, req.include_usage)
+    head = stream_head(state, "text_completion", rid, created, req.include_usage)
 
     def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
         return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
