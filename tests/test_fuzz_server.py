@@ -4,7 +4,7 @@ with an OpenAI-shaped error while the others of the same steps complete. Also th
 server with V3.1's thinking switch."""
 from __future__ import annotations
 
-import sys
+import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,8 +16,11 @@ pytest.importorskip("fastapi")
 from hypothesis import HealthCheck, Phase, given, settings
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from fuzz_server import make_client, request_bodies, send  # noqa: E402
+# Loaded by file path: putting benchmarks/ on sys.path would let benchmarks/gguf.py shadow the gguf package.
+_spec = importlib.util.spec_from_file_location("fuzz_server", ROOT / "benchmarks" / "fuzz_server.py")
+_fuzz = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fuzz)
+make_client, request_bodies, send = _fuzz.make_client, _fuzz.request_bodies, _fuzz.send
 
 from dsv3.engine import sampling as sampling_mod  # noqa: E402
 
