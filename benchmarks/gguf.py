@@ -5,6 +5,7 @@ For each model (the embedded model, dequantised to bf16 with `dsv3 convert fp8-t
 bench-small checkpoint, benchmarks/llamacpp.py's save_checkpoint), llama.cpp's own converter and llama-quantize
 make the GGUF files (../shared/bench/llamacpp_anchor.py convert; build it once with `python llamacpp_anchor.py
 build`). Then:
+- memory: the file's size and the weight bytes dsv3 holds for it (codes as stored, K-quant scales in float32);
 - agreement: greedy tokens of dsv3 on each GGUF file from the same prompt ids as dsv3 on the original checkpoint
   (and, for Q8_0, as dsv3 --quantize int8 on it): the first position where they differ (None: all equal). The BF16
   file holds the checkpoint's bf16 weights, so it must agree everywhere; Q8_0 and Q4_K_M round the weights;
@@ -61,22 +62,6 @@ def make_checkpoint(model: str, path: str, llamacpp) -> None:
         llamacpp.save_checkpoint(model, path)
 
 
-def active_bytes(path: str) -> float:
-    """Weight bytes a batch-1 decode step reads from the GGUF file: everything but the embedding (one row) and the
-    routed experts not chosen (experts_per_token of n_routed_experts)."""
-    from dsv3.gguf import gguf_config, read_gguf
-
-    g = read_gguf(path)
-    cfg = gguf_config(g)
-    total = 0.0
-    for name, t in g.tensors.items():
-        if name == "token_embd.weight":
-            continue
-        share = cfg.num_experts_per_tok / cfg.n_routed_experts if "_exps." in name else 1.0
-        total += t.nbytes * share
-    return total
-
-
 def greedy(path: str, prompt: list[int], n: int, quantize: str | None = None) -> list[int]:
     from dsv3 import LLM, SamplingParams
 
@@ -120,8 +105,9 @@ def main() -> int:
             agree = {}
             for t, f in files.items():
                 toks = greedy(f, prompt, a.greedy_tokens)
-                agree[t] = {"types": read_gguf(f).describe_types(), "first_divergence_vs_checkpoint":
-                            first_divergence(toks, base)}
+                agree[t] = {"types": read_gguf(f).describe_types(), "file_mb": os.path.getsize(f) / 1e6,
+                            "dsv3_weights_mb": llamacpp.resident_bytes(f) / 1e6,
+                            "first_divergence_vs_checkpoint": first_divergence(toks, base)}
                 if t == "Q8_0":
                     agree[t]["first_divergence_vs_quantize_int8"] = first_divergence(
                         toks, greedy(ckpt, prompt, a.greedy_tokens, "int8"))
@@ -134,16 +120,18 @@ def main() -> int:
                         print(f"{model} round {r + 1}/{a.rounds}: {side} {t}", file=sys.stderr, flush=True)
                         if side == "dsv3":
                             res = cpu.time_dsv3(f, "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
-                                                active_bytes(f), floor_chunks=2)
+                                                llamacpp.gguf_active_bytes(f, cfg), floor_chunks=2)
                             runs[f"dsv3 {t}"].append({"prefill": res["prefill_tokens_per_s"],
                                                       "bs1": res["decode_bs1_tokens_per_s"],
                                                       "c16": res["decode_bs16_tokens_per_s"],
                                                       "kernels": res["kernels"]})
                         else:
                             res = llamacpp.llamacpp_bench(f, a.threads, a.prefill, a.decode_steps)
+                            # (llama-batched-bench prints no row for 16 sequences unless run with -np 16, which
+                            # llamacpp_anchor.py bench does not pass on every llama.cpp version: then c16 is None)
                             runs[f"llama.cpp {t}"].append({"prefill": res[f"prefill{a.prefill}_tok_s"],
                                                            "bs1": res["decode_bs1_tok_s"],
-                                                           "c16": res["decode_bs16_tok_s"]})
+                                                           "c16": res.get("decode_bs16_tok_s")})
             table = {}
             if not a.rounds:  # --rounds 0: the agreement check alone
                 result["models"][model] = {"agreement": agree}
@@ -156,6 +144,11 @@ def main() -> int:
                                       ("prefill", f"prefill {a.prefill}")):
                     ours = [x[metric] for x in runs[f"dsv3 {t}"]]
                     peer = [x[metric] for x in runs[f"llama.cpp {t}"]]
+                    if None in peer:
+                        print(f"{t:<8} {label:<16} {statistics.median(ours):>11.1f} {'n/a':>10}  (llama.cpp gave no "
+                              f"result: see the comment in this script)")
+                        table[f"{t} {metric}"] = {"dsv3": statistics.median(ours), "llama.cpp": None}
+                        continue
                     ratios = sorted(o / p for o, p in zip(ours, peer))
                     goal = TARGETS.get(metric) if t in TARGET_TYPES else None
                     table[f"{t} {metric}"] = {"dsv3": statistics.median(ours), "llama.cpp": statistics.median(peer),

@@ -351,6 +351,7 @@ def test_split_set_and_a_missing_part(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids), rtol=1e-5, atol=1e-6)
     assert dsv3.load_model(tmp_path, dtype=torch.float32) is not None  # the directory holding the set
+    assert read_gguf(tmp_path / parts[-1]).files == [str(tmp_path / p) for p in parts]  # any part finds the set
     os.remove(tmp_path / parts[1])
     with pytest.raises(GGUFError, match=rf"part\(s\) {parts[1]} of this {len(parts)}-part split set are missing"):
         dsv3.load_model(tmp_path / parts[0])

@@ -193,13 +193,8 @@ def _reader_class():
 
 
 def _field_value(fld) -> Any:
-    import gguf
-
-    if not fld.types:
-        return None
-    if fld.types[0] == gguf.GGUFValueType.ARRAY:
-        return fld.contents()
-    return fld.contents()
+    """A metadata value as Python (arrays as lists); a malformed one is a GGUFError at read time, not later."""
+    return fld.contents() if fld.types else None
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFModel:
@@ -215,7 +210,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
             raise
         except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError, TypeError) as e:
             raise GGUFError(f"{fpath}: the GGUF header cannot be read ({type(e).__name__}: {e}); {_FIX}") from None
-        meta = {name: _field_value(fld) for name, fld in reader.fields.items()}
+        try:
+            meta = {name: _field_value(fld) for name, fld in reader.fields.items()}
+        except (ValueError, UnicodeDecodeError, IndexError) as e:
+            raise GGUFError(f"{fpath}: a metadata value cannot be read ({type(e).__name__}: {e}); {_FIX}") from None
         if model is None:
             model = GGUFModel(parts[0], parts, meta)
         if len(parts) > 1:
