@@ -75,6 +75,10 @@ def test_engine_failure_in_one_row_ends_only_that_request(client, monkeypatch):
     assert '"type":"server_error"' in rs[4].text and "forced failure" in rs[4].text  # the stream's error event
     monkeypatch.undo()
     assert client.post("/v1/chat/completions", json=bodies[3]).status_code == 200  # the server goes on
+    from dsv3.server.metrics import parse_metrics
+
+    m = parse_metrics(client.get("/metrics").text)
+    assert m['dsv3_request_finished_total{reason="error"}'] >= 2
 
 
 def test_reasoning_content_with_the_thinking_switch(client):

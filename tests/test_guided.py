@@ -147,6 +147,7 @@ def test_grammars_are_compiled_once_and_refused_with_reasons(llms):
     ({"choice": ["a", ""]}, "non-empty strings"),
     ({"regex": "a" * 300_000}, "at most 200000"),
     ({"json_object": "yes"}, "exactly one of|must be True or False"),
+    ({"json": {"type": object}}, "not JSON-serialisable"),
 ])
 def test_guided_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

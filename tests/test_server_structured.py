@@ -182,7 +182,9 @@ def test_other_constraints_and_logit_bias(client, ckpt):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "invalid_value"),
     ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs", "invalid_grammar"),
     ({"logit_bias": {"999999": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"9" * 5000: 1}}, "logit_bias", "invalid_value"),
     ({"temperature": 1e308}, "temperature", "invalid_value"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty", "invalid_value"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name",
      "invalid_value"),
 ])

@@ -112,7 +112,11 @@ class GuidedDecoding:
                 schema = self.json
             if not isinstance(schema, (dict, bool)):
                 raise bad("json", f"must be a JSON schema (an object), got {type(schema).__name__}")
-            if len(self.canonical_text()) > MAX_GRAMMAR_CHARS:
+            try:
+                text = self.canonical_text()
+            except (TypeError, ValueError) as e:  # (a Python caller's dict holding non-JSON values)
+                raise bad("json", f"is not JSON-serialisable ({e})") from None
+            if len(text) > MAX_GRAMMAR_CHARS:
                 raise bad("json", f"is over the {MAX_GRAMMAR_CHARS}-character limit for a schema")
         if not isinstance(self.json_object, bool):
             raise bad("json_object", f"must be True or False, got {self.json_object!r}")

@@ -36,6 +36,8 @@ MAX_LOGPROBS = 20
 MAX_N = 128
 # Beyond this every token is equally likely to float32 precision anyway; the bound keeps 1 / temperature normal.
 MAX_TEMPERATURE = 100.0
+# Dividing logits by a tinier penalty overflows them to inf (and the row's probabilities to nan).
+MAX_REPETITION_PENALTY = 100.0
 # Below this a temperature is treated as 0: dividing by it overflows float32 logits into inf and nan.
 GREEDY_BELOW = 1e-5
 _TOP_P_OFF = 2.0  # above any cumulative probability, so float rounding of the cumsum never cuts a row's tail
@@ -102,8 +104,10 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1] (1 turns it off)")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1] (0 turns it off)")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be a finite number > 0 (1 turns it off)")
+        if not _is_number(self.repetition_penalty) or not 1 / MAX_REPETITION_PENALTY <= self.repetition_penalty <= \
+                MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be a number in [{1 / MAX_REPETITION_PENALTY:g}, "
+                      f"{MAX_REPETITION_PENALTY:g}] (1 turns it off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:

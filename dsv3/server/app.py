@@ -71,7 +71,7 @@ def _schema_error(e: ValidationError) -> APIError:
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+    if length is not None and length.isdigit() and (len(length) > 15 or int(length) > MAX_BODY_BYTES):
         raise APIError(413, f"request body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit",
                        code="body_too_large")
     body = await request.body()

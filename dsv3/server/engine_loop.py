@@ -96,8 +96,9 @@ class _Route:
 
 class AsyncEngine:
     """`observer` (the server's metrics) is called on the engine thread: on_added(group) once a group is queued,
-    on_outputs([(group, index, output)], now) after each step, before the group's token times move, and
-    on_aborted(group, index) per cancelled request. It must be quick and must not touch the engine."""
+    on_outputs([(group, index, output)], now) after each step, before the group's token times move,
+    on_aborted(group, index) per cancelled request and on_failed(group, index) per request the engine ended with an
+    error. It must be quick and must not touch the engine."""
 
     def __init__(self, engine: LLMEngine, observer: Any | None = None):
         self.engine = engine
@@ -265,7 +266,7 @@ class AsyncEngine:
                 # The engine ended this request alone (its other rows went on): its handler answers the error.
                 failed.append((route.group, route.index, RequestAborted(out.error or "the engine failed", 500)))
                 if self.observer is not None:
-                    self.observer.on_aborted(route.group, route.index)
+                    self.observer.on_failed(route.group, route.index)
                 continue
             batch.append((route.group, route.index, out))
         if failed:

@@ -202,6 +202,10 @@ class ServerMetrics:
     def on_aborted(self, group, index: int) -> None:
         self.finished.inc(1, "abort")
 
+    def on_failed(self, group, index: int) -> None:
+        """The engine ended one request with an error (the rest of its step went on)."""
+        self.finished.inc(1, "error")
+
     # -- exposition (event loop) ----------------------------------------------------------------------------------
     def render(self, snapshot: dict[str, Any]) -> str:
         """The text for /metrics (Prometheus text format 0.0.4), with the gauges taken from `snapshot`."""

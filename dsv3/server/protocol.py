@@ -160,7 +160,7 @@ class _Sampling(_Strict):
             return None
         out = {}
         for key, value in self.logit_bias.items():
-            if not key.isdigit() or not key.isascii():
+            if not key.isdigit() or not key.isascii() or len(key) > 12:
                 raise APIError(400, f"logit_bias keys must be token ids written as decimal strings, got {key!r}",
                                param="logit_bias", code="invalid_value")
             out[int(key)] = value
