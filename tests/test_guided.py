@@ -2,6 +2,7 @@
 failure in one row of a step ends that request only."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -286,3 +287,26 @@ def test_sampled_speculation_under_a_grammar_keeps_the_distribution(llms):
     table = [[counts[name].get(k, 0) + 0.5 for k in keys] for name in ("auto", "off")]
     assert len(keys) > 4
     assert chi2_contingency(table).pvalue > 0.001
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch"])
+def test_apply_bitmask_equals_xgrammars_kernel(kernels, monkeypatch):
+    import xgrammar as xgr
+
+    from dsv3.engine import guided
+    from dsv3.kernels import cpu_ext
+
+    if kernels and cpu_ext.load() is None:
+        pytest.skip("C++ CPU kernels unavailable here")
+    if not kernels:
+        monkeypatch.setattr(guided.cpu_ext, "loaded", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    for (rows, vocab), dtype in itertools.product(((1, 32), (5, 4096), (3, 4099), (16, 129), (2, 7)),
+                                                  (torch.float32, torch.bfloat16)):
+        logits = torch.randn(rows, vocab, generator=g).to(dtype)
+        bitmask = torch.randint(-2**31, 2**31 - 1, (rows, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+        bitmask[0] = -1  # a row with every token allowed
+        want = logits.clone()
+        xgr.apply_token_bitmask_inplace(want, bitmask)
+        guided.apply_bitmask(logits, bitmask)
+        assert torch.equal(logits, want)

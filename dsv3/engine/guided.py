@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..kernels import cpu_ext
+
 __all__ = ["GuidedDecoding", "GrammarBackend", "GuidedState", "apply_row_constraints", "MAX_GRAMMAR_CHARS",
            "MAX_CHOICES", "validate_constraints"]
 
@@ -320,10 +322,35 @@ def apply_row_constraints(logits: torch.Tensor, seqs: Sequence[Any], rows: Seque
             bitmask[b:b + w.rows] = -1  # all allowed: the row is sampled and then dropped with the request
         indices.extend(range(w.first_row, w.first_row + w.rows))
         b += w.rows
-    dev = logits.device
     if indices == list(range(logits.shape[0])):
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(dev))
+        apply_bitmask(logits, bitmask)
     else:
         sub = logits[indices]
-        xgr.apply_token_bitmask_inplace(sub, bitmask.to(dev))
+        apply_bitmask(sub, bitmask)
         logits[indices] = sub
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """logits [n, V] in place: -inf where bit v of row i's bitmask (int32 [n, ceil(V / 32)], xgrammar's layout:
+    token v is bit v % 32 of word v // 32, 1 = allowed) is 0. What xgrammar's apply_token_bitmask_inplace does, in
+    the C++ kernels' mask_logits (16 tokens per masked move) or whole-tensor operations: xgrammar's CPU kernel visits
+    tokens one by one (~0.25 ms for 16 rows of 4,096 tokens, an eighth of a constrained step on the embedded
+    model)."""
+    n, v = logits.shape
+    ops = cpu_ext.loaded()
+    if (ops is not None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+            and logits.stride(-1) == 1 and bitmask.device.type == "cpu"):
+        with torch.inference_mode():
+            ops.mask_logits(logits, bitmask.contiguous())
+        return
+    dev = logits.device
+    shifts = _BIT_SHIFTS.get(dev)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[dev] = torch.arange(32, dtype=torch.int32, device=dev)
+    with torch.inference_mode():  # the step's logits may be inference tensors (written in place, as xgrammar does)
+        words = bitmask.to(dev)[:, :(v + 31) // 32]
+        allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(n, -1)[:, :v]
+        logits.masked_fill_(allowed == 0, float("-inf"))

@@ -79,6 +79,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("store_latents(Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(a!) cache, "
         "Tensor slot_mapping) -> ()", &store_latents);
   m.def("argmax_rows(Tensor x) -> Tensor", &argmax_rows);
+  m.def("mask_logits(Tensor(a!) logits, Tensor bitmask) -> ()", &mask_logits);
   m.def("draw_inverse_cdf(Tensor probs, Tensor u) -> Tensor", &draw_inverse_cdf);
   m.def("tempered_softmax(Tensor x, float t) -> Tensor", &tempered_softmax);
   m.def("speculative_accept(Tensor p, Tensor[] q, int[] drafts, int[] counts, Tensor u) -> (int[], int[])",

@@ -53,6 +53,57 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// In place: logits[t, v] = -inf where bit v % 32 of bitmask[t, v / 32] is 0 (xgrammar's token bitmask, 1 = allowed).
+// logits float32 or bf16 [T, V] with contiguous rows, bitmask int32 [T, >= ceil(V / 32)]; 16 tokens per masked move.
+inline uint32_t bits16(const uint32_t* bm, int64_t v) { return (bm[v / 32] >> (v % 32)) & 0xffffu; }
+
+void mask_row(float* row, const uint32_t* bm, int64_t V) {
+  const V16f ninf = v16_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t v = 0;
+  for (; v + 16 <= V; v += 16) {
+    const uint32_t bits = bits16(bm, v);
+    if (bits == 0xffffu) continue;
+    const M16 keep = static_cast<M16>(bits), drop = static_cast<M16>(~bits & 0xffffu);
+    v16_storeu_ps(row + v, v16_add_ps(v16_maskz_mov_ps(keep, v16_loadu_ps(row + v)), v16_maskz_mov_ps(drop, ninf)));
+  }
+  for (; v < V; ++v)
+    if (!((bm[v / 32] >> (v % 32)) & 1u)) row[v] = -std::numeric_limits<float>::infinity();
+}
+
+void mask_row(bf16_t* row, const uint32_t* bm, int64_t V) {
+  constexpr uint16_t kNegInf = 0xff80;  // bf16 -inf
+  int64_t v = 0;
+#if defined(DSV3_AVX512)
+  const __m256i ninf = _mm256_set1_epi16(static_cast<short>(kNegInf));
+  for (; v + 16 <= V; v += 16) {
+    const uint32_t bits = bits16(bm, v);
+    if (bits == 0xffffu) continue;
+    __m256i* p = reinterpret_cast<__m256i*>(row + v);
+    _mm256_storeu_si256(p, _mm256_mask_mov_epi16(ninf, static_cast<__mmask16>(bits), _mm256_loadu_si256(p)));
+  }
+#endif
+  for (; v < V; ++v)
+    if (!((bm[v / 32] >> (v % 32)) & 1u)) std::memcpy(row + v, &kNegInf, 2);
+}
+
+void mask_logits(at::Tensor logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.device().is_cpu() && (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16)
+                  && logits.dim() == 2 && logits.stride(1) == 1,
+              "mask_logits: logits must be a CPU float32 or bfloat16 [T, V] tensor with contiguous rows, got ",
+              logits.scalar_type(), " ", logits.sizes());
+  const int64_t T = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(bitmask.device().is_cpu() && bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 &&
+                  bitmask.is_contiguous() && bitmask.size(0) == T && bitmask.size(1) * 32 >= V,
+              "mask_logits: bitmask must be a contiguous CPU int32 [", T, ", >= ", (V + 31) / 32, "] tensor, got ",
+              bitmask.scalar_type(), " ", bitmask.sizes());
+  const uint32_t* bm = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  for (int64_t t = 0; t < T; ++t) {
+    if (logits.scalar_type() == at::kFloat) mask_row(logits.data_ptr<float>() + t * logits.stride(0), bm, V);
+    else mask_row(bf_mut(logits) + t * logits.stride(0), bm, V);
+    bm += bitmask.size(1);
+  }
+}
+
 // The first index whose float64 running sum of p[0..V) exceeds min(u * total, the double just below total): the
 // inverse-CDF draw of draw_inverse_cdf for one row (zero-mass tokens are never picked).
 int64_t inverse_cdf_row(const float* p, int64_t V, float u, std::vector<double>& c) {
