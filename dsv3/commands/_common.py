@@ -39,16 +39,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                                       "(default 600, or $DSV3_DIST_TIMEOUT)")
 
 
+_CKPT = "default: the checkpoint's generation_config.json, else "
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling", "flags left out take the checkpoint's generation_config.json values "
+                                         "(temperature, top_p, top_k, min_p, penalties), then dsv3's defaults")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, help=_CKPT + "0 (greedy)")
+    g.add_argument("--top-p", type=float, help=_CKPT + "1.0 (off)")
+    g.add_argument("--top-k", type=int, help=_CKPT + "0 (off)")
+    g.add_argument("--min-p", type=float, help=_CKPT + "0 (off)")
+    g.add_argument("--repetition-penalty", type=float, help=_CKPT + "1.0 (off)")
+    g.add_argument("--presence-penalty", type=float, help=_CKPT + "0")
+    g.add_argument("--frequency-penalty", type=float, help=_CKPT + "0")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (the same as --temperature 0)")
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -75,13 +80,27 @@ def spec_summary(out) -> str:
             f"{out.metrics['spec_tokens_per_step']:.2f} tokens per step")
 
 
-def sampling_params(args):
-    from ..engine.sampling import SamplingParams
+def checkpoint_defaults(args) -> dict:
+    """The sampling defaults of --model's generation_config.json (read before the weights load, so a bad file or
+    flag fails in a second)."""
+    from ..assets import resolve_model
+    from ..engine.gen_defaults import read_generation_defaults
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    return read_generation_defaults(resolve_model(args.model))
+
+
+def sampling_params(args, defaults: dict | None = None):
+    """The flags given, then `defaults` (the checkpoint's generation_config.json: checkpoint_defaults)."""
+    from ..engine.gen_defaults import with_defaults
+
+    if args.greedy and args.temperature not in (None, 0.0):
+        raise SystemExit(f"--greedy and --temperature {args.temperature} disagree: pass one of them")
+    defaults = {"temperature": 0.0, **(defaults or {})}  # a checkpoint that says nothing: greedy, as before
+    return with_defaults(defaults, max_tokens=args.max_tokens,
+                         temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None)
 
 
 def make_llm(args, **extra):

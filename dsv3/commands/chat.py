@@ -5,7 +5,8 @@ import sys
 import time
 
 from ..server.reasoning import ReasoningSplitter, starts_in_reasoning, template_reasons
-from ._common import add_model_args, add_sampling_args, make_llm, sampling_params, spec_summary
+from ._common import (add_model_args, add_sampling_args, checkpoint_defaults, make_llm, sampling_params,
+                      spec_summary)
 
 HELP = "commands: /clear (forget the conversation), /exit (leave), /help"
 
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    params = sampling_params(args)
+    params = sampling_params(args, checkpoint_defaults(args))
     params.validate()
     llm = make_llm(args)
     if llm.tokenizer is None:

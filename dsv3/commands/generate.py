@@ -5,7 +5,8 @@ import json
 import sys
 import time
 
-from ._common import add_model_args, add_sampling_args, make_llm, sampling_params, spec_summary
+from ._common import (add_model_args, add_sampling_args, checkpoint_defaults, make_llm, sampling_params,
+                      spec_summary)
 
 
 def add_parser(sub) -> None:
@@ -24,7 +25,7 @@ def run(args) -> int:
         raise ValueError("give at least one prompt, e.g. dsv3 generate 'def fibonacci(n):'")
     if any(not p for p in prompts):
         raise ValueError("a prompt is empty")
-    params = sampling_params(args)
+    params = sampling_params(args, checkpoint_defaults(args))
     params.validate()
     llm = make_llm(args)
     if args.chat:

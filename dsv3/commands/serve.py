@@ -12,7 +12,9 @@ log = logging.getLogger("dsv3.serve")
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a model over an OpenAI-compatible HTTP API (POST /v1/chat/completions, "
-                                   "POST /v1/completions, GET /v1/models, GET /health, GET /metrics).")
+                                   "POST /v1/completions, GET /v1/models, GET /health, GET /metrics). Sampling "
+                                   "fields a request leaves out take the checkpoint's generation_config.json "
+                                   "values (temperature, top_p, top_k, min_p, penalties), then OpenAI's defaults.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the server to the network)")
@@ -55,7 +57,7 @@ def run(args) -> int:
     llm = make_llm(args, max_waiting=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(llm.path))
     app = create_app(llm.engine, name, api_key, shutdown_grace=1.0, tool_call_parser=args.tool_call_parser,
-                     reasoning_parser=args.reasoning_parser)
+                     reasoning_parser=args.reasoning_parser, sampling_defaults=llm.generation_defaults)
     # The engine aborts what is still running after --shutdown-timeout; uvicorn waits a little longer, so the
     # aborted handlers can still answer (503 / an error event) before it cancels them.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,

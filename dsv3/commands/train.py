@@ -23,8 +23,12 @@ def add_parser(sub) -> None:
                                    "the run's saved values).")
     p.add_argument("--config", help="model config: a config.json, a checkpoint directory or a preset name "
                                     "(train-tiny, train-bench, train-small, deepseek-v3, ...); default train-tiny")
-    p.add_argument("--data", nargs="+", help="'stdlib' (the Python standard library's sources, the default) and/or "
-                                             "text files, directories, glob patterns")
+    p.add_argument("--data", nargs="+", help="'stdlib' (the Python standard library's sources, the default), "
+                                             "'code' (stdlib + permissively licensed installed packages), "
+                                             "'site:NAME' (one installed distribution), 'heldout-packages', "
+                                             "and/or text files, directories, glob patterns")
+    p.add_argument("--list-sources", action="store_true",
+                   help="list the installed distributions, their licenses and what --data code takes, and exit")
     p.add_argument("--tokenizer", help="tokenizer.json or checkpoint directory to use instead of training a BPE")
     p.add_argument("--out", help="run directory (checkpoints, logs, final model); default runs/train")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -106,6 +110,11 @@ def run(args) -> int:
 
     from ..train import train
 
+    if args.list_sources:
+        from ..train.sources import format_sources_table, sources_table
+
+        print(format_sources_table(sources_table()))
+        return 0
     cfg = build_config(args)
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))

@@ -17,6 +17,7 @@ from ..kernels.cpu_pack import prepack_for_cpu
 from ..checkpoint import load_model
 from ..devices import parse_dtype
 from .engine import EngineConfig, LLMEngine
+from .gen_defaults import apply_defaults, read_generation_defaults, with_defaults
 from .request import RequestOutput, run_to_completion
 from .sampling import SamplingParams
 
@@ -54,6 +55,9 @@ class LLM:
         if isinstance(engine_kwargs.get("cache_dtype"), str):
             engine_kwargs["cache_dtype"] = parse_dtype(engine_kwargs["cache_dtype"])
         self.path = resolve_model(None if model is None else os.fspath(model))
+        # What params=None samples with: the checkpoint's generation_config.json over SamplingParams' defaults
+        # (read first, so a bad file fails before the weights load).
+        self.generation_defaults = read_generation_defaults(self.path)
         if parallel is not None and parallel.world_size > 1:
             from ..gguf.files import is_gguf_path
 
@@ -85,7 +89,7 @@ class LLM:
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("no prompts given")
-        plist = _params_list(params, len(batch))
+        plist = _params_list(params, len(batch), self.generation_defaults)
         for p in plist:  # validate everything before queueing anything
             p.validate()
         return run_to_completion(self.engine, batch, plist)
@@ -93,7 +97,7 @@ class LLM:
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one RequestOutput per new token (new_text is the printable delta). Closing the generator early
         cancels the request and frees its cache."""
-        rid = self.engine.add_request(prompt, params)
+        rid = self.engine.add_request(prompt, apply_defaults(params, self.generation_defaults))
         finished = False
         try:
             while not finished:
@@ -117,9 +121,15 @@ class LLM:
         return self.generate([self.chat_prompt(c) for c in convs], params)
 
 
-def _params_list(params, n: int) -> list[SamplingParams]:
+    def default_sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams from `given`, then the checkpoint's generation_config.json, then SamplingParams'
+        defaults (what generate/chat/stream use when params is None)."""
+        return with_defaults(self.generation_defaults, **given)
+
+
+def _params_list(params, n: int, defaults: dict) -> list[SamplingParams]:
     if params is None:
-        return [SamplingParams() for _ in range(n)]
+        return [apply_defaults(None, defaults) for _ in range(n)]
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)

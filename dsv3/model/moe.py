@@ -145,18 +145,19 @@ class Experts(nn.Module):
         return grouped_mm(F.silu(g) * u, self.down_proj.weight.to(dt).transpose(1, 2), offsets)  # [N, D]
 
     def _per_expert(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        parts, start = [], 0
-        for e, c in enumerate(counts):
-            if c and self.packed is not None:
+        # split, not slicing: the backward of a slice materialises a zero gradient of all of xs per expert (16
+        # experts -> 16 full-size fills and adds per projection), split's backward is one concatenation.
+        parts = []
+        for e, xe in enumerate(xs.split(counts)):
+            if not counts[e]:
+                continue
+            if self.packed is not None:
                 gate_up, down = self.packed[e]
-                g, u = gate_up(xs[start:start + c]).chunk(2, dim=-1)
+                g, u = gate_up(xe).chunk(2, dim=-1)
                 parts.append(down(F.silu(g) * u))
-                start += c
-            elif c:
-                xe = xs[start:start + c]
+            else:
                 h = F.silu(self.gate_proj.project(e, xe)) * self.up_proj.project(e, xe)
                 parts.append(self.down_proj.project(e, h))
-                start += c
         return torch.cat(parts) if parts else xs.new_zeros(0, xs.shape[1])
 
 

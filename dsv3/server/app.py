@@ -217,11 +217,13 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 def create_app(engine, model_name: str, api_key: str | None = None, shutdown_grace: float = 30.0,
-               tool_call_parser: str = "auto", reasoning_parser: str = "auto") -> FastAPI:
+               tool_call_parser: str = "auto", reasoning_parser: str = "auto",
+               sampling_defaults: dict | None = None) -> FastAPI:
     """An app around an LLMEngine; its engine thread starts and stops with the app's lifespan. The queue limit
     (429 beyond it) is the engine's max_waiting. tool_call_parser: "auto" (the chat template's format), "none" or a
     format of tool_parsers.FORMATS; reasoning_parser: "auto" (when the template knows the think tags), "none",
-    "think"."""
+    "think". sampling_defaults: what a request leaves out (the checkpoint's generation_config.json,
+    LLM.generation_defaults); then SamplingParams' defaults."""
     from .tool_parsers import FORMATS
 
     if tool_call_parser not in ("auto", "none", *FORMATS):
@@ -231,5 +233,5 @@ def create_app(engine, model_name: str, api_key: str | None = None, shutdown_gra
     metrics = ServerMetrics()
     state = ServerState(AsyncEngine(engine, observer=metrics), model_name, api_key, engine.config.max_waiting,
                         shutdown_grace, metrics, tool_call_parser=tool_call_parser,
-                        reasoning_parser=reasoning_parser)
+                        reasoning_parser=reasoning_parser, sampling_defaults=dict(sampling_defaults or {}))
     return build_app(state)

@@ -220,16 +220,23 @@ class _Sampling(_Strict):
         return "tool_choice"
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, guided: GuidedDecoding | None = None,
-                        skip_special_tokens: bool = True) -> SamplingParams:
-        def pick(value, default):
-            return default if value is None else value
+                        skip_special_tokens: bool = True, defaults: dict | None = None) -> SamplingParams:
+        """defaults: the checkpoint's generation_config.json values for the fields this request leaves out."""
+        defaults = defaults or {}
+
+        def pick(value, default, name=None):
+            if value is not None:
+                return value
+            return defaults.get(name, default) if name else default
 
         # SamplingParams validates itself; its ValueError names the field and becomes a 400.
         return SamplingParams(
-            max_tokens=max_tokens, temperature=pick(self.temperature, 1.0), top_k=pick(self.top_k, 0),
-            top_p=pick(self.top_p, 1.0), min_p=pick(self.min_p, 0.0),
-            repetition_penalty=pick(self.repetition_penalty, 1.0),
-            presence_penalty=pick(self.presence_penalty, 0.0), frequency_penalty=pick(self.frequency_penalty, 0.0),
+            max_tokens=max_tokens, temperature=pick(self.temperature, 1.0, "temperature"),
+            top_k=pick(self.top_k, 0, "top_k"), top_p=pick(self.top_p, 1.0, "top_p"),
+            min_p=pick(self.min_p, 0.0, "min_p"), repetition_penalty=pick(self.repetition_penalty, 1.0,
+                                                                          "repetition_penalty"),
+            presence_penalty=pick(self.presence_penalty, 0.0, "presence_penalty"),
+            frequency_penalty=pick(self.frequency_penalty, 0.0, "frequency_penalty"),
             seed=self.seed, stop=self.stop, stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos, logprobs=logprobs, n=self.n, logit_bias=self.bias(), guided=guided,
             skip_special_tokens=skip_special_tokens)

@@ -47,6 +47,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     tool_call_parser: str = "auto"  # "auto": the chat template's format; "none"; or a tool_parsers.FORMATS name
     reasoning_parser: str = "auto"  # "auto": when the template knows the think tags; "none"; "think"
+    sampling_defaults: dict = field(default_factory=dict)  # generation_config.json's, for fields a request omits
 
     def __post_init__(self):
         e = self.engine.engine
@@ -138,7 +139,7 @@ def make_params(state: ServerState, req, max_tokens: int, logprobs: int | None,
     """`renamed` maps SamplingParams field names to the request's own, for the error's param; `extra` goes to
     req.sampling_params (guided, skip_special_tokens)."""
     try:
-        params = req.sampling_params(max_tokens, logprobs, **extra)
+        params = req.sampling_params(max_tokens, logprobs, defaults=state.sampling_defaults, **extra)
         params.validate(state.engine.engine.cfg.vocab_size)
     except ValueError as e:
         msg = str(e)

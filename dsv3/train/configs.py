@@ -39,6 +39,13 @@ TRAIN_PRESETS: dict[str, dict] = {
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
         n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=128,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=1),
+    # The embedded default model from 2026-12-07 on: train-small's widths, 8 layers, so the MTP module is 1/9 of the
+    # model's depth (train-small: 1/5), which bounds what speculation can gain on the CPU.
+    "train-medium": dict(
+        _BASE, vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=128,
+        num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=128,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=1),
 }
 
 

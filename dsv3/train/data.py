@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..tokenizer_build import EOS, save_tokenizer_files, train_bpe
+from . import sources as sources_mod
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,23 @@ def stdlib_docs() -> list[Doc]:
 
 
 def resolve_docs(sources: list[str] | str) -> list[Doc]:
-    """'stdlib', files, directories (searched recursively) and glob patterns -> sorted, de-duplicated documents."""
+    """'stdlib', the named sources of train/sources.py ('code', 'site:NAME', 'heldout-packages'), files,
+    directories (searched recursively) and glob patterns -> sorted, de-duplicated documents."""
     if isinstance(sources, str):
         sources = [sources]
     if not sources:
-        raise ValueError("no data given: pass 'stdlib' or one or more files, directories or glob patterns")
+        raise ValueError("no data given: pass 'stdlib', 'code', 'site:NAME' or files, directories or glob patterns")
     found: dict[str, Doc] = {}
     for src in sources:
-        if src == STDLIB:
+        if src in (STDLIB, sources_mod.CODE):
             for d in stdlib_docs():
                 found[d.path] = d
+            if src == STDLIB:
+                continue
+        named = sources_mod.resolve(src)  # code, site:NAME, heldout-packages (train/sources.py)
+        if named is not None:
+            for path, rel in named:
+                found[path] = Doc(path, rel)
             continue
         if os.path.isfile(src):
             paths = [src]
@@ -79,7 +87,8 @@ def resolve_docs(sources: list[str] | str) -> list[Doc]:
         else:
             paths = [p for p in glob.glob(src, recursive=True) if os.path.isfile(p)]
             if not paths and not glob.has_magic(src):
-                raise FileNotFoundError(f"data path {src!r} does not exist (pass 'stdlib', a file, a directory or "
+                raise FileNotFoundError(f"data path {src!r} does not exist (pass 'stdlib', 'code', 'site:NAME', a "
+                                        f"file, a directory or "
                                         f"a glob pattern)")
         paths = [p for p in paths if "__pycache__" not in p.split(os.sep)]
         if not paths:
