@@ -292,7 +292,7 @@ def test_two_node_torchrun_generate_matches_single_process(tiny_ckpt, tmp_path):
         log = open(tmp_path / f"node{node}.err", "wb")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", "dsv3-test", "-m", "dsv3", "generate", "--model", str(tiny_ckpt), "--tp", "2", "--json",
+               "--rdzv-id", "dsv3-test", "-m", "dsv3", "generate", "--model", str(tiny_ckpt), "--tp", "2", "--json", "--greedy",
                "--dtype", "float32",
                "--max-tokens", "8", "--ignore-eos", "--dist-timeout", "60", prompt]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=_env()))
