@@ -49,22 +49,17 @@ def repeats(ids: list[int], times: int = 4) -> bool:
 
 
 def eval_set(model, tok, docs, max_windows: int) -> dict:
-    from dsv3.train.data import encode_docs, read_texts
+    from dsv3.train.data import Windows, encode_docs, read_texts, token_byte_lengths
     from dsv3.train.mtp import compute_losses
 
-    stream = encode_docs(tok, read_texts(docs))
-    n = (len(stream) - 1) // SEQ
+    windows = Windows(encode_docs(tok, read_texts(docs)), SEQ)
+    n = len(windows)
     idx = np.unique(np.linspace(0, n - 1, min(n, max_windows)).round().astype(np.int64))
     nll = hits = ntok = nbytes = mtp_hits = mtp_tok = 0.0
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    for s, i in tok.get_vocab().items():
-        if s not in specials and i < len(lengths):
-            lengths[i] = len(s)
+    lengths = token_byte_lengths(tok)
     with torch.no_grad():
         for j in range(0, len(idx), 16):
-            rows = [np.asarray(stream[i * SEQ:i * SEQ + SEQ + 1], dtype=np.int64) for i in idx[j:j + 16]]
-            t = torch.from_numpy(np.stack(rows))
+            t = windows.get(idx[j:j + 16])
             losses = compute_losses(model, t)
             k = t[:, 1:].numel()
             nll += float(losses.main) * k

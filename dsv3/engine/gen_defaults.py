@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 
 from .sampling import SamplingParams
 
@@ -54,20 +53,9 @@ def read_generation_defaults(path: str | os.PathLike | None) -> dict:
 
 def with_defaults(defaults: dict, **given) -> SamplingParams:
     """SamplingParams from the fields given (None = not given), then `defaults`, then SamplingParams' own."""
-    fields = {k: v for k, v in defaults.items()}
-    fields.update({k: v for k, v in given.items() if v is not None})
-    return SamplingParams(**fields)
+    return SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 def apply_defaults(params: SamplingParams | None, defaults: dict) -> SamplingParams:
     """params as given, or (None) the checkpoint's defaults over SamplingParams()."""
-    if params is not None:
-        return params
-    return replace(SamplingParams(), **defaults) if defaults else SamplingParams()
-
-
-def describe(defaults: dict) -> str:
-    """'temperature 0.6, top_p 0.95 (generation_config.json)' or 'none'."""
-    if not defaults:
-        return "none"
-    return ", ".join(f"{k} {v:g}" for k, v in defaults.items()) + f" ({FILE})"
+    return params if params is not None else with_defaults(defaults)
