@@ -168,3 +168,30 @@ def test_split_edge_cases_and_single_file(tmp_path):
     assert len(c.train) > 100 and len(c.heldout) == len(c.train)
     assert c.tokenizer.get_vocab_size() <= 300
     assert c.unigram_baseline() > 0
+
+
+def test_init_from_warm_starts_from_an_exported_model(corpus_dir, tmp_path):
+    """--init-from: a new run starts from a checkpoint's weights and routing biases (here the FP8 export of a
+    first run), with a fresh optimizer and schedule; the config and tokenizer default to the checkpoint's."""
+    import argparse
+
+    from dsv3.commands import train as cmd
+
+    first = train(_cfg(corpus_dir, tmp_path, "first", steps=4, grad_accum=1, eval_every=0, save_every=0,
+                       export_fp8=True))
+    p = argparse.ArgumentParser()
+    cmd.add_parser(p.add_subparsers(dest="command"))
+    cfg = cmd.build_config(p.parse_args(["train", "--init-from", first["final"], "--data", corpus_dir]))
+    assert cfg.model == first["final"] and cfg.init_from == first["final"]
+    # lr 1e-12 and gamma 0: the step changes nothing measurable, so the evaluation is the exported model's.
+    second = train(_cfg(corpus_dir, tmp_path, "second", model=first["final"], init_from=first["final"], steps=1,
+                        lr=1e-12, gamma=0.0, warmup=0, grad_accum=1, eval_every=0, save_every=0))
+    exported = dsv3.load_model(first["final"], dtype=torch.float32)
+    got = second["model"].state_dict()
+    for k, v in exported.state_dict().items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    assert abs(second["eval"]["loss"] - first["eval"]["loss"]) < 0.05  # the FP8 export's rounding only
+    with pytest.raises(ValueError, match="do not fit the model being trained"):
+        train(_cfg(corpus_dir, tmp_path, "wrong", model="train-small", init_from=first["final"], steps=1))
+    with pytest.raises(ValueError, match="no config.json"):
+        TrainConfig(init_from=str(tmp_path)).validate()

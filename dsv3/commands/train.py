@@ -10,7 +10,7 @@ import os
 _FIELDS = ["steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr_ratio", "warmup", "weight_decay",
            "grad_clip", "balance", "gamma", "gamma_until", "alpha", "mtp_lambda", "mtp_lambda_late", "mtp_switch",
            "precision", "device", "seed", "threads", "eval_every", "eval_windows", "save_every", "keep_checkpoints",
-           "tokenizer", "cache_dir", "holdout_percent", "stop_at"]
+           "tokenizer", "cache_dir", "holdout_percent", "stop_at", "init_from"]
 
 
 def add_parser(sub) -> None:
@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (resume later)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
+    p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model checkpoint's weights (bf16 or "
+                   "FP8, e.g. a run's final/ or the embedded model) with a fresh optimizer and schedule; without "
+                   "--config the model config is the checkpoint's")
     p.add_argument("--csv", action="store_true", help="also write metrics.csv")
     p.add_argument("--no-plot", action="store_true", help="do not draw curves.png (needs matplotlib anyway)")
     p.add_argument("--export-fp8", action="store_true", help="write the final model in the official FP8 format")
@@ -87,6 +90,8 @@ def build_config(args):
             base[name] = v
     if args.config is not None:
         base["model"] = args.config
+    elif getattr(args, "init_from", None) and not args.resume:
+        base["model"] = args.init_from
     if args.data is not None:
         base["data"] = args.data
     if args.out is not None:

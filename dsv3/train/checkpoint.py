@@ -85,6 +85,24 @@ def save_checkpoint(out: str, step: int, model: Transformer, optimizer: torch.op
     return final
 
 
+def init_weights(path: str, model: Transformer) -> None:
+    """Warm start: copy the weights and routing biases of a model checkpoint (bf16 or official FP8, dequantised
+    exactly) into `model`; the optimizer, step and data position start fresh. Shapes must match."""
+    dev = next(model.parameters()).device
+    loaded = load_model(path, dtype=torch.float32, device=dev, progress=False)
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    shapes = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in ours
+              if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"--init-from {path}: its weights do not fit the model being trained (give the same "
+                         f"--config as the checkpoint's, or leave --config out): missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}, shapes (checkpoint vs model) {shapes[:4]}")
+    model.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
+    del loaded
+
+
 def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights (through the ordinary loader), optimizer state and RNG; returns the JSON state."""
     with open(os.path.join(path, STATE_JSON), encoding="utf-8") as f:

@@ -27,7 +27,7 @@ from ..model.transformer import Transformer, build_model
 from ..tokenizer_build import BOS, EOS, save_tokenizer_files
 from ..devices import parse_device
 from .balance import BALANCE_MODES, Balancer, Schedule, max_violation, moe_modules, set_recording
-from .checkpoint import export_model, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import export_model, init_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .configs import resolve_model_config
 from .data import Corpus, Sampler, Windows, build_corpus
 from .mtp import compute_losses, mtp_loss
@@ -80,6 +80,8 @@ class TrainConfig:
     export_fp8: bool = False
     stop_at: int | None = None  # leave after this step with a checkpoint (a planned interruption)
     resume: bool | str = False  # True: the newest checkpoint in `out`; a path: that checkpoint
+    init_from: str | None = None  # a model checkpoint whose weights start this run (optimizer and schedule fresh;
+    # ignored when resuming, where the run's own checkpoint has the weights)
     progress: bool | None = None
 
     def resolved_alpha(self) -> float:
@@ -109,6 +111,8 @@ class TrainConfig:
         if isinstance(self.data, str):
             self.data = [self.data]
         resolve_model_config(self.model)  # a bad path or preset name fails here, before any data work
+        if self.init_from is not None and not os.path.exists(os.path.join(self.init_from, "config.json")):
+            raise bad("init_from", "not a checkpoint directory (it has no config.json)")
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -238,7 +242,8 @@ def train(config: TrainConfig | dict) -> dict:
     # Data. Rank 0 trains the tokenizer and fills the cache first so the other ranks only read it.
     model_cfg = resolve_model_config(cfg.model)
     tok_dir = os.path.join(cfg.out, "tokenizer")
-    tok_source = resume_from or (cfg.tokenizer if cfg.tokenizer else None)
+    # A warm start keeps the checkpoint's tokenizer unless told otherwise: its embeddings are indexed by it.
+    tok_source = resume_from or cfg.tokenizer or cfg.init_from
     corpus = None
     for turn in ((0, 1) if world > 1 else (0,)):
         if (rank == 0) == (turn == 0):
@@ -257,6 +262,9 @@ def train(config: TrainConfig | dict) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, device, torch.float32)
+    if cfg.init_from and not resume_from:
+        init_weights(cfg.init_from, model)
+        log.info("weights initialised from %s", cfg.init_from)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
