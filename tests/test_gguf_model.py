@@ -147,6 +147,36 @@ def test_tokenizer_from_metadata_equals_tokenizers(tmp_path, bpe, pre):
     assert tok.special_ids >= {0, 1, 2, 3}
 
 
+KIMI_TEXTS = [t for t in TEXTS if "<｜" not in t] + ["DON'T stop: I'M here, we'RE fine and it's ok", "混合English中文Mixed日本語テキスト 한국어 텍스트",
+                      "  indented\n\n\n    code(x)  \r\n trailing   ", "ÉCOLE naïve MacDonald's 12345.678"]
+
+
+def test_kimi_k2_pre_tokenizer_is_tiktokens_split(tmp_path, bpe):
+    """Kimi-K2's files carry pre 'kimi-k2': the oracle is tiktoken's semantics, its pattern's matches found left to
+    right (the `regex` package, which supports the pattern's class intersections), each piece BPE-encoded alone
+    (texts without special tokens: those are matched before any split)."""
+    import regex
+    import tokenizers
+
+    from dsv3.gguf.tokenizer import PRE_SPLITS
+
+    _write_vocab_only(tmp_path / "v.gguf", bpe, "kimi-k2")
+    tok = gguf_tokenizer(read_gguf(tmp_path / "v.gguf"))
+    spec = json.loads(bpe.to_str())
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    piece_bpe = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    pattern = regex.compile(PRE_SPLITS["kimi-k2"][0], flags=regex.V1)
+    for text in KIMI_TEXTS:
+        pieces = pattern.findall(text)
+        assert "".join(pieces) == text  # the pattern covers every character
+        want = [i for p in pieces for i in piece_bpe.encode(p, add_special_tokens=False).ids]
+        assert tok.encode(text, add_bos=False) == want, text
+        assert tok.decode(want) == text
+    # Han runs split from other letters; contractions stay on their word (case-insensitively).
+    assert pattern.findall("混合English中文") == ["混合", "English", "中文"]
+    assert pattern.findall("DON'T I'M") == ["DON'T", " I'M"]
+
+
 def test_chat_template_from_metadata_renders(tmp_path, bpe):
     _write_vocab_only(tmp_path / "v.gguf", bpe, "deepseek-v3")
     tok = gguf_tokenizer(read_gguf(tmp_path / "v.gguf"))
@@ -157,8 +187,8 @@ def test_chat_template_from_metadata_renders(tmp_path, bpe):
 
 
 def test_tokenizer_json_beside_the_file_wins(tmp_path, bpe):
-    _write_vocab_only(tmp_path / "v.gguf", bpe, "kimi-k2", template=None)
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre is 'kimi-k2'.*tokenizer\.json"):
+    _write_vocab_only(tmp_path / "v.gguf", bpe, "qwen2", template=None)
+    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre is 'qwen2'.*kimi-k2.*tokenizer\.json"):
         gguf_tokenizer(read_gguf(tmp_path / "v.gguf"))
     save_tokenizer_files(bpe, tmp_path)
     tok = gguf_tokenizer(read_gguf(tmp_path / "v.gguf"))

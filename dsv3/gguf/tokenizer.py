@@ -29,7 +29,22 @@ _DEEPSEEK_LLM = (
     '[一-龥ࠀ-一가-\ud7ff]+',
     '\\p{N}+',
 )
-PRE_SPLITS = {"deepseek-v3": _DEEPSEEK_V3, "deepseek-llm": _DEEPSEEK_LLM}
+# Kimi-K2 (Moonlight's tokenizer too) is tiktoken's: one alternation, Han runs apart from other letters (character
+# class intersection, which Oniguruma supports as tiktoken's fancy-regex does), English contractions kept on words.
+_NOT_HAN_UPPER = "[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]"
+_NOT_HAN_LOWER = "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}&&[^\\p{Han}]]"
+_CONTRACTION = "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_KIMI_K2 = ("|".join([
+    "[\\p{Han}]+",
+    f"[^\\r\\n\\p{{L}}\\p{{N}}]?{_NOT_HAN_UPPER}*{_NOT_HAN_LOWER}+{_CONTRACTION}",
+    f"[^\\r\\n\\p{{L}}\\p{{N}}]?{_NOT_HAN_UPPER}+{_NOT_HAN_LOWER}*{_CONTRACTION}",
+    "\\p{N}{1,3}",
+    " ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*",
+    "\\s*[\\r\\n]+",
+    "\\s+(?!\\S)",
+    "\\s+",
+]),)
+PRE_SPLITS = {"deepseek-v3": _DEEPSEEK_V3, "deepseek-llm": _DEEPSEEK_LLM, "kimi-k2": _KIMI_K2}
 GPT2_PRES = ("gpt2", "default")  # GPT-2's regex: tokenizers' own ByteLevel(use_regex=True)
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # gguf.TokenType
 
