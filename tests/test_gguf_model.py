@@ -256,9 +256,42 @@ def test_info_and_plan_accept_a_gguf_file(tmp_path, capsys):
     assert lines and all("--model " + str(tmp_path / "m.gguf") in c and "--quantize" not in c for c in lines)
 
 
-def test_parallel_runs_refuse_a_gguf_file_by_name(tmp_path):
-    from types import SimpleNamespace
+# Column splits under TP 2 must fall on each type's blocks: the expert and shared down projections are 128 inputs
+# wide per rank here, so they take 32-value types; the rest of MIXED stays.
+TP_TYPES = dict(MIXED, ffn_down_exps="Q8_0", ffn_down_shexp="Q4_0")
 
-    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg())
-    with pytest.raises(ValueError, match=r"m\.gguf is a GGUF file, which dsv3 loads on one process"):
-        dsv3.LLM(str(tmp_path / "m.gguf"), parallel=SimpleNamespace(world_size=2))
+
+def test_each_ranks_shard_holds_its_slices_of_the_single_process_model(tmp_path):
+    """load_sharded on a GGUF file: every rank's tensors are exactly its windows of what the single process loads
+    (codes and scales of quantised projections sliced alike), for TP 2 x EP 2 with non-contiguous experts."""
+    from dsv3.parallel import ParallelState, load_sharded
+
+    write_gguf(tmp_path / "m.gguf", gguf_tiny_cfg(), TP_TYPES)
+    whole = dsv3.load_model(tmp_path / "m.gguf", dtype=torch.float32)
+    full = {n: b for n, b in whole.named_buffers()} | {n: p for n, p in whole.named_parameters()}
+    placement = {"placement": [[0, 3, 5, 6], [1, 2, 4, 7]]}
+    for rank in range(4):
+        ps = ParallelState(rank=rank, world_size=4, tp_size=2, tp_rank=rank % 2, ep_size=2, ep_rank=rank // 2)
+        shard = load_sharded(tmp_path / "m.gguf", ps, dtype=torch.float32, device="cpu", placement=placement)
+        owned = placement["placement"][rank // 2]
+        checked = 0
+        for name, t in list(shard.named_parameters()) + list(shard.named_buffers()):
+            ref = full[name]
+            if "experts." in name and "shared" not in name:
+                ref = ref[owned]
+            if ref.shape != t.shape:  # a split tensor: find its window along the dims that differ
+                for d, (a, b) in enumerate(zip(ref.shape, t.shape)):
+                    if a != b:
+                        part = a // b if a % b == 0 else None
+                        assert part, (name, ref.shape, t.shape)
+                        k = (rank % 2) if part == 2 else rank  # TP halves, or the shared experts' quarters
+                        ref = ref.narrow(d, k * b, b)
+            assert torch.equal(t, ref), name
+            checked += 1
+        assert checked > 40
+    ps = ParallelState(rank=0, world_size=2, tp_size=2, tp_rank=0)
+    write_gguf(tmp_path / "k.gguf", gguf_tiny_cfg(), MIXED)  # Q6_K expert down projections: 256-value blocks
+    with pytest.raises(ValueError, match=r"ffn_down_exps.*Q6_K.*256 values.*columns 0:128.*--tp"):
+        load_sharded(tmp_path / "k.gguf", ps, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="GGUF file, whose weights run as they are stored"):
+        load_sharded(tmp_path / "m.gguf", ps, dtype=torch.float32, device="cpu", quantize="int4")

@@ -38,6 +38,7 @@ RDZV_TIMEOUT_S = 3.0
 HANG_TIMEOUT_S = 6.0
 # Experts of the tiny model (16) on two EP ranks, deliberately not two contiguous ranges.
 PLACEMENT = {"placement": [[0, 3, 5, 6, 9, 10, 12, 15], [1, 2, 4, 7, 8, 11, 13, 14]]}
+GGUF_PLACEMENT = {"placement": [[0, 3, 5, 6], [1, 2, 4, 7]]}  # the tiny GGUF model's 8 experts
 
 
 def _params() -> list[SamplingParams]:
@@ -110,7 +111,7 @@ def _scenario(out: Path, tag: str, ckpt: str, port: int, rank: int, world: int, 
         ps.shutdown()
 
 
-def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int]) -> None:
+def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int], gguf_file: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     # Phase 1: all four ranks, 2 x 2, FP8 kept in memory (block-aligned slices stay FP8, the others are cut).
@@ -125,6 +126,11 @@ def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int]) -> None:
         _scenario(out, "tp2-int4", ckpt, ports[7], proc, 2, 2, 1, quantize="int4")
     else:
         _scenario(out, "ep2-int8", ckpt, ports[8], proc - 2, 2, 1, 2, quantize="int8")
+    # Phase 2c: a GGUF file (quantised blocks of several types) under TP 2 and under EP 2 with scattered experts.
+    if proc < 2:
+        _scenario(out, "tp2-gguf", gguf_file, ports[9], proc, 2, 2, 1)
+    else:
+        _scenario(out, "ep2-gguf", gguf_file, ports[10], proc - 2, 2, 1, 2, placement=GGUF_PLACEMENT)
     # Phase 3: a follower killed mid-run (procs 0, 1) and a driver killed mid-run (procs 2, 3).
     if proc < 2:
         _scenario(out, "kill-follower", ckpt, ports[3], proc, 2, 2, 1, fail_at_step=3 if proc == 1 else None)
@@ -147,11 +153,22 @@ def _pool_worker(proc: int, out: Path, ckpt: str, ports: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pool(tiny_ckpt, tmp_path_factory):
+def gguf_file(tmp_path_factory):
+    from test_gguf_files import gguf_tiny_cfg, write_gguf
+    from test_gguf_model import TP_TYPES
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, gguf_tiny_cfg(), TP_TYPES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_ckpt, gguf_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     ctx = mp.get_context("spawn")
-    ports = _free_ports(9)
-    procs = [ctx.Process(target=_pool_worker, args=(i, out, str(tiny_ckpt), ports)) for i in range(4)]
+    ports = _free_ports(11)
+    procs = [ctx.Process(target=_pool_worker, args=(i, out, str(tiny_ckpt), ports, str(gguf_file)))
+             for i in range(4)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 300
@@ -244,6 +261,24 @@ def test_quantized_tp2_and_ep2_match_the_single_process(pool, reference_quantize
     # Every weight quantised on every rank (none left in float32 for cutting a group).
     assert all(res["int_weights"] == reference_quantized[q]["int_weights"] for res in results)
     assert _rel(reference_quantized[q]["logits"], reference["logits"]) > 1e-3  # really quantised
+
+
+@pytest.fixture(scope="module")
+def reference_gguf(gguf_file):
+    llm = LLM(str(gguf_file), dtype="float32", num_blocks=64, max_num_seqs=8)
+    with torch.inference_mode():
+        logits = llm.model(LOGIT_IDS)
+    outs = llm.generate(PROMPTS, _params())
+    return {"logits": logits, "tokens": [o.token_ids for o in outs],
+            "int_weights": sum(getattr(m, "quant", None) is not None for m in llm.model.modules())}
+
+
+@pytest.mark.parametrize("tag", ["tp2-gguf", "ep2-gguf"])
+def test_gguf_under_tp2_and_ep2_matches_the_single_process(pool, reference_gguf, tag):
+    # Each rank reads only its windows of the file's blocks; the quantised projections keep their codes.
+    results = _check_run(pool, reference_gguf, tag, 2)
+    assert reference_gguf["int_weights"] > 10
+    assert all(res["int_weights"] == reference_gguf["int_weights"] for res in results)
 
 
 def test_killed_follower_ends_the_driver_with_an_error(pool):

@@ -59,12 +59,6 @@ class LLM:
         # (read first, so a bad file fails before the weights load).
         self.generation_defaults = read_generation_defaults(self.path)
         if parallel is not None and parallel.world_size > 1:
-            from ..gguf.files import is_gguf_path
-
-            if is_gguf_path(self.path):
-                raise ValueError(f"{self.path} is a GGUF file, which dsv3 loads on one process; tensor/expert "
-                                 f"parallel runs (--tp/--ep) need a Hugging Face checkpoint directory")
-        if parallel is not None and parallel.world_size > 1:
             from ..parallel import load_sharded
 
             self.model = load_sharded(self.path, parallel, dtype=dtype, fp8_mode=fp8_mode, with_mtp=with_mtp,

@@ -9,9 +9,11 @@ decoded from the memory-mapped file a few rows at a time into its final place:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -19,7 +21,7 @@ from ..devices import parse_device, parse_dtype
 from ..model.transformer import Transformer, build_model
 from . import blocks, names
 from .config import gguf_config
-from .files import GGUFError, GGUFModel, read_gguf
+from .files import GGUFError, GGUFModel, GGUFTensor, read_gguf
 
 log = logging.getLogger(__name__)
 _CHUNK_BYTES = 4 * 2**20  # GGUF bytes decoded at a time: bounds the load's temporaries
@@ -38,9 +40,11 @@ def open_gguf(path: str | os.PathLike, with_mtp: bool | None = None) -> tuple[GG
     return g, cfg, with_mtp
 
 
-def plan(g: GGUFModel, cfg: ModelConfig, model: Transformer) -> dict[str, list[str]]:
+def plan(g: GGUFModel, cfg: ModelConfig, model: Transformer, windows: dict[str, tuple] | None = None
+         ) -> dict[str, list[str]]:
     """dsv3 parameter -> the GGUF tensors it is made of, after checking that every parameter has its tensors, that
-    no tensor is unknown, that every type is supported and every shape is what the metadata implies."""
+    no tensor is unknown, that every type is supported and every shape is what the metadata implies (for a
+    sharded model: that this rank's window of it has the shard's shape)."""
     want = dict(model.state_dict())
     n_main = cfg.num_hidden_layers
     sources: dict[str, list[str]] = {}
@@ -80,11 +84,52 @@ def plan(g: GGUFModel, cfg: ModelConfig, model: Transformer) -> dict[str, list[s
             raise GGUFError(f"{g.path}: {', '.join(srcs)} has no place in the model the metadata describes "
                             f"({target}); the metadata and the tensors disagree")
         shape = tuple(want[target].shape)
-        if len(srcs) == 1 and g.tensors[srcs[0]].shape != shape:
+        if len(srcs) == 1:
             t = g.tensors[srcs[0]]
-            raise GGUFError(f"{g.path}: tensor {g.where(t.name)} is {list(t.shape)} but the metadata implies "
-                            f"{list(shape)} for {target}; the metadata and the tensors disagree")
+            got = window(t, (windows or {}).get(target), _is_stacked(model, target)).shape
+            if got != shape:
+                raise GGUFError(f"{g.path}: tensor {g.where(t.name)} is {list(t.shape)} but the metadata implies "
+                                f"{list(shape)} for {target}; the metadata and the tensors disagree")
     return sources
+
+
+def _is_stacked(model: Transformer, target: str) -> bool:
+    from ..model.moe import StackedLinear
+
+    return isinstance(model.get_submodule(target.rpartition(".")[0]), StackedLinear)
+
+
+def _block(t: GGUFTensor) -> tuple[int, int]:
+    """(values, entries of t.data's last dim) of one block of t's type: the gguf reader types F32/F16 data by
+    element and leaves BF16 and the quantised types as bytes."""
+    if t.type_name in blocks.FLOAT_TYPES:
+        return 1, 1 if t.data.dtype != np.uint8 else blocks.FLOAT_TYPES[t.type_name].itemsize
+    return blocks.BLOCK[t.type_name]
+
+
+def window(t: GGUFTensor, win: tuple | None, stacked: bool) -> GGUFTensor:
+    """The part of tensor t a sharded model's rank holds (parallel.shard_model's window: for stacked experts
+    (experts, rows[, cols]), else (rows[, cols]), slices or, for experts, a list), as a GGUFTensor whose data views
+    only those bytes. A column window must fall on the type's block boundaries."""
+    if not win:
+        return t
+    data, shape = t.data, list(t.shape)
+    if stacked:
+        ex, win = win[0], win[1:]
+        data = data[np.asarray(ex)] if isinstance(ex, list) else data[ex]
+        shape[0] = data.shape[0]
+    rows = win[0] if win else slice(None)
+    r0, r1, _ = rows.indices(shape[-2])
+    data, shape[-2] = data[..., r0:r1, :], r1 - r0
+    if len(win) > 1:
+        c0, c1, _ = win[1].indices(shape[-1])
+        vals, size = _block(t)
+        if c0 % vals or c1 % vals:
+            raise GGUFError(f"{t.file}: tensor {t.name!r} is {t.type_name}, whose blocks hold {vals} values of a "
+                            f"row, but this rank's share of it is columns {c0}:{c1}, which cut a block; choose a "
+                            f"--tp that splits {shape[-1]} into multiples of {vals}")
+        data, shape[-1] = data[..., c0 // vals * size:c1 // vals * size], c1 - c0
+    return dataclasses.replace(t, shape=tuple(shape), data=data, nbytes=int(data.nbytes))
 
 
 def _rows_per_chunk(t) -> int:
@@ -115,12 +160,17 @@ def _load_quantized(mod, t, device: torch.device) -> None:
 
 def _load_float(t, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     dest = torch.empty(t.shape, dtype=out_dtype, device=device)
-    data = t.data.reshape(-1, t.data.shape[-1]) if len(t.shape) > 1 else t.data.reshape(1, -1)
-    flat = dest.view(-1, t.shape[-1]) if len(t.shape) > 1 else dest.view(1, -1)
+    if len(t.shape) == 1:
+        dest.copy_(blocks.to_float(t.type_name, t.data.reshape(1, -1), (1, t.shape[0]))[0])
+        return dest
+    # [lead, rows, bytes]: merging only leading dims keeps a windowed (strided) view a view.
+    data = t.data.reshape(-1, t.data.shape[-2], t.data.shape[-1])
+    d3 = dest.view(-1, *t.shape[-2:])
     step = _rows_per_chunk(t)
-    for r in range(0, data.shape[0], step):
-        part = data[r:r + step]
-        flat[r:r + step].copy_(blocks.to_float(t.type_name, part, (part.shape[0], t.shape[-1])))
+    for e in range(data.shape[0]):
+        for r in range(0, t.shape[-2], step):
+            part = data[e, r:r + step]
+            d3[e, r:r + step].copy_(blocks.to_float(t.type_name, part, (part.shape[0], t.shape[-1])))
     return dest
 
 
@@ -134,11 +184,14 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_gguf_weights(model: Transformer, g: GGUFModel, dtype: torch.dtype, device: torch.device,
-                      progress: bool | None = None) -> Transformer:
+                      progress: bool | None = None, windows: dict[str, tuple] | None = None) -> Transformer:
+    """Fill `model` (on the meta device) from g; windows: a sharded model's parts of each split tensor
+    (parallel.shard_model), of which only those bytes are read."""
     from ..model.layers import Linear
     from ..model.moe import Gate, StackedLinear
 
-    sources = plan(g, model.cfg, model)
+    windows = windows or {}
+    sources = plan(g, model.cfg, model, windows)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(g.tensors[s].nbytes for srcs in sources.values() for s in srcs), unit="B", unit_scale=True,
@@ -153,13 +206,15 @@ def load_gguf_weights(model: Transformer, g: GGUFModel, dtype: torch.dtype, devi
                     k_b, v_b = (g.tensors[n] for n in sorted(srcs))
                     kv_b = names.compose_kv_b(blocks.to_float(k_b.type_name, k_b.data, k_b.shape),
                                               blocks.to_float(v_b.type_name, v_b.data, v_b.shape))
+                    if target in windows:
+                        kv_b = kv_b[windows[target]]
                     want = tuple(mod.weight.shape)
                     if tuple(kv_b.shape) != want:
                         raise GGUFError(f"{g.path}: {', '.join(srcs)} make a kv_b of {list(kv_b.shape)}, but the "
                                         f"metadata implies {list(want)}")
                     _set(model, target, kv_b.to(device=device, dtype=dtype))
                 else:
-                    t = g.tensors[srcs[0]]
+                    t = window(g.tensors[srcs[0]], windows.get(target), isinstance(mod, StackedLinear))
                     is_proj = isinstance(mod, (Linear, StackedLinear)) and attr == "weight"
                     if is_proj and t.type_name in blocks.SCHEMES:
                         _load_quantized(mod, t, device)

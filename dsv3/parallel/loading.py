@@ -156,11 +156,15 @@ def load_sharded(path: str | os.PathLike, ps: ParallelState, dtype: str | torch.
     any slice is dequantised exactly; with 'keep', slices on 128-block boundaries stay FP8 with their scales sliced
     alike, and a slice that cuts a block (a head split of 192-row heads, say) is read block-aligned, dequantised
     exactly and cut. placement: see resolve_placement. device: default the rank's device. quantize: int8/int4
-    weights, each rank quantising its own slices (splits of the input dimension must fall on group boundaries)."""
+    weights, each rank quantising its own slices (splits of the input dimension must fall on group boundaries).
+    A GGUF path (dsv3/gguf) loads the same way: each rank reads only its windows' blocks."""
     from ..checkpoint.load import load_weights, open_checkpoint
     from ..devices import parse_dtype
+    from ..gguf.files import is_gguf_path
 
     dtype = parse_dtype(dtype)
+    if is_gguf_path(path):
+        return _load_sharded_gguf(path, ps, dtype, device, with_mtp, attn_impl, progress, placement, quantize)
     path, cfg, layout, with_mtp = open_checkpoint(path, with_mtp)
     model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
     windows = shard_model(model, ps, resolve_placement(placement, cfg, ps.ep_size))
@@ -169,3 +173,18 @@ def load_sharded(path: str | os.PathLike, ps: ParallelState, dtype: str | torch.
                  select=lambda name, shape: windows.get(name), layout=layout, quantize=quantize)
     _crop(model, crops, dtype)
     return model
+
+
+def _load_sharded_gguf(path, ps: ParallelState, dtype: torch.dtype, device, with_mtp, attn_impl: str,
+                       progress, placement, quantize) -> Transformer:
+    """This rank's shard of a GGUF model: quantised projections keep their codes (column splits must fall on the
+    type's blocks: 32 values, 256 for the K types), everything else as load_gguf_model does it."""
+    from ..gguf.load import load_gguf_weights, open_gguf
+
+    if quantize is not None:
+        raise ValueError(f"{os.fspath(path)} is a GGUF file, whose weights run as they are stored: drop "
+                         f"quantize={quantize!r} (to change their types, requantise with llama-quantize)")
+    g, cfg, with_mtp = open_gguf(path, with_mtp)
+    model = build_model(cfg, "meta", with_mtp=with_mtp, attn_impl=attn_impl)
+    windows = shard_model(model, ps, resolve_placement(placement, cfg, ps.ep_size))
+    return load_gguf_weights(model, g, dtype, device if device is not None else ps.device, progress, windows)
