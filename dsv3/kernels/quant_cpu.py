@@ -26,6 +26,7 @@ PANEL = 16  # output rows side by side in the codes: one 16-row block (the kerne
 KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 (GGUF's K-quants, mixtures)
 KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
+KIND_INT6X = 5  # int8x with every code in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K, mixtures) in 6 bits: 9 bits per weight
 
 
 def native(s: quant.Scheme) -> bool:
@@ -112,16 +113,30 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
     return blob
 
 
-def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def _six_bit(c: torch.Tensor) -> torch.Tensor:
+    """int8x's code bytes [..., P, n, 16 steps, 32] (every code in [-32, 31]) -> kind int6x's [..., P, n, 384]:
+    u = c + 32; 8 chunks of nibbles (step k low, step k + 8 high), then 4 chunks of top bits (steps k, k + 4,
+    k + 8, k + 12 at shifts 0, 2, 4, 6), as csrc/qpacked.h reads them."""
+    u = (c.to(torch.int16) + 32).to(torch.uint8)
+    lo, top = u & 0x0F, u >> 4
+    nib = lo[..., :8, :] | (lo[..., 8:, :] << 4)
+    hi = top[..., 0:4, :] | (top[..., 4:8, :] << 2) | (top[..., 8:12, :] << 4) | (top[..., 12:16, :] << 6)
+    return torch.cat([nib, hi], dim=-2).flatten(-2)
+
+
+def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compact: bool = True) -> torch.Tensor:
     """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
-    and mins [panels, I/32, 16] (header group size 16)."""
+    and mins [panels, I/32, 16] (header group size 16). compact: when every code is in [-32, 31] (all of GGUF's
+    5- and 6-bit and 4-bit-with-min types), kind int6x instead: the same weights and product in 6-bit codes."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
     n = i // 32
     rows = -(-o // PANEL) * PANEL
     panels = rows // PANEL
-    c = _pad_rows(codes, rows).view(*lead, panels, PANEL, n, 16, 2).movedim(-4, -2).contiguous().view(torch.uint8)
+    c = _pad_rows(codes, rows).view(*lead, panels, PANEL, n, 16, 2).movedim(-4, -2).contiguous()
+    six = compact and codes.numel() > 0 and int(codes.min()) >= -32 and int(codes.max()) <= 31
+    c = _six_bit(c.view(*lead, panels, n, 16, 32)) if six else c.view(torch.uint8)
     sc = _pad_rows(scales, rows).view(*lead, panels, PANEL, 2 * n).movedim(-2, -1).contiguous()
     mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
@@ -129,7 +144,8 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) ->
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + tail.shape[-1]) // 64) * 64
-    header = torch.tensor([MAGIC, KIND_INT8X, o, i, 16, codes_off, scales_off, total], dtype=torch.int64)
+    header = torch.tensor([MAGIC, KIND_INT6X if six else KIND_INT8X, o, i, 16, codes_off, scales_off, total],
+                          dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)
     blob[..., codes_off:scales_off] = code_bytes

@@ -14,6 +14,10 @@
 //     float32 mins per 32 (g) [panels][D/32][16 rows] right after them; header G = 16;
 //   kind 4 (int4m, GGUF's Q4_K / Q4_1): codes as int4 but without the offset, w = c * scale_g - min_g, float32
 //     scales [panels][n][16 rows] then float32 mins [panels][n][16 rows] (6 bits per weight).
+//   kind 5 (int6x): kind 3 for codes in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K and their mixtures), held in 6 bits:
+//     u = c + 32 per group of a panel as 384 bytes: 8 x 32 bytes of nibbles (byte j of chunk k: the low 4 bits of
+//     int8x step k's byte j, then of step k + 8's in the high nibble), then 4 x 32 bytes of top bits (byte j of
+//     chunk k: the top 2 bits of steps k, k + 4, k + 8, k + 12 at shifts 0, 2, 4, 6); scales and mins as kind 3.
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -34,7 +38,7 @@ namespace {
 constexpr int64_t kQMagic = 0x3230305133565344LL;  // "DSV3Q002" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 16;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
@@ -48,18 +52,19 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt4M, name, ": unknown quantised kind ", h.kind);
+  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6X, name, ": unknown quantised kind ", h.kind);
+  const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X;  // scales per 16 inputs, mins per 32
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
-  TORCH_CHECK(h.G == (h.kind == kQInt8X ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
-              " is not supported here (32, or 16 for kind 3; D a multiple of 32)");
+  TORCH_CHECK(h.G == (x16 ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
+              " is not supported here (32, or 16 for kinds 3 and 5; D a multiple of 32)");
   TORCH_CHECK(h.bytes == t.size(-1), name, ": blob of ", t.size(-1), " bytes, its header says ", h.bytes);
   Packed m{nullptr, R, D};
   m.kind = h.kind;
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
-  if (h.kind == kQInt8X || h.kind == kQInt4M) {
-    const int64_t panels = (R + kQPanel - 1) / kQPanel, per = h.kind == kQInt8X ? D / 16 : D / 32;
+  if (x16 || h.kind == kQInt4M) {
+    const int64_t panels = (R + kQPanel - 1) / kQPanel, per = x16 ? D / 16 : D / 32;
     m.sf = reinterpret_cast<const float*>(base + h.scales);
     m.mn = m.sf + panels * per * kQPanel;
     TORCH_CHECK(h.scales + panels * (per + D / 32) * kQPanel * 4 <= h.bytes, name,
@@ -78,7 +83,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[5] = {0, 16, 8, 16, 8};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[6] = {0, 16, 8, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -227,18 +232,30 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
 
 // X (kind int8x): the group's two 16-input halves keep their own sums for their own float32 scales, and the
 // group's min times its activation sum is taken off: y += d_g (s_h0 S_h0 + s_h1 S_h1 - min_g sum_g q).
-template <int TB, bool X = false>
+template <int TB, bool X = false, bool S6 = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
-  const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512;
+  constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
+  const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * gbytes;
   const uint16_t* sc = m.s + rb * n * 16;
   __m512 acc[TB];
   for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < n; ++g, w += 512) {
+  for (int64_t g = 0; g < n; ++g, w += gbytes) {
     __m512i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
     for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm512_setzero_si512();
     for (int k = 0; k < 16; ++k) {
-      const __m512i wk = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32)));
+      __m256i c8;
+      if constexpr (S6) {
+        const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k & 7) * 32));
+        const __m256i top = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256 + (k & 3) * 32));
+        const __m256i lo = _mm256_and_si256(k < 8 ? nib : _mm256_srli_epi16(nib, 4), _mm256_set1_epi8(0x0f));
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(top, _mm_cvtsi32_si128(2 * (k >> 2))),
+                                            _mm256_set1_epi8(0x03));
+        c8 = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+      } else {
+        c8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32));
+      }
+      const __m512i wk = _mm512_cvtepi8_epi16(c8);
       for (int t = 0; t < TB; ++t) {
         const __m512i xk = _mm512_set1_epi32(load4(x[t].q16 + g * 32 + 2 * k));
         if (X && k >= 8) sum2[t] = _mm512_dpwssd_epi32(sum2[t], wk, xk);
@@ -317,19 +334,30 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-template <int TB, bool X = false>
+template <int TB, bool X = false, bool S6 = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
+  constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
   for (int h = 0; h < 2; ++h) {
-    const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * 512 + h * 16;
+    const int8_t* w = reinterpret_cast<const int8_t*>(m.q) + rb * n * gbytes + h * 16;
     const uint16_t* sc = m.s + rb * n * 16 + h * 8;
     __m256 acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n; ++g, w += 512) {
+    for (int64_t g = 0; g < n; ++g, w += gbytes) {
       __m256i sum[TB], sum2[TB];  // a lane adds 32 products of at most 127 * 32767: below 2^27
       for (int t = 0; t < TB; ++t) sum[t] = sum2[t] = _mm256_setzero_si256();
       for (int k = 0; k < 16; ++k) {
-        const __m256i wk = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 32)));
+        __m128i c8;
+        if constexpr (S6) {
+          const __m128i nib = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (k & 7) * 32));
+          const __m128i top = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 256 + (k & 3) * 32));
+          const __m128i lo = _mm_and_si128(k < 8 ? nib : _mm_srli_epi16(nib, 4), _mm_set1_epi8(0x0f));
+          const __m128i hi = _mm_and_si128(_mm_srl_epi16(top, _mm_cvtsi32_si128(2 * (k >> 2))), _mm_set1_epi8(0x03));
+          c8 = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32));
+        } else {
+          c8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 32));
+        }
+        const __m256i wk = _mm256_cvtepi8_epi16(c8);
         for (int t = 0; t < TB; ++t) {
           const __m256i v = _mm256_madd_epi16(wk, _mm256_set1_epi32(load4(x[t].q16 + g * 32 + 2 * k)));
           if (X && k >= 8) sum2[t] = _mm256_add_epi32(sum2[t], v);
@@ -369,6 +397,7 @@ void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   if (m.kind == kQInt4) qtile_int4<TB>(m, rb, x, y);
   else if (m.kind == kQInt4M) qtile_int4<TB, true>(m, rb, x, y);
   else if (m.kind == kQInt8X) qtile_int8<TB, true>(m, rb, x, y);
+  else if (m.kind == kQInt6X) qtile_int8<TB, true, true>(m, rb, x, y);
   else qtile_int8<TB>(m, rb, x, y);
 }
 
