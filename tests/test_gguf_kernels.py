@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(OPS is None, reason=f"C++ CPU kernels unavailabl
 BF = torch.bfloat16
 TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_1", "Q5_0", "Q8_0", "Q4_0"]
 # The kernel kind each lands on: native int8 (1) / int4 (2), int4m (4: Q4_K and Q4_1 as stored), int6x (5: int8x's
-# product with the codes in 6 bits).
-KINDS = {"Q4_K": 4, "Q4_1": 4, "Q5_K": 5, "Q6_K": 5, "Q5_1": 5, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
+# product with the codes in 6 bits), int6 (6: int6x without mins, Q6_K).
+KINDS = {"Q4_K": 4, "Q4_1": 4, "Q5_K": 5, "Q6_K": 6, "Q5_1": 5, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
 
 
 def _gguf_weights(qtype: str, o: int, i: int, seed: int = 0):
@@ -50,12 +50,14 @@ def test_kernels_are_their_oracle_to_float32_rounding(qtype, o, t):
 @pytest.mark.parametrize("qtype", ["Q6_K", "Q5_K", "Q5_1"])
 def test_int6x_computes_int8xs_bits_in_fewer_bytes(qtype):
     """The 6-bit codes are a layout, not a rounding: the same integer sums, so the same bits as int8x, at every
-    token count (tile widths 1, 2, 4, 8 and tails), in 9 bits per weight instead of 11."""
+    token count (tile widths 1, 2, 4, 8 and tails), in 9 bits per weight instead of 11 (8 without Q6_K's zero
+    mins)."""
     codes, scales, s = _gguf_weights(qtype, 48, 1024, seed=3)
     parts = quant_cpu.to_int8x(codes, scales, s)
     wide, six = quant_cpu.pack_int8x(*parts, compact=False), quant_cpu.pack_int8x(*parts)
-    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == 5
-    assert six.numel() <= 9 / 11 * wide.numel() + 64
+    bits = 8 if qtype == "Q6_K" else 9
+    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == KINDS[qtype]
+    assert six.numel() <= bits / 11 * wide.numel() + 64
     for t in (1, 2, 3, 5, 8, 13):
         x = (torch.randn(t, 1024) * 3).to(BF)
         assert torch.equal(OPS.linear_f32(x, six, 48), OPS.linear_f32(x, wide, 48))

@@ -27,6 +27,7 @@ KIND = {8: 1, 4: 2}  # csrc/qpacked.h QKind
 KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 (GGUF's K-quants, mixtures)
 KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
 KIND_INT6X = 5  # int8x with every code in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K, mixtures) in 6 bits: 9 bits per weight
+KIND_INT6 = 6  # int6x whose mins are all zero (Q6_K), stored without them: 8 bits per weight
 
 
 def native(s: quant.Scheme) -> bool:
@@ -127,7 +128,8 @@ def _six_bit(c: torch.Tensor) -> torch.Tensor:
 def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compact: bool = True) -> torch.Tensor:
     """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
     and mins [panels, I/32, 16] (header group size 16). compact: when every code is in [-32, 31] (all of GGUF's
-    5- and 6-bit and 4-bit-with-min types), kind int6x instead: the same weights and product in 6-bit codes."""
+    5- and 6-bit and 4-bit-with-min types), kind int6x instead: the same weights and product in 6-bit codes, and
+    kind int6 when the mins are all zero as well (Q6_K: none stored; the product's bits are the same)."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
@@ -140,12 +142,15 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, co
     sc = _pad_rows(scales, rows).view(*lead, panels, PANEL, 2 * n).movedim(-2, -1).contiguous()
     mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
-    tail = torch.cat([sc.view(torch.uint8).reshape(*lead, -1), mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
+    no_mins = six and not bool(mins.any())
+    tail = sc.view(torch.uint8).reshape(*lead, -1)
+    if not no_mins:
+        tail = torch.cat([tail, mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + tail.shape[-1]) // 64) * 64
-    header = torch.tensor([MAGIC, KIND_INT6X if six else KIND_INT8X, o, i, 16, codes_off, scales_off, total],
-                          dtype=torch.int64)
+    kind = KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
+    header = torch.tensor([MAGIC, kind, o, i, 16, codes_off, scales_off, total], dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)
     blob[..., codes_off:scales_off] = code_bytes

@@ -18,6 +18,7 @@
 //     u = c + 32 per group of a panel as 384 bytes: 8 x 32 bytes of nibbles (byte j of chunk k: the low 4 bits of
 //     int8x step k's byte j, then of step k + 8's in the high nibble), then 4 x 32 bytes of top bits (byte j of
 //     chunk k: the top 2 bits of steps k, k + 4, k + 8, k + 12 at shifts 0, 2, 4, 6); scales and mins as kind 3.
+//   kind 6 (int6): kind 5 without mins (all of them zero: Q6_K), the scales alone after the codes (8 bits/weight).
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -38,7 +39,7 @@ namespace {
 constexpr int64_t kQMagic = 0x3230305133565344LL;  // "DSV3Q002" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 16;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5, kQInt6 = 6 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
@@ -52,8 +53,8 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6X, name, ": unknown quantised kind ", h.kind);
-  const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X;  // scales per 16 inputs, mins per 32
+  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6, name, ": unknown quantised kind ", h.kind);
+  const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X || h.kind == kQInt6;  // scales per 16 inputs
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
   TORCH_CHECK(h.G == (x16 ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
               " is not supported here (32, or 16 for kinds 3 and 5; D a multiple of 32)");
@@ -65,9 +66,10 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
   if (x16 || h.kind == kQInt4M) {
     const int64_t panels = (R + kQPanel - 1) / kQPanel, per = x16 ? D / 16 : D / 32;
+    const int64_t mins = h.kind == kQInt6 ? 0 : D / 32;  // per row
     m.sf = reinterpret_cast<const float*>(base + h.scales);
-    m.mn = m.sf + panels * per * kQPanel;
-    TORCH_CHECK(h.scales + panels * (per + D / 32) * kQPanel * 4 <= h.bytes, name,
+    m.mn = mins ? m.sf + panels * per * kQPanel : nullptr;
+    TORCH_CHECK(h.scales + panels * (per + mins) * kQPanel * 4 <= h.bytes, name,
                 ": blob too short for its scales and mins");
   }
   return m;
@@ -83,7 +85,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[6] = {0, 16, 8, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[7] = {0, 16, 8, 16, 8, 16, 16};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -232,7 +234,7 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
 
 // X (kind int8x): the group's two 16-input halves keep their own sums for their own float32 scales, and the
 // group's min times its activation sum is taken off: y += d_g (s_h0 S_h0 + s_h1 S_h1 - min_g sum_g q).
-template <int TB, bool X = false, bool S6 = false>
+template <int TB, bool X = false, bool S6 = false, bool MN = true>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
@@ -265,11 +267,11 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
     if constexpr (X) {
       const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
       const __m512 s0 = _mm512_loadu_ps(s2), s1 = _mm512_loadu_ps(s2 + 16);
-      const __m512 mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
+      const __m512 mn = MN ? _mm512_loadu_ps(m.mn + (rb * n + g) * 16) : _mm512_setzero_ps();
       for (int t = 0; t < TB; ++t) {
         __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), s0);
         r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum2[t]), s1, r);
-        r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])), r);
+        if constexpr (MN) r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])), r);
         acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
       }
       continue;
@@ -334,7 +336,7 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-template <int TB, bool X = false, bool S6 = false>
+template <int TB, bool X = false, bool S6 = false, bool MN = true>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
@@ -367,11 +369,11 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       if constexpr (X) {
         const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
         const __m256 s0 = _mm256_loadu_ps(s2), s1 = _mm256_loadu_ps(s2 + 16);
-        const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
+        const __m256 mn = MN ? _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8) : _mm256_setzero_ps();
         for (int t = 0; t < TB; ++t) {
           __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[t]), s0);
           r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum2[t]), s1, r);
-          r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])), r);
+          if constexpr (MN) r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])), r);
           acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
         continue;
@@ -398,6 +400,7 @@ void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   else if (m.kind == kQInt4M) qtile_int4<TB, true>(m, rb, x, y);
   else if (m.kind == kQInt8X) qtile_int8<TB, true>(m, rb, x, y);
   else if (m.kind == kQInt6X) qtile_int8<TB, true, true>(m, rb, x, y);
+  else if (m.kind == kQInt6) qtile_int8<TB, true, true, false>(m, rb, x, y);
   else qtile_int8<TB>(m, rb, x, y);
 }
 
