@@ -54,6 +54,7 @@ def _kquant_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator, s
     raw = rng.integers(0, 256, (rows, cols // vals, size), dtype=np.uint8)
     if qtype == "Q6_K":
         raw[..., 192:208] = rng.integers(-63, 64, raw[..., 192:208].shape).astype(np.int8).view(np.uint8)
+        raw[..., 192] = 0x80  # as llama.cpp makes them: the largest sub-block scale is d * -128
         d = np.float16(rng.uniform(0.5, 1.5, raw.shape[:2]) * std / (32 * 18))
         raw[..., 208:210] = d[..., None].view(np.uint8)
     else:
@@ -62,6 +63,8 @@ def _kquant_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator, s
         dmin = np.float16(rng.uniform(0.5, 1.5, raw.shape[:2]) * std / (32 * 2))
         raw[..., 0:2] = d[..., None].view(np.uint8)
         raw[..., 2:4] = dmin[..., None].view(np.uint8)
+        raw[..., 4] |= 0x3F  # as llama.cpp makes them: sub-block 0's scale and min are the largest, d * 63 and
+        raw[..., 8] |= 0x3F  # dmin * 63 (6-bit codes 63: the low 6 bits of bytes 0 and 4 of the 12 scale bytes)
     return raw.reshape(rows, -1)
 
 

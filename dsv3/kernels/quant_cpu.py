@@ -28,6 +28,8 @@ KIND_INT8X = 3  # int8 codes, float32 scales per 16 inputs, float32 mins per 32 
 KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's Q4_K, Q4_1): 6 bits per weight
 KIND_INT6X = 5  # int8x with every code in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K, mixtures) in 6 bits: 9 bits per weight
 KIND_INT6 = 6  # int6x whose mins are all zero (Q6_K), stored without them: 8 bits per weight
+KIND_INT4K = 7  # int4m with GGUF's own scales: float16 per 256 inputs x uint8 per 32 (Q4_K): 4.625 bits per weight
+KIND_INT6K = 8  # int6 with GGUF's own scales: float16 per 256 inputs x int8 per 16 (Q6_K): 6.5625 bits per weight
 
 
 def native(s: quant.Scheme) -> bool:
@@ -68,6 +70,38 @@ def to_int8x(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme
     return c, sc.contiguous(), mins.contiguous()
 
 
+def factor_scales(v: torch.Tensor, per: int, extremes: tuple[int, ...], lo: int, hi: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """float32 scales v [..., O, m] -> (float16 d [..., O, m / per], integers c [..., O, m] in [lo, hi]) with
+    float32(d) * c == v exactly, or None where no such form is found. GGUF's K types are made this way (llama.cpp
+    sets d = the super-block's largest scale over the integer range's end: 63 for Q4_K's, -128 for Q6_K's), so d is
+    sought as the largest-magnitude scale over each of `extremes` in turn, and every candidate checked exactly."""
+    if v.shape[-1] % per or v.numel() == 0:
+        return None
+    vb = v.to(torch.float32).reshape(*v.shape[:-1], -1, per)
+    vmax = vb.gather(-1, vb.abs().argmax(-1, keepdim=True))
+    d = torch.zeros_like(vmax)
+    c = torch.zeros_like(vb)
+    solved = vmax == 0
+    for e in extremes:
+        cand = (vmax / e).to(torch.float16).to(torch.float32)
+        safe = torch.where(cand == 0, torch.ones_like(cand), cand)
+        q = torch.round(vb / safe)
+        ok = ~solved & (cand != 0) & ((q >= lo) & (q <= hi) & (q * cand == vb)).all(-1, keepdim=True)
+        d, c = torch.where(ok, cand, d), torch.where(ok, q, c)
+        solved |= ok
+    if not bool(solved.all()):
+        return None
+    return d[..., 0].to(torch.float16), c.reshape(v.shape)
+
+
+def _panels(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[..., O, m] -> bytes of [..., P, m, 16] (each panel's 16 rows side by side), flattened per matrix."""
+    *lead, _, m = t.shape
+    p = _pad_rows(t, rows).view(*lead, rows // PANEL, PANEL, m).movedim(-2, -1).contiguous()
+    return p.view(torch.uint8).reshape(*lead, -1)
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     if t.shape[-2] == rows:
         return t
@@ -75,13 +109,14 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=-2)
 
 
-def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
+def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme, compact: bool = True) -> torch.Tensor:
     """(codes, scales) of scheme s for W [..., O, I] -> uint8 blobs [..., bytes], one per matrix, in the layout of
-    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16])."""
+    csrc/qpacked.h (header, codes by panels of 16 rows, float16 scales [panels, n, 16]). compact=False keeps
+    GGUF's schemes in the float32-scale kinds (int4m, int8x), which compute the same bits in more bytes."""
     if not supported(s):
         raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
     if not native(s) and not int4m(s):
-        return pack_int8x(*to_int8x(codes, scales, s))
+        return pack_int8x(*to_int8x(codes, scales, s), compact=compact)
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
     n, g = i // s.group_size, s.group_size
@@ -95,7 +130,15 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
         q = q.movedim(-5, -3).movedim(-2, -1)  # [..., P, n, G/8, 16, 4, 2]: (row, input, step of the pair)
         c = (q[..., 0] | (q[..., 1] << 4)).contiguous()
     code_bytes = c.reshape(*lead, -1)
-    if int4m(s):  # float32 scales [P, n, 16], then float32 mins [P, n, 16]
+    k4 = None
+    if int4m(s) and compact:  # Q4_K in GGUF's own form (kind int4k) when its scales and mins factor exactly
+        fs, fm = (factor_scales(scales[..., k], 8, (63,), 0, 255) for k in (0, 1))
+        k4 = (fs, fm) if fs is not None and fm is not None else None
+    if k4 is not None:  # float16 d, dmin [P, n/8, 16], then uint8 sc, m [P, n, 16]
+        (d, sc), (dm, mq) = k4
+        scale_bytes = torch.cat([_panels(d, rows), _panels(dm, rows), _panels(sc.to(torch.uint8), rows),
+                                 _panels(mq.to(torch.uint8), rows)], dim=-1)
+    elif int4m(s):  # float32 scales [P, n, 16], then float32 mins [P, n, 16]
         parts = [_pad_rows(scales[..., k].contiguous(), rows).view(*lead, panels, PANEL, n).movedim(-2, -1)
                  .contiguous().view(torch.uint8).reshape(*lead, -1) for k in (0, 1)]
         scale_bytes = torch.cat(parts, dim=-1)
@@ -105,7 +148,7 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Te
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + scale_bytes.shape[-1]) // 64) * 64
-    kind = KIND_INT4M if int4m(s) else KIND[s.bits]
+    kind = KIND_INT4K if k4 is not None else KIND_INT4M if int4m(s) else KIND[s.bits]
     header = torch.tensor([MAGIC, kind, o, i, g, codes_off, scales_off, total], dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)
@@ -129,7 +172,8 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, co
     """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
     and mins [panels, I/32, 16] (header group size 16). compact: when every code is in [-32, 31] (all of GGUF's
     5- and 6-bit and 4-bit-with-min types), kind int6x instead: the same weights and product in 6-bit codes, and
-    kind int6 when the mins are all zero as well (Q6_K: none stored; the product's bits are the same)."""
+    kind int6 when the mins are all zero as well (Q6_K: none stored; the product's bits are the same), and int6k
+    when, besides, the scales factor as GGUF's Q6_K makes them (factor_scales)."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
@@ -143,13 +187,16 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, co
     mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
     no_mins = six and not bool(mins.any())
+    k6 = factor_scales(scales, 16, (-128, 128, 127, -127), -128, 127) if no_mins and compact else None
     tail = sc.view(torch.uint8).reshape(*lead, -1)
-    if not no_mins:
+    if k6 is not None:  # Q6_K in GGUF's own form (kind int6k): float16 d [P, I/256, 16], int8 sc [P, I/16, 16]
+        tail = torch.cat([_panels(k6[0], rows), _panels(k6[1].to(torch.int8), rows)], dim=-1)
+    elif not no_mins:
         tail = torch.cat([tail, mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
     codes_off = HEADER_BYTES
     scales_off = codes_off + code_bytes.shape[-1]
     total = -(-(scales_off + tail.shape[-1]) // 64) * 64
-    kind = KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
+    kind = KIND_INT6K if k6 is not None else KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
     header = torch.tensor([MAGIC, kind, o, i, 16, codes_off, scales_off, total], dtype=torch.int64)
     blob = torch.zeros((*lead, total), dtype=torch.uint8)
     blob[..., :HEADER_BYTES] = header.view(torch.uint8)

@@ -28,6 +28,10 @@ struct Packed {  // one packed matrix: bf16 (p), or int8/int4 codes and scales (
   const uint16_t* s = nullptr;
   const float* sf = nullptr;  // kQInt8X: float32 scales per 16 inputs
   const float* mn = nullptr;  // kQInt8X: float32 mins per 32 inputs
+  const uint16_t* kd = nullptr;  // kQInt4K / kQInt6K: float16 super-block scales [panels][D/256][16]
+  const uint16_t* kdm = nullptr;  // kQInt4K: float16 super-block mins [panels][D/256][16]
+  const uint8_t* ksc = nullptr;   // kQInt4K: uint8 scales [panels][D/32][16]; kQInt6K: int8 [panels][D/16][16]
+  const uint8_t* km = nullptr;    // kQInt4K: uint8 mins [panels][D/32][16]
   int64_t pairs() const { return (D + 1) / 2; }
   int64_t blocks() const { return (R + kRows - 1) / kRows; }
   const bf16_t* block(int64_t rb) const { return p + rb * pairs() * 2 * kRows; }

@@ -19,6 +19,12 @@
 //     int8x step k's byte j, then of step k + 8's in the high nibble), then 4 x 32 bytes of top bits (byte j of
 //     chunk k: the top 2 bits of steps k, k + 4, k + 8, k + 12 at shifts 0, 2, 4, 6); scales and mins as kind 3.
 //   kind 6 (int6): kind 5 without mins (all of them zero: Q6_K), the scales alone after the codes (8 bits/weight).
+//   kind 7 (int4k, GGUF's Q4_K in its own form): codes as kind 4; scale_g = d_s * sc_g and min_g = dmin_s * m_g per
+//     super-block s of 256 inputs: float16 d [panels][D/256][16], float16 dmin [same], uint8 sc [panels][n][16],
+//     uint8 m [same] (4.625 bits per weight). A float16 times an 8-bit integer is exact in float32, so these are
+//     kind 4's float32 scales and mins exactly, and the product's bits are kind 4's.
+//   kind 8 (int6k, GGUF's Q6_K in its own form): codes as kind 5; scale_h = d_s * sc_h per 16 inputs: float16 d
+//     [panels][D/256][16], int8 sc [panels][D/16][16] (6.56 bits per weight); the bits of kind 6.
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -39,7 +45,7 @@ namespace {
 constexpr int64_t kQMagic = 0x3230305133565344LL;  // "DSV3Q002" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 16;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5, kQInt6 = 6 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5, kQInt6 = 6, kQInt4K = 7, kQInt6K = 8 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
@@ -53,8 +59,8 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6, name, ": unknown quantised kind ", h.kind);
-  const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X || h.kind == kQInt6;  // scales per 16 inputs
+  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6K, name, ": unknown quantised kind ", h.kind);
+  const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X || h.kind == kQInt6 || h.kind == kQInt6K;  // per 16
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
   TORCH_CHECK(h.G == (x16 ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
               " is not supported here (32, or 16 for kinds 3 and 5; D a multiple of 32)");
@@ -64,7 +70,21 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
-  if (x16 || h.kind == kQInt4M) {
+  if (h.kind == kQInt4K || h.kind == kQInt6K) {
+    TORCH_CHECK(D % 256 == 0, name, ": kind ", h.kind, " needs D a multiple of 256, not ", D);
+    const int64_t panels = (R + kQPanel - 1) / kQPanel, supers = panels * (D / 256) * kQPanel;
+    m.kd = reinterpret_cast<const uint16_t*>(base + h.scales);
+    if (h.kind == kQInt4K) {
+      m.kdm = m.kd + supers;
+      m.ksc = reinterpret_cast<const uint8_t*>(m.kdm + supers);
+      m.km = m.ksc + panels * (D / 32) * kQPanel;
+      TORCH_CHECK(h.scales + 4 * supers + 2 * panels * (D / 32) * kQPanel <= h.bytes, name,
+                  ": blob too short for its scales and mins");
+    } else {
+      m.ksc = reinterpret_cast<const uint8_t*>(m.kd + supers);
+      TORCH_CHECK(h.scales + 2 * supers + panels * (D / 16) * kQPanel <= h.bytes, name, ": blob too short for its scales");
+    }
+  } else if (x16 || h.kind == kQInt4M) {
     const int64_t panels = (R + kQPanel - 1) / kQPanel, per = x16 ? D / 16 : D / 32;
     const int64_t mins = h.kind == kQInt6 ? 0 : D / 32;  // per row
     m.sf = reinterpret_cast<const float*>(base + h.scales);
@@ -85,7 +105,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[7] = {0, 16, 8, 16, 8, 16, 16};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[9] = {0, 16, 8, 16, 8, 16, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -190,7 +210,7 @@ inline void store_rows(const Out& y, int64_t t, int64_t row0, int64_t R, const f
 #define DSV3_QVNNI 1
 
 // M (kind int4m): codes without the offset, float32 scales, the group's min times its activation sum taken off.
-template <int TB, bool M = false>
+template <int TB, bool M = false, bool K = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m512i nib = _mm512_set1_epi8(0x0f);
@@ -211,7 +231,19 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       }
     }
     if constexpr (M) {
-      const __m512 ws = _mm512_loadu_ps(m.sf + (rb * n + g) * 16), mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
+      __m512 ws, mn;
+      if constexpr (K) {  // float16 per super-block times uint8 per group: exact in float32
+        const int64_t sb = (rb * (n / 8) + g / 8) * 16, gi = (rb * n + g) * 16;
+        ws = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kd + sb))),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                               reinterpret_cast<const __m128i*>(m.ksc + gi)))));
+        mn = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kdm + sb))),
+                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                               reinterpret_cast<const __m128i*>(m.km + gi)))));
+      } else {
+        ws = _mm512_loadu_ps(m.sf + (rb * n + g) * 16);
+        mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
+      }
       for (int t = 0; t < TB; ++t) {
         const __m512 r = _mm512_fnmadd_ps(mn, _mm512_set1_ps(static_cast<float>(x[t].s[g])),
                                           _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), ws));
@@ -234,7 +266,7 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
 
 // X (kind int8x): the group's two 16-input halves keep their own sums for their own float32 scales, and the
 // group's min times its activation sum is taken off: y += d_g (s_h0 S_h0 + s_h1 S_h1 - min_g sum_g q).
-template <int TB, bool X = false, bool S6 = false, bool MN = true>
+template <int TB, bool X = false, bool S6 = false, bool MN = true, bool K = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
@@ -265,8 +297,20 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       }
     }
     if constexpr (X) {
-      const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
-      const __m512 s0 = _mm512_loadu_ps(s2), s1 = _mm512_loadu_ps(s2 + 16);
+      __m512 s0, s1;
+      if constexpr (K) {  // float16 per super-block times int8 per 16 inputs: exact in float32
+        const __m512 d = _mm512_cvtph_ps(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kd + (rb * (n / 8) + g / 8) * 16)));
+        const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16;
+        s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(k2)))));
+        s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(k2 + 16)))));
+      } else {
+        const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
+        s0 = _mm512_loadu_ps(s2);
+        s1 = _mm512_loadu_ps(s2 + 16);
+      }
       const __m512 mn = MN ? _mm512_loadu_ps(m.mn + (rb * n + g) * 16) : _mm512_setzero_ps();
       for (int t = 0; t < TB; ++t) {
         __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(sum[t]), s0);
@@ -291,7 +335,7 @@ constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sum
 
 #else  // AVX2: each 16-row block as two halves of 8 rows
 
-template <int TB, bool M = false>
+template <int TB, bool M = false, bool K = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
@@ -313,8 +357,19 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         }
       }
       if constexpr (M) {
-        const __m256 ws = _mm256_loadu_ps(m.sf + (rb * n + g) * 16 + h * 8);
-        const __m256 mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
+        __m256 ws, mn;
+        if constexpr (K) {
+          const int64_t sb = (rb * (n / 8) + g / 8) * 16 + h * 8, gi = (rb * n + g) * 16 + h * 8;
+          ws = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kd + sb))),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                 reinterpret_cast<const __m128i*>(m.ksc + gi)))));
+          mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kdm + sb))),
+                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                 reinterpret_cast<const __m128i*>(m.km + gi)))));
+        } else {
+          ws = _mm256_loadu_ps(m.sf + (rb * n + g) * 16 + h * 8);
+          mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
+        }
         for (int t = 0; t < TB; ++t) {
           const __m256 r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])),
                                             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones)), ws));
@@ -336,7 +391,7 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
-template <int TB, bool X = false, bool S6 = false, bool MN = true>
+template <int TB, bool X = false, bool S6 = false, bool MN = true, bool K = false>
 void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   constexpr int64_t gbytes = S6 ? 384 : 512;  // one group of one 16-row panel
@@ -367,8 +422,20 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         }
       }
       if constexpr (X) {
-        const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
-        const __m256 s0 = _mm256_loadu_ps(s2), s1 = _mm256_loadu_ps(s2 + 16);
+        __m256 s0, s1;
+        if constexpr (K) {
+          const __m256 d = _mm256_cvtph_ps(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kd + (rb * (n / 8) + g / 8) * 16 + h * 8)));
+          const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16 + h * 8;
+          s0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    reinterpret_cast<const __m128i*>(k2)))));
+          s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                    reinterpret_cast<const __m128i*>(k2 + 16)))));
+        } else {
+          const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
+          s0 = _mm256_loadu_ps(s2);
+          s1 = _mm256_loadu_ps(s2 + 16);
+        }
         const __m256 mn = MN ? _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8) : _mm256_setzero_ps();
         for (int t = 0; t < TB; ++t) {
           __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(sum[t]), s0);
@@ -401,6 +468,8 @@ void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   else if (m.kind == kQInt8X) qtile_int8<TB, true>(m, rb, x, y);
   else if (m.kind == kQInt6X) qtile_int8<TB, true, true>(m, rb, x, y);
   else if (m.kind == kQInt6) qtile_int8<TB, true, true, false>(m, rb, x, y);
+  else if (m.kind == kQInt4K) qtile_int4<TB, true, true>(m, rb, x, y);
+  else if (m.kind == kQInt6K) qtile_int8<TB, true, true, false, true>(m, rb, x, y);
   else qtile_int8<TB>(m, rb, x, y);
 }
 
