@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(OPS is None, reason=f"C++ CPU kernels unavailabl
 BF = torch.bfloat16
 TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q4_1", "Q5_1", "Q5_0", "Q8_0", "Q4_0"]
 # The kernel kind each lands on: native int8 (1) / int4 (2), int4m (4: Q4_K and Q4_1 as stored), int6x (5: int8x's
-# product with the codes in 6 bits), int4k / int6k (7 / 8: Q4_K / Q6_K with GGUF's own float16 x integer scales).
+# product with the codes in 6 bits), int4k / int6k / int5k (7 / 8 / 9: Q4_K / Q6_K / Q5_K with GGUF's own float16 x
+# integer scales; int5k with int8 activations).
 # Without the compact forms: int4m (4), int8x (3), int6 (6: int6x with no mins).
-KINDS = {"Q4_K": 7, "Q4_1": 4, "Q5_K": 5, "Q6_K": 8, "Q5_1": 5, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
+KINDS = {"Q4_K": 7, "Q4_1": 4, "Q5_K": 9, "Q6_K": 8, "Q5_1": 5, "Q5_0": 1, "Q8_0": 1, "Q4_0": 2}
 
 
 def _gguf_weights(qtype: str, o: int, i: int, seed: int = 0):
@@ -57,7 +58,8 @@ def test_int6x_computes_int8xs_bits_in_fewer_bytes(qtype):
     parts = quant_cpu.to_int8x(codes, scales, s)
     wide, six = quant_cpu.pack_int8x(*parts, compact=False), quant_cpu.pack_int8x(*parts)
     bits = 6.5625 if qtype == "Q6_K" else 9
-    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == KINDS[qtype]
+    # (pack itself puts Q5_K on int5k: int8 activations, so other bits; pack_int8x is the int16-activation form)
+    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == {"Q6_K": 8}.get(qtype, 5)
     assert six.numel() <= bits / 11 * wide.numel() + 64
     for t in (1, 2, 3, 5, 8, 13):
         x = (torch.randn(t, 1024) * 3).to(BF)
@@ -83,6 +85,10 @@ def test_ggufs_own_scales_compute_the_float32_kinds_bits():
         odd = scales.clone()
         odd[0, 0] = odd[0, 0] * 0.7  # no longer d * an integer: that matrix keeps float32 scales
         assert int(quant_cpu.pack(codes, odd, s)[8:16].view(torch.int64)) == {"Q4_K": 4, "Q6_K": 6}[qtype]
+    # Q5_K: int5k (its product, with int8 activations, is checked against the oracle above) in 5.625 bits.
+    codes, scales, s = _gguf_weights("Q5_K", 40, 1024, seed=5)
+    blob = quant_cpu.pack(codes, scales, s)
+    assert int(blob[8:16].view(torch.int64)) == 9 and blob.numel() <= 5.625 * 48 * 1024 / 8 + 128
     d, c = quant_cpu.factor_scales(torch.tensor([[63 * 0.5, 7 * 0.5, 0.0, 0.5] * 2]), 8, (63,), 0, 255)
     assert d.tolist() == [[0.5]] and c.tolist() == [[63, 7, 0, 1] * 2]
 

@@ -30,11 +30,26 @@ KIND_INT6X = 5  # int8x with every code in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K, mi
 KIND_INT6 = 6  # int6x whose mins are all zero (Q6_K), stored without them: 8 bits per weight
 KIND_INT4K = 7  # int4m with GGUF's own scales: float16 per 256 inputs x uint8 per 32 (Q4_K): 4.625 bits per weight
 KIND_INT6K = 8  # int6 with GGUF's own scales: float16 per 256 inputs x int8 per 16 (Q6_K): 6.5625 bits per weight
+KIND_INT5K = 9  # 5-bit codes with int4k's scales and mins, int8 activations (Q5_K): 5.625 bits per weight
 
 
 def native(s: quant.Scheme) -> bool:
     """dsv3's own int8 / int4 (groups of 32, float16 scales): the kernels' compact kinds 1 and 2."""
     return s.bits in KIND and s == quant.Scheme(s.bits)
+
+
+def _with_min_32(s: quant.Scheme) -> bool:
+    return s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
+
+
+def int5k_form(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme, compact: bool = True):
+    """For Q5_K-like weights (int8 codes in [0, 31], a float32 scale and min per 32): (d, sc, dmin, m) of GGUF's own
+    scales (factor_scales) when they factor exactly, else None (the weights go to int6x)."""
+    if not (compact and s.bits == 8 and _with_min_32(s) and codes.numel() and int(codes.min()) >= 0
+            and int(codes.max()) <= 31):
+        return None
+    fs, fm = (factor_scales(scales[..., k], 8, (63,), 0, 255) for k in (0, 1))
+    return None if fs is None or fm is None else (*fs, *fm)
 
 
 def int4m(s: quant.Scheme) -> bool:
@@ -116,6 +131,9 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme, compact: bo
     if not supported(s):
         raise ValueError(f"the CPU kernels run int8/int4 with groups of 32, not {s}")
     if not native(s) and not int4m(s):
+        k5 = int5k_form(codes, scales, s, compact)
+        if k5 is not None:
+            return _pack_int5k(codes, k5)
         return pack_int8x(*to_int8x(codes, scales, s), compact=compact)
     *lead, o = codes.shape[:-1]
     i = s.in_features(tuple(codes.shape))
@@ -166,6 +184,45 @@ def _six_bit(c: torch.Tensor) -> torch.Tensor:
     nib = lo[..., :8, :] | (lo[..., 8:, :] << 4)
     hi = top[..., 0:4, :] | (top[..., 4:8, :] << 2) | (top[..., 8:12, :] << 4) | (top[..., 12:16, :] << 6)
     return torch.cat([nib, hi], dim=-2).flatten(-2)
+
+
+def _int4_layout(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """Values q [..., O, I] (one nibble's worth each, uint8) -> int4's code order [..., P, n, 4, 16, 4, 2]: per group
+    4 chunks of (16 rows x 4 inputs), the last dim pairing the low-nibble value with the high-nibble one."""
+    *lead, o, i = q.shape
+    q = _pad_rows(q, rows).view(*lead, rows // PANEL, PANEL, i // 32, 4, 2, 4)
+    return q.movedim(-5, -3).movedim(-2, -1)
+
+
+def _header_blob(kind: int, o: int, i: int, g: int, code_bytes: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    lead = code_bytes.shape[:-1]
+    codes_off = HEADER_BYTES
+    scales_off = codes_off + code_bytes.shape[-1]
+    total = -(-(scales_off + tail.shape[-1]) // 64) * 64
+    header = torch.tensor([MAGIC, kind, o, i, g, codes_off, scales_off, total], dtype=torch.int64)
+    blob = torch.zeros((*lead, total), dtype=torch.uint8)
+    blob[..., :HEADER_BYTES] = header.view(torch.uint8)
+    blob[..., codes_off:scales_off] = code_bytes
+    blob[..., scales_off:scales_off + tail.shape[-1]] = tail
+    return blob
+
+
+def _pack_int5k(codes: torch.Tensor, form: tuple) -> torch.Tensor:
+    """Kind int5k: the low nibbles in int4's layout, then per group 64 bytes of fifth bits (bit b of byte j: the
+    top bit of the value behind nibble j of nibble vector b), then int4k's scales and mins."""
+    *lead, o, i = codes.shape
+    rows = -(-o // PANEL) * PANEL
+    u = codes.to(torch.uint8)
+    lo, top = _int4_layout(u & 0x0F, rows), _int4_layout(u >> 4, rows)  # [..., P, n, 4, 16, 4, 2]
+    nib = (lo[..., 0] | (lo[..., 1] << 4)).flatten(-3)  # [..., P, n, 256]
+    shifts = (2 * torch.arange(4).view(4, 1, 1, 1) + torch.arange(2)).to(torch.uint8)  # bit 2k + pair
+    plane = (top << shifts).sum(-4, dtype=torch.uint8)  # [..., P, n, 16, 4, 2] -> bits of 4 chunks
+    plane = (plane[..., 0] | plane[..., 1]).flatten(-2)  # [..., P, n, 64]
+    code_bytes = torch.cat([nib, plane], dim=-1).reshape(*lead, -1)
+    d, sc, dm, mq = form
+    tail = torch.cat([_panels(d, rows), _panels(dm, rows), _panels(sc.to(torch.uint8), rows),
+                      _panels(mq.to(torch.uint8), rows)], dim=-1)
+    return _header_blob(KIND_INT5K, o, i, 32, code_bytes, tail)
 
 
 def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compact: bool = True) -> torch.Tensor:
@@ -220,9 +277,10 @@ def quantize_acts(x: torch.Tensor, group: int = 32, qmax: int = 127) -> tuple[to
 def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme) -> torch.Tensor:
     """The product the kernels compute, y = sum_g scale_w[o, g] * d[g] * sum_i code[o, i] q[i] (int4 codes less 8):
     x [T, I] -> [T, O] float64 (integer sums exact, then accumulated in float64)."""
-    if int4m(s):  # int8 activations (as int4's): y = sum_g d_g (scale sum_i c q - min sum_i q)
+    five = int5k_form(codes, scales, s) is not None
+    if int4m(s) or five:  # int8 activations (as int4's): y = sum_g d_g (scale sum_i c q - min sum_i q)
         q, d = quantize_acts(x, 32, ACT_QMAX[4])
-        w = quant.unpack_int4(codes).to(torch.float64)
+        w = (codes if five else quant.unpack_int4(codes)).to(torch.float64)
         o, i = w.shape
         w = w.view(o, i // 32, 32)
         isum = torch.einsum("tng,ong->ton", q.to(torch.float64), w)

@@ -39,6 +39,7 @@ inline int64_t block_bytes(const Packed& m) {
   if (m.kind == kQInt6X) return kRows * (3 * m.D / 4 + 4 * m.D / 16 + 4 * m.D / 32);
   if (m.kind == kQInt6) return kRows * (3 * m.D / 4 + 4 * m.D / 16);
   if (m.kind == kQInt4K) return kRows * (m.D / 2 + 4 * m.D / 256 + 2 * m.D / 32);
+  if (m.kind == kQInt5K) return kRows * (5 * m.D / 8 + 4 * m.D / 256 + 2 * m.D / 32);
   if (m.kind == kQInt6K) return kRows * (3 * m.D / 4 + 2 * m.D / 256 + m.D / 16);
   if (m.kind == kQInt4M) return kRows * (m.D / 2 + 8 * m.D / 32);
   return m.pairs() * 2 * kRows * 2;

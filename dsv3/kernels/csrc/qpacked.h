@@ -25,6 +25,10 @@
 //     kind 4's float32 scales and mins exactly, and the product's bits are kind 4's.
 //   kind 8 (int6k, GGUF's Q6_K in its own form): codes as kind 5; scale_h = d_s * sc_h per 16 inputs: float16 d
 //     [panels][D/256][16], int8 sc [panels][D/16][16] (6.56 bits per weight); the bits of kind 6.
+//   kind 9 (int5k, GGUF's Q5_K in its own form): 5-bit codes c in [0, 31], w = c * scale_g - min_g with kind 7's
+//     scales and mins; per group of a panel 320 bytes: kind 4's 256 bytes of nibbles, then 64 bytes of fifth bits
+//     (bit b of byte j: the top bit of the code whose nibble is byte j of nibble vector b: b = 2k for the low
+//     nibbles of the k-th 64 bytes, 2k + 1 for their high ones). int8 activations, as kind 4 (5.625 bits/weight).
 // An input row x is quantised per group g: for int4 matrices to int8 like GGUF's Q8_0 (d_g = max|x| / 127), for
 // int8 matrices to int16 (d_g = max|x| / 32767: int8 x int8 would add a second rounding as large as the weights'
 // own and cost top-token agreement, docs/quantization.md); q = round_half_even(x / d_g) in float32
@@ -45,7 +49,7 @@ namespace {
 constexpr int64_t kQMagic = 0x3230305133565344LL;  // "DSV3Q002" little-endian
 constexpr int64_t kQHeaderBytes = 64;
 constexpr int64_t kQPanel = 16;
-enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5, kQInt6 = 6, kQInt4K = 7, kQInt6K = 8 };
+enum QKind : int64_t { kQNone = 0, kQInt8 = 1, kQInt4 = 2, kQInt8X = 3, kQInt4M = 4, kQInt6X = 5, kQInt6 = 6, kQInt4K = 7, kQInt6K = 8, kQInt5K = 9 };
 constexpr int64_t kQActGroup = 32;  // inputs per activation group (and per codes group) of every kind
 
 struct QHeader {
@@ -59,7 +63,7 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   QHeader h;
   std::memcpy(&h, base, sizeof(h));
   TORCH_CHECK(h.magic == kQMagic, name, ": not a quantised blob (bad magic); pack it with quant_cpu.pack");
-  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt6K, name, ": unknown quantised kind ", h.kind);
+  TORCH_CHECK(h.kind >= kQInt8 && h.kind <= kQInt5K, name, ": unknown quantised kind ", h.kind);
   const bool x16 = h.kind == kQInt8X || h.kind == kQInt6X || h.kind == kQInt6 || h.kind == kQInt6K;  // per 16
   TORCH_CHECK(h.R == R && h.D == D, name, " is a quantised [", h.R, ", ", h.D, "] matrix, expected [", R, ", ", D, "]");
   TORCH_CHECK(h.G == (x16 ? 16 : 32) && D % kQActGroup == 0, name, ": group size ", h.G,
@@ -70,11 +74,11 @@ Packed quant_matrix(const at::Tensor& t, int64_t R, int64_t D, const char* name,
   m.G = h.G;
   m.q = base + h.codes;
   m.s = reinterpret_cast<const uint16_t*>(base + h.scales);
-  if (h.kind == kQInt4K || h.kind == kQInt6K) {
+  if (h.kind == kQInt4K || h.kind == kQInt6K || h.kind == kQInt5K) {
     TORCH_CHECK(D % 256 == 0, name, ": kind ", h.kind, " needs D a multiple of 256, not ", D);
     const int64_t panels = (R + kQPanel - 1) / kQPanel, supers = panels * (D / 256) * kQPanel;
     m.kd = reinterpret_cast<const uint16_t*>(base + h.scales);
-    if (h.kind == kQInt4K) {
+    if (h.kind != kQInt6K) {
       m.kdm = m.kd + supers;
       m.ksc = reinterpret_cast<const uint8_t*>(m.kdm + supers);
       m.km = m.ksc + panels * (D / 32) * kQPanel;
@@ -105,7 +109,7 @@ struct QRow {
   const int32_t* s;   // [n] group sums of q
 };
 
-constexpr int kActBits[9] = {0, 16, 8, 16, 8, 16, 16, 8, 16};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[10] = {0, 16, 8, 16, 8, 16, 16, 8, 16, 8};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
@@ -210,20 +214,27 @@ inline void store_rows(const Out& y, int64_t t, int64_t row0, int64_t R, const f
 #define DSV3_QVNNI 1
 
 // M (kind int4m): codes without the offset, float32 scales, the group's min times its activation sum taken off.
-template <int TB, bool M = false, bool K = false>
+template <int TB, bool M = false, bool K = false, bool B5 = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m512i nib = _mm512_set1_epi8(0x0f);
-  const uint8_t* w = m.q + rb * n * 256;
+  constexpr int64_t gbytes = B5 ? 320 : 256;  // one group of one 16-row panel
+  const uint8_t* w = m.q + rb * n * gbytes;
   const uint16_t* sc = m.s + rb * n * 16;
   __m512 acc[TB];
   for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < n; ++g, w += 256) {
+  for (int64_t g = 0; g < n; ++g, w += gbytes) {
     __m512i sum[TB];
     for (int t = 0; t < TB; ++t) sum[t] = _mm512_setzero_si512();
     for (int k = 0; k < 4; ++k) {
       const __m512i v = _mm512_loadu_si512(w + k * 64);
-      const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      if constexpr (B5) {  // the fifth bits: bit 2k (low nibbles) and 2k + 1 (high ones) of each plane byte
+        const __m512i pl = _mm512_loadu_si512(w + 256), one = _mm512_set1_epi8(1);
+        const __m128i s0 = _mm_cvtsi32_si128(2 * k), s1 = _mm_cvtsi32_si128(2 * k + 1);
+        lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(pl, s0), one), 4));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(pl, s1), one), 4));
+      }
       for (int t = 0; t < TB; ++t) {
         const int8_t* xq = x[t].q + g * 32 + 8 * k;
         sum[t] = _mm512_dpbusd_epi32(sum[t], lo, _mm512_set1_epi32(load4(xq)));
@@ -335,25 +346,34 @@ constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sum
 
 #else  // AVX2: each 16-row block as two halves of 8 rows
 
-template <int TB, bool M = false, bool K = false>
+template <int TB, bool M = false, bool K = false, bool B5 = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   const int64_t n = m.D / 32;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   for (int h = 0; h < 2; ++h) {
-    const uint8_t* w = m.q + rb * n * 256 + h * 32;
+    constexpr int64_t gbytes = B5 ? 320 : 256;  // one group of one 16-row panel
+    const uint8_t* w = m.q + rb * n * gbytes + h * 32;
     const uint16_t* sc = m.s + rb * n * 16 + h * 8;
     __m256 acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < n; ++g, w += 256) {
-      __m256i sum[TB];  // int16 lanes: 8 steps of at most 2 * 15 * 127 each stay below 2^15
+    for (int64_t g = 0; g < n; ++g, w += gbytes) {
+      // int16 lanes: 8 steps of at most 2 * 15 * 127 each stay below 2^15; 5-bit codes (31) widen every step.
+      __m256i sum[TB];
       for (int t = 0; t < TB; ++t) sum[t] = _mm256_setzero_si256();
       for (int k = 0; k < 4; ++k) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 64));
-        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        if constexpr (B5) {
+          const __m256i pl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)), one = _mm256_set1_epi8(1);
+          const __m128i s0 = _mm_cvtsi32_si128(2 * k), s1 = _mm_cvtsi32_si128(2 * k + 1);
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(pl, s0), one), 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(pl, s1), one), 4));
+        }
         for (int t = 0; t < TB; ++t) {
           const int8_t* xq = x[t].q + g * 32 + 8 * k;
-          sum[t] = _mm256_add_epi16(sum[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xq))),
-                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq + 4)))));
+          const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xq))),
+                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq + 4))));
+          sum[t] = B5 ? _mm256_add_epi32(sum[t], _mm256_madd_epi16(p, ones)) : _mm256_add_epi16(sum[t], p);
         }
       }
       if constexpr (M) {
@@ -372,7 +392,7 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         }
         for (int t = 0; t < TB; ++t) {
           const __m256 r = _mm256_fnmadd_ps(mn, _mm256_set1_ps(static_cast<float>(x[t].s[g])),
-                                            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones)), ws));
+                                            _mm256_mul_ps(_mm256_cvtepi32_ps(B5 ? sum[t] : _mm256_madd_epi16(sum[t], ones)), ws));
           acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
         }
         continue;
@@ -469,6 +489,7 @@ void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   else if (m.kind == kQInt6X) qtile_int8<TB, true, true>(m, rb, x, y);
   else if (m.kind == kQInt6) qtile_int8<TB, true, true, false>(m, rb, x, y);
   else if (m.kind == kQInt4K) qtile_int4<TB, true, true>(m, rb, x, y);
+  else if (m.kind == kQInt5K) qtile_int4<TB, true, true, true>(m, rb, x, y);
   else if (m.kind == kQInt6K) qtile_int8<TB, true, true, false, true>(m, rb, x, y);
   else qtile_int8<TB>(m, rb, x, y);
 }
