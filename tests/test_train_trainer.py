@@ -195,3 +195,32 @@ def test_init_from_warm_starts_from_an_exported_model(corpus_dir, tmp_path):
         train(_cfg(corpus_dir, tmp_path, "wrong", model="train-small", init_from=first["final"], steps=1))
     with pytest.raises(ValueError, match="no config.json"):
         TrainConfig(init_from=str(tmp_path)).validate()
+
+
+def test_mtp_only_trains_the_draft_module_alone_on_the_main_models_distribution(corpus_dir, tmp_path):
+    """--mtp-only: the main model (its weights and routing biases) stays bit for bit; the MTP module learns, and
+    its loss is the cross-entropy against the main model's own next-token distribution."""
+    first = train(_cfg(corpus_dir, tmp_path, "base", steps=4, grad_accum=1, eval_every=0, save_every=0))
+    before = {k: v.clone() for k, v in first["model"].state_dict().items()}
+    res = train(_cfg(corpus_dir, tmp_path, "draft", model=first["final"], init_from=first["final"], steps=4,
+                     grad_accum=1, eval_every=0, save_every=0, mtp_only=True, lr=1e-2, gamma=1e-2))
+    after = res["model"].state_dict()
+    n_main = res["model"].cfg.num_hidden_layers
+    mtp_keys = [k for k in after if k.startswith(f"model.layers.{n_main}.")]
+    assert mtp_keys and any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in mtp_keys)
+    loaded = dsv3.load_model(first["final"], dtype=torch.float32).state_dict()
+    assert all(torch.equal(after[k], loaded[k]) for k in after if k not in mtp_keys)  # trunk, embedding, head
+    # The logged MTP loss is the soft cross-entropy, at least the teacher's entropy, never below it.
+    from dsv3.train.mtp import compute_losses
+
+    tokens = torch.randint(0, res["model"].cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        soft = compute_losses(res["model"], tokens, distill=True)
+        p = res["model"](tokens[:, :16]).float().softmax(-1)[:, 1:16]
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+    assert float(soft.mtp[0]) >= float(entropy) - 1e-4
+    with pytest.raises(ValueError, match="has none"):
+        from dsv3.train.configs import resolve_model_config
+
+        no_mtp = dict(resolve_model_config("train-tiny").to_dict(), num_nextn_predict_layers=0)
+        train(_cfg(corpus_dir, tmp_path, "nomtp", model=no_mtp, mtp_only=True, steps=1))

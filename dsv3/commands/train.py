@@ -65,6 +65,9 @@ def add_parser(sub) -> None:
     p.add_argument("--init-from", metavar="CHECKPOINT", help="start from this model checkpoint's weights (bf16 or "
                    "FP8, e.g. a run's final/ or the embedded model) with a fresh optimizer and schedule; without "
                    "--config the model config is the checkpoint's")
+    p.add_argument("--mtp-only", action="store_true", help="a draft stage after training (with --init-from): train "
+                   "only the MTP module(s) on the frozen main model's own next-token distributions, which is what "
+                   "speculative decoding accepts")
     p.add_argument("--csv", action="store_true", help="also write metrics.csv")
     p.add_argument("--no-plot", action="store_true", help="do not draw curves.png (needs matplotlib anyway)")
     p.add_argument("--export-fp8", action="store_true", help="write the final model in the official FP8 format")
@@ -102,6 +105,8 @@ def build_config(args):
         base["plot"] = False
     if args.export_fp8:
         base["export_fp8"] = True
+    if getattr(args, "mtp_only", False):
+        base["mtp_only"] = True
     base["resume"] = args.resume if args.resume is not None else False
     if "betas" in base:
         base["betas"] = tuple(base["betas"])

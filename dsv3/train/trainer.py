@@ -66,6 +66,9 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1
     mtp_switch: float = 10 / 14.8
+    # A draft stage after training: only the MTP module(s) learn, from the frozen main model's own distributions
+    # (train/mtp.py); their loss has weight 1, lambda is unused, and only their routing biases move.
+    mtp_only: bool = False
     # runtime
     precision: str = "auto"
     device: str = "auto"
@@ -134,12 +137,12 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 class _Objective(torch.nn.Module):
     """Wraps the model so that one forward call computes every loss (DistributedDataParallel hooks a forward)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, distill: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.distill = model, distill
 
     def forward(self, tokens: torch.Tensor) -> dict:
-        l = compute_losses(self.model, tokens)
+        l = compute_losses(self.model, tokens, distill=self.distill)
         return {"main": l.main, "mtp": l.mtp, "mtp_correct": l.mtp_correct, "main_correct": l.main_correct}
 
 
@@ -265,9 +268,17 @@ def train(config: TrainConfig | dict) -> dict:
     if cfg.init_from and not resume_from:
         init_weights(cfg.init_from, model)
         log.info("weights initialised from %s", cfg.init_from)
+    if cfg.mtp_only:
+        if not model.mtp_layers:
+            raise ValueError("--mtp-only trains the MTP module(s), and this model has none (num_nextn_predict_layers "
+                             "is 0)")
+        own = {id(p) for layer in model.mtp_layers for p in layer.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in own)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in trained if not (p.ndim >= 2 and "norm" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     step, cursor = 0, 0
@@ -279,10 +290,12 @@ def train(config: TrainConfig | dict) -> dict:
                              f"{st['config']['batch_size']}; the data position would not line up")
         log.info("resumed from %s at step %d", resume_from, step)
     alpha = cfg.resolved_alpha()
-    balancer = Balancer(model, cfg.balance, alpha)
+    # (--mtp-only: the frozen main layers' biases must not move, so only the MTP modules' are balanced)
+    balanced = torch.nn.ModuleList(model.mtp_layers) if cfg.mtp_only else model
+    balancer = Balancer(balanced, cfg.balance, alpha)
     gamma_s = Schedule(cfg.gamma if cfg.balance == "aux-free" else 0.0, 0.0, cfg.gamma_until)
     lam_s = Schedule(cfg.mtp_lambda, cfg.mtp_lambda_late, cfg.mtp_switch)
-    objective: torch.nn.Module = _Objective(model)
+    objective: torch.nn.Module = _Objective(model, distill=cfg.mtp_only)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # Buffers are not broadcast: each rank applies the same all-reduced bias update, which the DP test checks.
@@ -332,11 +345,14 @@ def train(config: TrainConfig | dict) -> dict:
                     with autocast():
                         out = objective(tokens)
                         bal = balancer.collect(micro).to(device)
-                        loss = out["main"] + mtp_loss(out["mtp"], lam).to(device) + bal
+                        if cfg.mtp_only:  # the main CE has no gradient here: the MTP loss alone, weight 1
+                            loss = mtp_loss(out["mtp"], 1.0).to(device) + bal
+                        else:
+                            loss = out["main"] + mtp_loss(out["mtp"], lam).to(device) + bal
                     (loss / cfg.grad_accum).backward()
                 sums += torch.stack([out["main"].detach(), bal.detach(), loss.detach()] + [x.detach() for x in out["mtp"]]).float().cpu()
             cursor += cfg.batch_size
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trained],
                                                              cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -360,7 +376,7 @@ def train(config: TrainConfig | dict) -> dict:
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 last_eval = evaluate(model, eval_w, corpus, cfg.eval_windows, micro, device, autocast)
-                set_recording(model, bool(balancer.layers))
+                set_recording(balanced, bool(balancer.layers))
                 runlog.eval(step, last_eval)
                 if is_main:
                     bar.write(f"step {step}: held-out loss {last_eval['loss']:.4f} bpb {last_eval['bpb']:.4f} "
