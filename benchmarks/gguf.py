@@ -5,7 +5,7 @@ For each model (the embedded model, dequantised to bf16 with `dsv3 convert fp8-t
 bench-small checkpoint, benchmarks/llamacpp.py's save_checkpoint), llama.cpp's own converter and llama-quantize
 make the GGUF files (../shared/bench/llamacpp_anchor.py convert; build it once with `python llamacpp_anchor.py
 build`). Then:
-- memory: the file's size and the weight bytes dsv3 holds for it (codes as stored, K-quant scales in float32);
+- memory: the file's size and the weight bytes dsv3 holds for it once packed for the CPU kernels (its blobs);
 - agreement: greedy tokens of dsv3 on each GGUF file from the same prompt ids as dsv3 on the original checkpoint
   (and, for Q8_0, as dsv3 --quantize int8 on it): the first position where they differ (None: all equal). The BF16
   file holds the checkpoint's bf16 weights, so it must agree everywhere; Q8_0 and Q4_K_M round the weights;

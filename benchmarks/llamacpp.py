@@ -74,12 +74,14 @@ def active_bytes(cfg, name: str) -> float:
 
 
 def resident_bytes(path: str) -> int:
-    """Weight bytes of the model at `path` as dsv3 holds it (the C++ kernels' blobs carry the same codes and scales,
-    rows padded to 16)."""
+    """Weight bytes of the model at `path` as dsv3 runs it: loaded in bf16 and packed for the CPU kernels (the
+    blobs of the quantised kinds, csrc/qpacked.h, with their scales; rows padded to 16)."""
     from dsv3 import load_model
-    from dsv3.checkpoint import model_bytes
+    from dsv3.kernels.cpu_pack import prepack_for_cpu, resident_weight_bytes
 
-    return model_bytes(load_model(path, dtype="bfloat16", progress=False))
+    model = load_model(path, dtype="bfloat16", progress=False)
+    prepack_for_cpu(model)
+    return resident_weight_bytes(model)
 
 
 def gguf_active_bytes(gguf_path: str, cfg) -> float:

@@ -4,6 +4,8 @@ weight-only reference quant.linear, batch invariance, mixed schemes fused into o
 packed for the kernels against the unpacked reference."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,30 @@ def test_a_gguf_model_packs_for_the_kernels_and_runs_close_to_the_reference(tmp_
     llm = dsv3.LLM(str(tmp_path / "m.gguf"), max_model_len=64)
     out = llm.generate([[5, 17, 99, 250]], dsv3.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 6
+
+
+def test_packed_k_files_are_resident_near_their_own_bits(tmp_path):
+    """What a K-quant model holds once packed for the kernels (cpu_pack.resident_weight_bytes): the compact kinds
+    keep Q4_K / Q5_K / Q6_K at 4.625 / 5.625 / 6.5625 bits per weight, against 6 / 11 / 11 unpacked (codes
+    widened, float32 scales)."""
+    from dsv3.checkpoint import model_bytes
+    from dsv3.kernels.cpu_pack import prepack_for_cpu, resident_weight_bytes
+
+    names = ["attn_q_a", "attn_q_b", "attn_kv_a_mqa", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_exps",
+             "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "output"]
+    cfg = gguf_tiny_cfg()
+    got = {}
+    for qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        write_gguf(tmp_path / f"{qtype}.gguf", cfg, {n: qtype for n in names})
+        model = dsv3.load_model(tmp_path / f"{qtype}.gguf")
+        before = model_bytes(model)
+        assert prepack_for_cpu(model) and resident_weight_bytes(model) < before
+        got[qtype] = resident_weight_bytes(model)
+    # Same model, same float tensors: the differences are the projections' bits per weight (1 and ~0.94 bits).
+    quantised = sum(math.prod(m.weight.shape[:-1]) * m.quant.in_features(tuple(m.weight.shape))
+                    for m in dsv3.load_model(tmp_path / "Q4_K.gguf").modules() if getattr(m, "quant", None))
+    assert abs((got["Q5_K"] - got["Q4_K"]) * 8 / quantised - 1.0) < 0.05
+    assert abs((got["Q6_K"] - got["Q4_K"]) * 8 / quantised - (6.5625 - 4.625)) < 0.1
 
 
 def test_the_avx2_build_computes_the_same_bits_for_every_gguf_scheme():

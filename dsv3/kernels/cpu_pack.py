@@ -261,3 +261,39 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
     log.info("packed the model's projections for %s", "the C++ CPU kernels (projections, MoE layers, norms, decode "
              "attention)" if ops is not None else "oneDNN CPU matmuls")
     return True
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights a model holds, packed or not: its parameters and buffers plus every tensor the packed forms
+    keep (oneDNN layouts, the C++ kernels' panels and quantised blobs, the MoE and block tables), each storage
+    counted once."""
+    seen: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def walk(v) -> None:
+        if id(v) in visited:
+            return
+        visited.add(id(v))
+        if isinstance(v, torch.Tensor):
+            if v.numel() and v.device.type != "meta":
+                seen.setdefault(v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, nn.Module):
+            for t in list(v.parameters(recurse=False)) + list(v.buffers(recurse=False)):
+                walk(t)
+            for k, x in vars(v).items():
+                if k not in ("_parameters", "_buffers", "_modules"):
+                    walk(x)
+            for c in v.children():
+                walk(c)
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith("dsv3."):
+            for x in vars(v).values():
+                walk(x)
+
+    walk(model)
+    return sum(seen.values())
