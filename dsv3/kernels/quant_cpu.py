@@ -163,16 +163,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme, compact: bo
     else:
         sc = _pad_rows(scales.to(torch.float16), rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
         scale_bytes = sc.view(torch.uint8).reshape(*lead, -1)
-    codes_off = HEADER_BYTES
-    scales_off = codes_off + code_bytes.shape[-1]
-    total = -(-(scales_off + scale_bytes.shape[-1]) // 64) * 64
     kind = KIND_INT4K if k4 is not None else KIND_INT4M if int4m(s) else KIND[s.bits]
-    header = torch.tensor([MAGIC, kind, o, i, g, codes_off, scales_off, total], dtype=torch.int64)
-    blob = torch.zeros((*lead, total), dtype=torch.uint8)
-    blob[..., :HEADER_BYTES] = header.view(torch.uint8)
-    blob[..., codes_off:scales_off] = code_bytes
-    blob[..., scales_off:scales_off + scale_bytes.shape[-1]] = scale_bytes
-    return blob
+    return _header_blob(kind, o, i, g, code_bytes, scale_bytes)
 
 
 def _six_bit(c: torch.Tensor) -> torch.Tensor:
@@ -250,16 +242,8 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, co
         tail = torch.cat([_panels(k6[0], rows), _panels(k6[1].to(torch.int8), rows)], dim=-1)
     elif not no_mins:
         tail = torch.cat([tail, mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
-    codes_off = HEADER_BYTES
-    scales_off = codes_off + code_bytes.shape[-1]
-    total = -(-(scales_off + tail.shape[-1]) // 64) * 64
     kind = KIND_INT6K if k6 is not None else KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
-    header = torch.tensor([MAGIC, kind, o, i, 16, codes_off, scales_off, total], dtype=torch.int64)
-    blob = torch.zeros((*lead, total), dtype=torch.uint8)
-    blob[..., :HEADER_BYTES] = header.view(torch.uint8)
-    blob[..., codes_off:scales_off] = code_bytes
-    blob[..., scales_off:scales_off + tail.shape[-1]] = tail
-    return blob
+    return _header_blob(kind, o, i, 16, code_bytes, tail)
 
 
 ACT_QMAX = {4: 127, 8: 32767}  # by weight bits: the largest activation code (int8 / int16 inputs)
