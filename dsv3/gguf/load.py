@@ -86,7 +86,8 @@ def plan(g: GGUFModel, cfg: ModelConfig, model: Transformer, windows: dict[str, 
         shape = tuple(want[target].shape)
         if len(srcs) == 1:
             t = g.tensors[srcs[0]]
-            got = window(t, (windows or {}).get(target), _is_stacked(model, target)).shape
+            win = (windows or {}).get(target)
+            got = _window_bounds(t, win, _is_stacked(model, target))[3] if win else t.shape
             if got != shape:
                 raise GGUFError(f"{g.path}: tensor {g.where(t.name)} is {list(t.shape)} but the metadata implies "
                                 f"{list(shape)} for {target}; the metadata and the tensors disagree")
@@ -107,20 +108,17 @@ def _block(t: GGUFTensor) -> tuple[int, int]:
     return blocks.BLOCK[t.type_name]
 
 
-def window(t: GGUFTensor, win: tuple | None, stacked: bool) -> GGUFTensor:
-    """The part of tensor t a sharded model's rank holds (parallel.shard_model's window: for stacked experts
-    (experts, rows[, cols]), else (rows[, cols]), slices or, for experts, a list), as a GGUFTensor whose data views
-    only those bytes. A column window must fall on the type's block boundaries."""
-    if not win:
-        return t
-    data, shape = t.data, list(t.shape)
+def _window_bounds(t: GGUFTensor, win: tuple, stacked: bool) -> tuple[object, slice, slice | None, tuple]:
+    """(experts, rows, block-aligned column bytes or None, windowed shape) of parallel.shard_model's window `win`
+    of t, checked (a column window must fall on the type's block boundaries); no data is touched."""
+    shape = list(t.shape)
+    ex = None
     if stacked:
         ex, win = win[0], win[1:]
-        data = data[np.asarray(ex)] if isinstance(ex, list) else data[ex]
-        shape[0] = data.shape[0]
-    rows = win[0] if win else slice(None)
-    r0, r1, _ = rows.indices(shape[-2])
-    data, shape[-2] = data[..., r0:r1, :], r1 - r0
+        shape[0] = len(ex) if isinstance(ex, list) else len(range(*ex.indices(shape[0])))
+    r0, r1, _ = (win[0] if win else slice(None)).indices(shape[-2])
+    shape[-2] = r1 - r0
+    cols = None
     if len(win) > 1:
         c0, c1, _ = win[1].indices(shape[-1])
         vals, size = _block(t)
@@ -128,8 +126,24 @@ def window(t: GGUFTensor, win: tuple | None, stacked: bool) -> GGUFTensor:
             raise GGUFError(f"{t.file}: tensor {t.name!r} is {t.type_name}, whose blocks hold {vals} values of a "
                             f"row, but this rank's share of it is columns {c0}:{c1}, which cut a block; choose a "
                             f"--tp that splits {shape[-1]} into multiples of {vals}")
-        data, shape[-1] = data[..., c0 // vals * size:c1 // vals * size], c1 - c0
-    return dataclasses.replace(t, shape=tuple(shape), data=data, nbytes=int(data.nbytes))
+        cols, shape[-1] = slice(c0 // vals * size, c1 // vals * size), c1 - c0
+    return ex, slice(r0, r1), cols, tuple(shape)
+
+
+def window(t: GGUFTensor, win: tuple | None, stacked: bool) -> GGUFTensor:
+    """The part of tensor t a sharded model's rank holds (parallel.shard_model's window: for stacked experts
+    (experts, rows[, cols]), else (rows[, cols]), slices or, for experts, a list), as a GGUFTensor whose data views
+    only those bytes. A column window must fall on the type's block boundaries."""
+    if not win:
+        return t
+    ex, rows, cols, shape = _window_bounds(t, win, stacked)
+    data = t.data
+    if ex is not None:
+        data = data[np.asarray(ex)] if isinstance(ex, list) else data[ex]
+    data = data[..., rows, :]
+    if cols is not None:
+        data = data[..., cols]
+    return dataclasses.replace(t, shape=shape, data=data, nbytes=int(data.nbytes))
 
 
 def _rows_per_chunk(t) -> int:

@@ -54,7 +54,7 @@ def int5k_form(codes: torch.Tensor, scales: torch.Tensor, s: quant.Scheme, compa
 
 def int4m(s: quant.Scheme) -> bool:
     """Schemes the compact int4-with-min kind holds as they are (Q4_K, Q4_1)."""
-    return s.bits == 4 and s.with_min and s.group_size == 32 and s.scale_dtype == torch.float32
+    return s.bits == 4 and _with_min_32(s)
 
 
 def supported(s: quant.Scheme) -> bool:

@@ -85,22 +85,28 @@ def save_checkpoint(out: str, step: int, model: Transformer, optimizer: torch.op
     return final
 
 
-def init_weights(path: str, model: Transformer) -> None:
-    """Warm start: copy the weights and routing biases of a model checkpoint (bf16 or official FP8, dequantised
-    exactly) into `model`; the optimizer, step and data position start fresh. Shapes must match."""
+def _copy_weights(path: str, model: Transformer) -> list[str]:
+    """Load the checkpoint at `path` through the ordinary loader (float32, FP8 dequantised exactly) into `model`;
+    returns what does not fit, when anything does not (nothing is copied then)."""
     dev = next(model.parameters()).device
-    loaded = load_model(path, dtype=torch.float32, device=dev, progress=False)
-    ours, theirs = model.state_dict(), loaded.state_dict()
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
+    theirs = load_model(path, dtype=torch.float32, device=dev, progress=False).state_dict()
+    ours = model.state_dict()
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     shapes = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(ours[k].shape)}" for k in ours
               if k in theirs and theirs[k].shape != ours[k].shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"--init-from {path}: its weights do not fit the model being trained (give the same "
-                         f"--config as the checkpoint's, or leave --config out): missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}, shapes (checkpoint vs model) {shapes[:4]}")
+        return [f"missing {missing[:4]}", f"unexpected {unexpected[:4]}", f"shapes (checkpoint vs model) {shapes[:4]}"]
     model.load_state_dict({k: v.to(ours[k].dtype) for k, v in theirs.items()})
-    del loaded
+    return []
+
+
+def init_weights(path: str, model: Transformer) -> None:
+    """Warm start: copy the weights and routing biases of a model checkpoint (bf16 or official FP8, dequantised
+    exactly) into `model`; the optimizer, step and data position start fresh. Shapes must match."""
+    problems = _copy_weights(path, model)
+    if problems:
+        raise ValueError(f"--init-from {path}: its weights do not fit the model being trained (give the same "
+                         f"--config as the checkpoint's, or leave --config out): {', '.join(problems)}")
 
 
 def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
@@ -108,12 +114,9 @@ def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimi
     with open(os.path.join(path, STATE_JSON), encoding="utf-8") as f:
         state = json.load(f)
     dev = next(model.parameters()).device
-    loaded = load_model(path, dtype=torch.float32, device=dev, progress=False)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model being trained: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    del loaded
+    problems = _copy_weights(path, model)
+    if problems:
+        raise RuntimeError(f"checkpoint {path} does not match the model being trained: {', '.join(problems)}")
     tensors = load_file(os.path.join(path, STATE_TENSORS))
     names = _param_names(model, optimizer)
     index = {n: i for i, n in enumerate(names)}
