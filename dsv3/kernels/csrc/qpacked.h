@@ -213,6 +213,14 @@ inline void store_rows(const Out& y, int64_t t, int64_t row0, int64_t R, const f
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define DSV3_QVNNI 1
 
+// GGUF's own scales (kinds 7-9): 16 float16s, and those times 16 8-bit integers (exact in float32).
+inline __m512 f16x16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+template <bool Signed>
+inline __m512 times_i8x16(__m512 d, const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  return _mm512_mul_ps(d, _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v)));
+}
+
 // M (kind int4m): codes without the offset, float32 scales, the group's min times its activation sum taken off.
 template <int TB, bool M = false, bool K = false, bool B5 = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
@@ -245,12 +253,8 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       __m512 ws, mn;
       if constexpr (K) {  // float16 per super-block times uint8 per group: exact in float32
         const int64_t sb = (rb * (n / 8) + g / 8) * 16, gi = (rb * n + g) * 16;
-        ws = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kd + sb))),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                               reinterpret_cast<const __m128i*>(m.ksc + gi)))));
-        mn = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kdm + sb))),
-                           _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
-                               reinterpret_cast<const __m128i*>(m.km + gi)))));
+        ws = times_i8x16<false>(f16x16(m.kd + sb), m.ksc + gi);
+        mn = times_i8x16<false>(f16x16(m.kdm + sb), m.km + gi);
       } else {
         ws = _mm512_loadu_ps(m.sf + (rb * n + g) * 16);
         mn = _mm512_loadu_ps(m.mn + (rb * n + g) * 16);
@@ -310,13 +314,10 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
     if constexpr (X) {
       __m512 s0, s1;
       if constexpr (K) {  // float16 per super-block times int8 per 16 inputs: exact in float32
-        const __m512 d = _mm512_cvtph_ps(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m.kd + (rb * (n / 8) + g / 8) * 16)));
+        const __m512 d = f16x16(m.kd + (rb * (n / 8) + g / 8) * 16);
         const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16;
-        s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(k2)))));
-        s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(k2 + 16)))));
+        s0 = times_i8x16<true>(d, k2);
+        s1 = times_i8x16<true>(d, k2 + 16);
       } else {
         const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16;
         s0 = _mm512_loadu_ps(s2);

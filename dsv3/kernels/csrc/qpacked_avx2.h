@@ -3,6 +3,14 @@
 // the AVX-512 tiles, so both builds compute the same bits (tests/test_gguf_kernels.py builds both).
 #pragma once
 
+// GGUF's own scales (kinds 7-9) for one half: 8 float16s, and those times 8 8-bit integers (exact in float32).
+inline __m256 f16x8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+template <bool Signed>
+inline __m256 times_i8x8(__m256 d, const uint8_t* q) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  return _mm256_mul_ps(d, _mm256_cvtepi32_ps(Signed ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v)));
+}
+
 
 template <int TB, bool M = false, bool K = false, bool B5 = false>
 void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
@@ -38,12 +46,8 @@ void qtile_int4(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
         __m256 ws, mn;
         if constexpr (K) {
           const int64_t sb = (rb * (n / 8) + g / 8) * 16 + h * 8, gi = (rb * n + g) * 16 + h * 8;
-          ws = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kd + sb))),
-                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                 reinterpret_cast<const __m128i*>(m.ksc + gi)))));
-          mn = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kdm + sb))),
-                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                                 reinterpret_cast<const __m128i*>(m.km + gi)))));
+          ws = times_i8x8<false>(f16x8(m.kd + sb), m.ksc + gi);
+          mn = times_i8x8<false>(f16x8(m.kdm + sb), m.km + gi);
         } else {
           ws = _mm256_loadu_ps(m.sf + (rb * n + g) * 16 + h * 8);
           mn = _mm256_loadu_ps(m.mn + (rb * n + g) * 16 + h * 8);
@@ -102,13 +106,10 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
       if constexpr (X) {
         __m256 s0, s1;
         if constexpr (K) {
-          const __m256 d = _mm256_cvtph_ps(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(m.kd + (rb * (n / 8) + g / 8) * 16 + h * 8)));
+          const __m256 d = f16x8(m.kd + (rb * (n / 8) + g / 8) * 16 + h * 8);
           const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16 + h * 8;
-          s0 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                    reinterpret_cast<const __m128i*>(k2)))));
-          s1 = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                                    reinterpret_cast<const __m128i*>(k2 + 16)))));
+          s0 = times_i8x8<true>(d, k2);
+          s1 = times_i8x8<true>(d, k2 + 16);
         } else {
           const float* s2 = m.sf + (rb * 2 * n + 2 * g) * 16 + h * 8;
           s0 = _mm256_loadu_ps(s2);
