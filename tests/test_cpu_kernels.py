@@ -478,3 +478,15 @@ def test_section_timers_are_off_in_the_normal_build():
     # build for them says how to get them.
     with pytest.raises(RuntimeError, match="no section timers.*DSV3_TIMING"):
         OPS.section_times()
+
+
+def test_override_swaps_the_build_load_returns_and_restores_it():
+    """cpu_ext.override (benchmarks/ab_kernels.py packs one model per build with it) is scoped to its block."""
+    other = object()
+    with cpu_ext.override(other):
+        assert cpu_ext.load() is other and cpu_ext.loaded() is other
+    assert cpu_ext.load() is OPS
+    with pytest.raises(RuntimeError):
+        with cpu_ext.override(other):
+            raise RuntimeError("inside")
+    assert cpu_ext.load() is OPS

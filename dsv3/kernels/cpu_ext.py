@@ -14,6 +14,7 @@ another CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ import platform
 import shutil
 import sys
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -60,15 +62,17 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = ()) -> object:
-    """Compile (or reuse the cached build) and return torch.ops.<namespace>. Raises on failure."""
+def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = (), source_dir: str = SOURCE_DIR) -> object:
+    """Compile (or reuse the cached build) and return torch.ops.<namespace>. Raises on failure. source_dir: another
+    copy of csrc/ (benchmarks/ab_kernels.py builds a git revision's beside the working tree's, each under its own
+    namespace, so both load into one process)."""
     from torch.utils import cpp_extension
 
     flags = CFLAGS + list(extra_cflags) + [f"-DDSV3_NS={namespace}"]
     key = b""
-    for name in sorted(os.listdir(SOURCE_DIR)):  # an edit of any header rebuilds too
+    for name in sorted(os.listdir(source_dir)):  # an edit of any header rebuilds too
         if name.endswith((".cpp", ".h")):
-            with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+            with open(os.path.join(source_dir, name), "rb") as f:
                 key += name.encode() + b"\0" + f.read()
     # -march=native: a library built on one CPU may not run on another, so the CPU's features are in the key.
     key += " ".join(flags + [torch.__version__, sys.version, *sorted(cpu_flags())]).encode()
@@ -77,7 +81,8 @@ def build(namespace: str = "dsv3_cpu", extra_cflags: tuple[str, ...] = ()) -> ob
     os.makedirs(build_dir, exist_ok=True)
     if not any(name.endswith(".so") for name in os.listdir(build_dir)):
         log.warning("building the dsv3 CPU kernels (once, ~15 s) in %s", build_dir)
-    cpp_extension.load(name=f"{namespace}_kernels", sources=[SOURCE], build_directory=build_dir,
+    cpp_extension.load(name=f"{namespace}_kernels", sources=[os.path.join(source_dir, os.path.basename(SOURCE))],
+                       build_directory=build_dir,
                        extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     return getattr(torch.ops, namespace)
 
@@ -99,6 +104,21 @@ def load() -> object | None:
             if ops is None:
                 log.warning("dsv3 CPU kernels not used (%s); running the PyTorch path", why)
         return _state["ops"]
+
+
+@contextlib.contextmanager
+def override(ops) -> Iterator[None]:
+    """Within the block, load() returns `ops` (another build's namespace, from build()): models packed inside it run
+    on that build (benchmarks comparing two builds in one process)."""
+    with _lock:
+        saved = dict(_state)
+        _state["ops"], _state["why"] = ops, None
+    try:
+        yield
+    finally:
+        with _lock:
+            _state.clear()
+            _state.update(saved)
 
 
 def loaded() -> object | None:
