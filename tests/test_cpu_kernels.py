@@ -156,6 +156,8 @@ MOE_CASES = {
     "v2 group-limited": v2(topk_method="group_limited_greedy", n_group=4, topk_group=2, n_routed_experts=16,
                            num_experts_per_tok=3, norm_topk_prob=True, routed_scaling_factor=16.0),
     "no shared experts": v3(n_shared_experts=None),
+    "40 experts, router split in 16s": v3(hidden_size=2048, moe_intermediate_size=32, n_routed_experts=40,
+                                          num_experts_per_tok=6, n_group=8, topk_group=4),
 }
 
 

@@ -137,12 +137,19 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
   for (int64_t t = 0; t < T; ++t) xrows[t] = xp + t * D;
   std::vector<float> logits(T * E);
   if (gate_f32) {
+    // Work items of (token, 16 experts) for a large router, so a decode step's (one token, E x D float32 weights:
+    // 7 MB a layer on DeepSeek-V3) is split across the threads too; a small one (under 256 KB) stays one item per
+    // token, as a fork costs more than it saves. Every logit is the same dot product whatever the split.
     const float* gw = gate_w.data_ptr<float>();
-    at::parallel_for(0, T, 1, [&](int64_t a, int64_t b) {
+    const int64_t ec = E * D >= 65536 ? 16 : E, nb = (E + ec - 1) / ec;
+    at::parallel_for(0, T * nb, 1, [&](int64_t a, int64_t b) {
       std::vector<float> xf(D);
-      for (int64_t t = a; t < b; ++t) {
-        bf_to_f32(xrows[t], xf.data(), D);
-        for (int64_t e = 0; e < E; ++e) logits[t * E + e] = dot_f32(xf.data(), gw + e * D, D);
+      int64_t cur = -1;
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t t = i / nb, e1 = std::min(E, (i % nb + 1) * ec);
+        if (t != cur) bf_to_f32(xrows[t], xf.data(), D);
+        cur = t;
+        for (int64_t e = (i % nb) * ec; e < e1; ++e) logits[t * E + e] = dot_f32(xf.data(), gw + e * D, D);
       }
     });
   } else {
