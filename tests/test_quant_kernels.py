@@ -55,6 +55,14 @@ def test_the_avx2_build_computes_the_same_bits_as_the_default_one():
         want = quant_cpu.linear_quant_acts(x, codes, scales, s)
         assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all()
         assert torch.equal(got, OPS.linear_f32(x, blob, 40))
+        # The activation quantisation's edge cases (vectorised on AVX-512, a scalar loop on AVX2): halves that round
+        # to even (a group whose scale is exactly 1 for int8 codes), a NaN (skipped by the group max, clamped to
+        # qmax), an infinity (scale inf, the rest of its group 0), an all-zero group.
+        x[1, :32] = torch.tensor([127.0, 2.5, 3.5, -0.5, 0.5, -2.5, 1.5, -1.5] * 4)
+        x[2, 5], x[3, 40], x[4, 64:96] = float("nan"), float("inf"), 0.0
+        got = avx2.linear_f32(x, blob, 40)
+        assert not got[3].isfinite().all()  # (the infinite row: scale inf)
+        assert torch.equal(got.view(torch.int32), OPS.linear_f32(x, blob, 40).view(torch.int32))  # NaNs too
 
 
 @pytest.mark.parametrize("s", SCHEMES, ids=IDS)

@@ -138,6 +138,44 @@ struct Bf16Val {  // a bf16 read as float (for quantize_row's template)
   explicit operator float() const { return bf2f(v); }
 };
 
+// quantize_row on bf16 inputs; with AVX-512 and groups of 32, two 16-lane halves per group with the same operations
+// (a NaN input skipped by the group's max and clamped to qmax, round half to even, the sum of integers exact in
+// float32), so it returns the scalar loop's bits (tests/test_quant_kernels.py compares the builds).
+template <typename Q>
+void quantize_row_bf16(const bf16_t* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s) {
+#if defined(DSV3_AVX512)
+  if (G == 32) {
+    constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+    for (int64_t g = 0; g < D / 32; ++g) {
+      const __m512 a = load16(x + g * 32), b = load16(x + g * 32 + 16);
+      // max_ps(v, acc) keeps acc where v is NaN, as std::max(acc, v) does
+      const __m512 m = _mm512_max_ps(_mm512_and_ps(b, absmask), _mm512_max_ps(_mm512_and_ps(a, absmask),
+                                                                                _mm512_setzero_ps()));
+      const float dg = _mm512_reduce_max_ps(m) / qmax;
+      const __m512 inv = _mm512_set1_ps(dg != 0.f ? 1.f / dg : 0.f);
+      constexpr int rne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      // min_ps(v, qmax) gives qmax for NaN, as std::min(qmax, v) does
+      const __m512 qa = _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(a, inv), rne), hi), lo);
+      const __m512 qb = _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(b, inv), rne), hi), lo);
+      const __m512i ia = _mm512_cvtps_epi32(qa), ib = _mm512_cvtps_epi32(qb);
+      if constexpr (std::is_same_v<Q, int8_t>) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32), _mm512_cvtepi32_epi8(ia));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * 32 + 16), _mm512_cvtepi32_epi8(ib));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * 32), _mm512_cvtepi32_epi16(ia));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * 32 + 16), _mm512_cvtepi32_epi16(ib));
+      }
+      d[g] = dg;
+      s[g] = static_cast<int32_t>(_mm512_reduce_add_ps(_mm512_add_ps(qa, qb)));  // |sum| < 2^21: exact
+    }
+    return;
+  }
+#endif
+  quantize_row(reinterpret_cast<const Bf16Val*>(x), D, G, q, d, s);
+}
+
 // The quantised rows of one call's products, made once per (row, D, G) and shared by every matrix that reads it.
 struct QActs {
   struct Rows {
@@ -168,9 +206,9 @@ struct QActs {
       r.s.resize(m * ng);
       at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
         for (int64_t i = a; i < b; ++i) {
-          const Bf16Val* xi = reinterpret_cast<const Bf16Val*>(x[todo[i]]);
-          if (bits == 8) quantize_row(xi, D, G, r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
-          else quantize_row(xi, D, G, r.q16.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
+          const bf16_t* xi = x[todo[i]];
+          if (bits == 8) quantize_row_bf16(xi, D, G, r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
+          else quantize_row_bf16(xi, D, G, r.q16.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
         }
       });
       for (int64_t i = 0; i < m; ++i) {
