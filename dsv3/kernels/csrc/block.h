@@ -100,29 +100,64 @@ at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows) {
 //   dense: 9 gate_up packed, 10 down packed.
 // dims: H, N, R, V, C, q_lora, is_moe, top_k, n_group, topk_group, group_rule, softmax, norm_topk, inter,
 // shared_inter. scal: rms eps, latent eps, softmax scale, routed scaling factor.
-at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
-                         const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
-                         const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
-                         const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& keep) {
-  TORCH_CHECK(dims.size() == 15 && scal.size() == 4, "decode_layer: expects 15 dims and 4 scalars");
+// A block's packed matrices, parsed from their tensors (w, dims as block_forward takes them) and checked: once per
+// registered block (Blocks), or per call (decode_layer).
+struct BlockMats {
+  Packed qkv{nullptr, 0, 0}, kva{nullptr, 0, 0}, qb{nullptr, 0, 0}, o{nullptr, 0, 0};
+  Packed gate_up{nullptr, 0, 0}, down{nullptr, 0, 0};  // dense blocks
+  c10::optional<MoeMats> moe;                          // MoE blocks
+};
+
+BlockMats block_mats(const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims, int64_t D, bool every_expert) {
+  TORCH_CHECK(dims.size() == 15, "decode_layer: expects 15 dims");
   const int64_t H = dims[0], N = dims[1], R = dims[2], V = dims[3], C = dims[4], q_lora = dims[5];
   const bool is_moe = dims[6] != 0;
   TORCH_CHECK(w.size() == (is_moe ? 15u : 11u), "decode_layer: expects ", is_moe ? 15 : 11, " tensors, got ",
               w.size());
+  BlockMats bm;
+  if (q_lora > 0) {
+    bm.qkv = packed_matrix(w[1], q_lora + C + R, D, "decode_layer: [q_a; kv_a]");
+    bm.qb = packed_matrix(w[4], H * (N + R), q_lora, "decode_layer: q_b");
+  } else {
+    bm.qkv = packed_matrix(w[1], H * (N + R), D, "decode_layer: q_proj");
+    bm.kva = packed_matrix(w[2], C + R, D, "decode_layer: kv_a");
+  }
+  bm.o = packed_matrix(w[7], D, H * V, "decode_layer: o_proj");
+  if (is_moe) {
+    const auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    bm.moe = moe_mats(w[9], w[11], w[12], dims[13], opt(w[13]), opt(w[14]), dims[14], D, every_expert);
+  } else {
+    bm.gate_up = packed_matrix(w[9], 2 * dims[13], D, "decode_layer: gate_up");
+    bm.down = packed_matrix(w[10], D, dims[13], "decode_layer: down");
+  }
+  return bm;
+}
+
+at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<int64_t>& dims,
+                         const std::vector<double>& scal, at::Tensor cache, const at::Tensor& slot_mapping,
+                         const at::Tensor& tok, const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots,
+                         const at::Tensor& cos, const at::Tensor& sin, const c10::optional<at::Tensor>& keep,
+                         const BlockMats* parsed = nullptr) {
+  TORCH_CHECK(dims.size() == 15 && scal.size() == 4, "decode_layer: expects 15 dims and 4 scalars");
+  const int64_t H = dims[0], N = dims[1], R = dims[2], V = dims[3], C = dims[4], q_lora = dims[5];
+  const bool is_moe = dims[6] != 0;
   check_bf16(x, "decode_layer: x", 2);
   TORCH_CHECK(x.is_contiguous(), "decode_layer: x must be contiguous");
   const int64_t T = x.size(0), D = x.size(1);
+  c10::optional<BlockMats> own;
+  if (parsed == nullptr) own = block_mats(w, dims, D, false);
+  const BlockMats& bm = parsed ? *parsed : *own;
   SectionClock clock;
   // Attention: every row's latents to the cache, queries of the kept rows.
   const at::Tensor h = rms_norm(x, w[0], scal[0]);
   at::Tensor q_in, kv_a;  // q_in: what q comes from (q_a rows, or normalised x when q_lora = 0)
   if (q_lora > 0) {
-    const at::Tensor qkv = linear(h, w[1], q_lora + C + R);
+    const at::Tensor qkv = linear_m(h, bm.qkv);
     q_in = qkv.narrow(1, 0, q_lora);
     kv_a = qkv.narrow(1, q_lora, C + R);
   } else {
     q_in = h;
-    kv_a = linear(h, w[2], C + R);
+    kv_a = linear_m(h, bm.kva);
   }
   clock.lap(0);
   store_latents_impl(kv_a, w[5], scal[1], cos, sin, cache, slot_mapping);
@@ -141,25 +176,24 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   }
   const int64_t K = xk.size(0);
   if (K == 0) return xk;  // latents only
-  at::Tensor q = q_lora > 0 ? linear(rms_norm(q_in, w[3], scal[1]), w[4], H * (N + R)) : linear(q_in, w[1], H * (N + R));
+  at::Tensor q = q_lora > 0 ? linear_m(rms_norm(q_in, w[3], scal[1]), bm.qb) : linear_m(q_in, bm.qkv);
   q = q.view({K, H, N + R});
   rope_q(q, qcos, qsin, N);
   clock.lap(2);
   at::Tensor o = at::empty({K, H, V}, x.options());
   mla_decode(q, cache, qtok, qseq, qlen, slots, w[6], V, scal[2], o);
   clock.lap(3);
-  const at::Tensor x1 = add_bf16(xk, linear(o.view({K, H * V}), w[7], D));
+  const at::Tensor x1 = add_bf16(xk, linear_m(o.view({K, H * V}), bm.o));
   clock.lap(4);
   // Feed-forward.
   const at::Tensor h2 = rms_norm(x1, w[8], scal[0]);
   clock.lap(5);
   at::Tensor f;
   if (is_moe) {
-    const auto opt = [](const at::Tensor& t) { return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-    f = moe(h2, w[9], opt(w[10]), dims[7], dims[8], dims[9], dims[10], dims[11] != 0, dims[12] != 0, scal[3], w[11],
-            w[12], dims[13], opt(w[13]), opt(w[14]), dims[14]);
+    const c10::optional<at::Tensor> bias = w[10].numel() ? c10::optional<at::Tensor>(w[10]) : c10::nullopt;
+    f = moe_run(h2, *bm.moe, bias, dims[7], dims[8], dims[9], dims[10], dims[11] != 0, dims[12] != 0, scal[3]);
   } else {
-    f = mlp(h2, w[9], w[10], dims[13]);
+    f = mlp_m(h2, bm.gate_up, bm.down, dims[13]);
   }
   clock.lap(6);
   const at::Tensor y = add_bf16(x1, f);
@@ -182,6 +216,7 @@ struct Blocks : torch::CustomClassHolder {
   std::vector<std::vector<int64_t>> dims;
   std::vector<std::vector<double>> scal;
   std::vector<int64_t> cache_layer;
+  std::vector<BlockMats> mats;  // each block's matrices, parsed once (they point into w's tensors, held above)
 
   Blocks(std::vector<at::Tensor> w_flat, std::vector<int64_t> counts, std::vector<int64_t> dims_flat,
          std::vector<double> scal_flat, std::vector<int64_t> cache_layers) {
@@ -196,6 +231,10 @@ struct Blocks : torch::CustomClassHolder {
       dims.emplace_back(dims_flat.begin() + 15 * i, dims_flat.begin() + 15 * (i + 1));
       scal.emplace_back(scal_flat.begin() + 4 * i, scal_flat.begin() + 4 * (i + 1));
       cache_layer.push_back(cache_layers[i]);
+    }
+    for (size_t i = 0; i < L; ++i) {  // after w is complete: the parsed matrices point into its tensors
+      TORCH_CHECK(!w[i].empty() && w[i][0].dim() == 1, "Blocks: block ", i, " does not start with its input norm");
+      mats.push_back(block_mats(w[i], dims[i], w[i][0].size(0), true));
     }
   }
 };
@@ -235,7 +274,7 @@ at::Tensor run_blocks(int64_t blocks_id, const at::Tensor& x, const at::Tensor& 
     TORCH_CHECK(c >= 0 && c < kv_all.size(0), "run_blocks: cache layer ", c, " outside the cache's ",
                 kv_all.size(0));
     h = block_forward(h, blocks->w[i], blocks->dims[i], blocks->scal[i], kv_all.select(0, c), slot_mapping, tok, seq,
-                      len, slots, cos, sin, i + 1 == L ? keep : c10::nullopt);
+                      len, slots, cos, sin, i + 1 == L ? keep : c10::nullopt, &blocks->mats[i]);
   }
   return h;
 }

@@ -95,25 +95,67 @@ inline void swiglu_row(const bf16_t* g, const bf16_t* u, int64_t n, bf16_t* out)
   for (; i < n; ++i) out[i] = swiglu(bf2f(g[i]), bf2f(u[i]));
 }
 
-// x [T, D]; gate_w packed [E, D]; w13 packed [E][2I, D] ([gate; up] rows); w2 packed [E][D, I]; the shared expert
-// (optional) packed [2Is, D] and [D, Is]. Returns [T, D] bf16.
-at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optional<at::Tensor>& bias, int64_t K,
-               int64_t n_group, int64_t topk_group, int64_t group_rule, bool softmax, bool norm_topk, double scale,
-               const at::Tensor& w13, const at::Tensor& w2, int64_t I, const c10::optional<at::Tensor>& shared_w13,
-               const c10::optional<at::Tensor>& shared_w2, int64_t Is) {
-  check_bf16(x, "moe: x", 2);
-  TORCH_CHECK(x.is_contiguous(), "moe: x must be contiguous");
-  const int64_t T = x.size(0), D = x.size(1), E = w13.size(0);
-  const bool gate_f32 = gate_w.scalar_type() == at::kFloat;
-  TORCH_CHECK(!gate_f32 || (gate_w.is_contiguous() && gate_w.dim() == 2 && gate_w.size(0) == E && gate_w.size(1) == D),
+// An MoE layer's matrices, checked: gate_w packed [E, D] (or float32 [E, D]); w13 packed [E][2I, D] ([gate; up]
+// rows); w2 packed [E][D, I]; the shared expert (optional) packed [2Is, D] and [D, Is]. With every_expert, each
+// expert's matrices are parsed here once (Blocks: a decode step then reads no blob header); otherwise on use.
+struct MoeMats {
+  const at::Tensor* w13;
+  const at::Tensor* w2;
+  int64_t E, D, I, Is;
+  bool gate_f32, has_shared;
+  const float* gate_wf;
+  Packed gate{nullptr, 0, 0}, s13{nullptr, 0, 0}, s2{nullptr, 0, 0};
+  std::vector<Packed> e13, e2;
+  Packed up(int64_t e) const { return e13.empty() ? packed_matrix(*w13, 2 * I, D, "moe: w13", e) : e13[e]; }
+  Packed down(int64_t e) const { return e2.empty() ? packed_matrix(*w2, D, I, "moe: w2", e) : e2[e]; }
+};
+
+MoeMats moe_mats(const at::Tensor& gate_w, const at::Tensor& w13, const at::Tensor& w2, int64_t I,
+                 const c10::optional<at::Tensor>& shared_w13, const c10::optional<at::Tensor>& shared_w2, int64_t Is,
+                 int64_t D, bool every_expert) {
+  MoeMats mm;
+  mm.w13 = &w13;
+  mm.w2 = &w2;
+  mm.E = w13.size(0);
+  mm.D = D;
+  mm.I = I;
+  mm.Is = Is;
+  const int64_t E = mm.E;
+  mm.gate_f32 = gate_w.scalar_type() == at::kFloat;
+  TORCH_CHECK(!mm.gate_f32 || (gate_w.is_contiguous() && gate_w.dim() == 2 && gate_w.size(0) == E && gate_w.size(1) == D),
               "moe: a float32 gate weight must be a contiguous [E, D] = [", E, ", ", D, "] tensor, got ", gate_w.sizes());
-  const Packed gate = gate_f32 ? Packed{nullptr, E, D} : packed_matrix(gate_w, E, D, "moe: gate weight");
+  mm.gate_wf = mm.gate_f32 ? gate_w.data_ptr<float>() : nullptr;
+  if (!mm.gate_f32) mm.gate = packed_matrix(gate_w, E, D, "moe: gate weight");
   for (int64_t e = 0; e < E; e += std::max<int64_t>(1, E - 1)) {  // shape checks on the first and last expert
     packed_matrix(w13, 2 * I, D, "moe: w13", e);
     packed_matrix(w2, D, I, "moe: w2", e);
   }
   TORCH_CHECK(w13.dim() == (w13.scalar_type() == at::kByte ? 2 : 5) && w2.dim() == (w2.scalar_type() == at::kByte ? 2 : 5)
               && w2.size(0) == E, "moe: w13 and w2 must be packed [E, ...] stacks (bf16 pack() or quantised blobs)");
+  if (every_expert)
+    for (int64_t e = 0; e < E; ++e) {
+      mm.e13.push_back(packed_matrix(w13, 2 * I, D, "moe: w13", e));
+      mm.e2.push_back(packed_matrix(w2, D, I, "moe: w2", e));
+    }
+  mm.has_shared = shared_w13.has_value();
+  TORCH_CHECK(mm.has_shared == shared_w2.has_value() && (!mm.has_shared || Is > 0),
+              "moe: give both shared_w13 and shared_w2 (and their width Is > 0), or neither");
+  if (mm.has_shared) {
+    mm.s13 = packed_matrix(*shared_w13, 2 * Is, D, "moe: shared_w13");
+    mm.s2 = packed_matrix(*shared_w2, D, Is, "moe: shared_w2");
+  }
+  return mm;
+}
+
+// Router + routed experts + shared experts for x [T, D] (D as in mm). Returns [T, D] bf16.
+at::Tensor moe_run(const at::Tensor& x, const MoeMats& mm, const c10::optional<at::Tensor>& bias, int64_t K,
+                   int64_t n_group, int64_t topk_group, int64_t group_rule, bool softmax, bool norm_topk,
+                   double scale) {
+  check_bf16(x, "moe: x", 2);
+  TORCH_CHECK(x.is_contiguous() && x.size(1) == mm.D, "moe: x must be a contiguous [T, ", mm.D, "] tensor");
+  const int64_t T = x.size(0), D = mm.D, E = mm.E, I = mm.I, Is = mm.Is;
+  const bool gate_f32 = mm.gate_f32, has_shared = mm.has_shared;
+  const Packed &gate = mm.gate, &s13 = mm.s13, &s2 = mm.s2;
   TORCH_CHECK(K >= 1 && K <= E, "moe: top_k ", K, " outside [1, ", E, "]");
   TORCH_CHECK(group_rule == 0 || (n_group >= 1 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group),
               "moe: ", E, " experts cannot form ", n_group, " groups with topk_group ", topk_group);
@@ -123,11 +165,6 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
                 "moe: bias must be a contiguous float32 [E]");
     bp = bias->data_ptr<float>();
   }
-  const bool has_shared = shared_w13.has_value();
-  TORCH_CHECK(has_shared == shared_w2.has_value() && (!has_shared || Is > 0),
-              "moe: give both shared_w13 and shared_w2 (and their width Is > 0), or neither");
-  const Packed s13 = has_shared ? packed_matrix(*shared_w13, 2 * Is, D, "moe: shared_w13") : Packed{nullptr, 0, 0};
-  const Packed s2 = has_shared ? packed_matrix(*shared_w2, D, Is, "moe: shared_w2") : Packed{nullptr, 0, 0};
   const bf16_t* xp = bf_ptr(x);
   at::Tensor out = at::empty({T, D}, x.options());
   if (T == 0) return out;
@@ -140,7 +177,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     // Work items of (token, 16 experts) for a large router, so a decode step's (one token, E x D float32 weights:
     // 7 MB a layer on DeepSeek-V3) is split across the threads too; a small one (under 256 KB) stays one item per
     // token, as a fork costs more than it saves. Every logit is the same dot product whatever the split.
-    const float* gw = gate_w.data_ptr<float>();
+    const float* gw = mm.gate_wf;
     const int64_t ec = E * D >= 65536 ? 16 : E, nb = (E + ec - 1) / ec;
     at::parallel_for(0, T * nb, 1, [&](int64_t a, int64_t b) {
       std::vector<float> xf(D);
@@ -186,7 +223,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     Jobs jobs;
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
-        add_jobs(jobs, packed_matrix(w13, 2 * I, D, "moe: w13", e), pair_x.data() + start[e], count[e],
+        add_jobs(jobs, mm.up(e), pair_x.data() + start[e], count[e],
                  Out{h13.data() + start[e] * 2 * I, nullptr, 2 * I});
     if (has_shared) add_jobs(jobs, s13, xrows.data(), T, Out{hs13.data(), nullptr, 2 * Is});
     run_jobs(jobs);
@@ -213,7 +250,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
     Jobs jobs;
     for (int64_t e = 0; e < E; ++e)
       if (count[e])
-        add_jobs(jobs, packed_matrix(w2, D, I, "moe: w2", e), act_rows.data() + start[e], count[e],
+        add_jobs(jobs, mm.down(e), act_rows.data() + start[e], count[e],
                  Out{y.data() + start[e] * D, nullptr, D});
     if (has_shared) add_jobs(jobs, s2, acts_rows.data(), T, Out{ys.data(), nullptr, D});
     run_jobs(jobs);
@@ -244,12 +281,22 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optiona
   return out;
 }
 
+// The op: x [T, D] through an MoE layer given by its tensors (moe_mats' layout), every blob header read per call.
+at::Tensor moe(const at::Tensor& x, const at::Tensor& gate_w, const c10::optional<at::Tensor>& bias, int64_t K,
+               int64_t n_group, int64_t topk_group, int64_t group_rule, bool softmax, bool norm_topk, double scale,
+               const at::Tensor& w13, const at::Tensor& w2, int64_t I, const c10::optional<at::Tensor>& shared_w13,
+               const c10::optional<at::Tensor>& shared_w2, int64_t Is) {
+  check_bf16(x, "moe: x", 2);
+  const MoeMats mm = moe_mats(gate_w, w13, w2, I, shared_w13, shared_w2, Is, x.size(1), false);
+  return moe_run(x, mm, bias, K, n_group, topk_group, group_rule, softmax, norm_topk, scale);
+}
+
 // y = x W^T for a packed W [R, D]: x [T, D] bf16 (rows may be strided) -> [T, R] bf16.
 // With f32_out the products come back in float32, unrounded (the kernel tests compare them with their oracles).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R, bool f32_out = false) {
+at::Tensor linear_m(const at::Tensor& x, const Packed& m, bool f32_out = false) {
   check_bf16(x, "linear: x", 2);
-  const int64_t T = x.size(0), D = x.size(1), ldx = x.stride(0);
-  const Packed m = packed_matrix(w, R, D, "linear: weight");
+  const int64_t T = x.size(0), ldx = x.stride(0), R = m.R;
+  TORCH_CHECK(x.size(1) == m.D, "linear: x has ", x.size(1), " columns for a [", m.R, ", ", m.D, "] matrix");
   at::Tensor out = at::empty({T, R}, f32_out ? x.options().dtype(at::kFloat) : x.options());
   if (T == 0) return out;
   std::vector<const bf16_t*> rows(T);
@@ -261,15 +308,27 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R, bool f32_
   return out;
 }
 
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t R, bool f32_out = false) {
+  check_bf16(x, "linear: x", 2);
+  return linear_m(x, packed_matrix(w, R, x.size(1), "linear: weight"), f32_out);
+}
+
 // SwiGLU MLP (dense layers): down(silu(gate(x)) * up(x)) with gate_up packed [2I, D] and down packed [D, I].
-at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t I) {
-  const int64_t T = x.size(0), D = x.size(1);
-  const at::Tensor h = linear(x, gate_up, 2 * I, false);  // [T, 2I] bf16, like the reference's two projections
+at::Tensor mlp_m(const at::Tensor& x, const Packed& gate_up, const Packed& down, int64_t I) {
+  const int64_t T = x.size(0);
+  TORCH_CHECK(gate_up.R == 2 * I && down.D == I, "mlp: gate_up [", gate_up.R, ", ", gate_up.D, "] and down [", down.R,
+              ", ", down.D, "] do not fit the width ", I);
+  const at::Tensor h = linear_m(x, gate_up, false);  // [T, 2I] bf16, like the reference's two projections
   at::Tensor act = at::empty({T, I}, x.options());
   const bf16_t* hp = bf_ptr(h);
   bf16_t* ap = bf_mut(act);
   for (int64_t t = 0; t < T; ++t) swiglu_row(hp + t * 2 * I, hp + t * 2 * I + I, I, ap + t * I);
-  return linear(act, down, D);
+  return linear_m(act, down);
+}
+
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, int64_t I) {
+  const int64_t D = x.size(1);
+  return mlp_m(x, packed_matrix(gate_up, 2 * I, D, "linear: weight"), packed_matrix(down, D, I, "linear: weight"), I);
 }
 
 // a + b in bf16 (the residual adds), a new tensor.
