@@ -47,6 +47,16 @@ def _steps(out):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
+def _replayed_bias(steps, layer):
+    """The aux-free bias of MoE layer `layer` rebuilt from the logged per-step loads: b += gamma * sign(mean - load)."""
+    bias = torch.zeros(len(steps[0]["loads"][layer]))
+    for r in steps:
+        counts = torch.tensor(r["loads"][layer], dtype=torch.float32)
+        if r["gamma"]:
+            bias.add_(torch.sign(counts.mean() - counts), alpha=r["gamma"])
+    return bias
+
+
 def test_two_gloo_ranks_match_one_process(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -60,12 +70,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
              nprocs=2, join=True)
     b0, b1 = (load_file(str(tmp_path / f"bias-{r}.safetensors")) for r in (0, 1))
     assert b0.keys() == b1.keys() and len(b0) == 2
-    for k in b0:
-        assert torch.equal(b0[k], b1[k]), k
-        assert b0[k].abs().sum() > 0  # the bias did move
-        single_bias = single["model"].state_dict()[k]
-        assert torch.allclose(b0[k], single_bias, atol=0.021)  # at most a routing flip or so apart
     s, d = _steps(tmp_path / "single"), _steps(tmp_path / "dp")
+    single_state = single["model"].state_dict()
+    for i, k in enumerate(sorted(b0, key=lambda n: int(n.split(".")[2]))):
+        assert torch.equal(b0[k], b1[k]), k
+        # each rank applied the update of the all-reduced (global) counts, step after step
+        assert torch.equal(b0[k], _replayed_bias(d, i)), k
+        assert torch.equal(single_state[k], _replayed_bias(s, i)), k
+        assert torch.allclose(b0[k], single_state[k], atol=0.021)  # at most a routing flip or so apart
+    assert any(b.abs().sum() > 0 for b in b0.values())  # the biases did move (one layer's +-1 steps may cancel)
     assert len(s) == len(d) == 4
     for a, b in zip(s, d):
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)

@@ -224,3 +224,22 @@ def test_mtp_only_trains_the_draft_module_alone_on_the_main_models_distribution(
 
         no_mtp = dict(resolve_model_config("train-tiny").to_dict(), num_nextn_predict_layers=0)
         train(_cfg(corpus_dir, tmp_path, "nomtp", model=no_mtp, mtp_only=True, steps=1))
+
+
+def test_documents_start_with_bos_as_prompts_do():
+    """Training streams hold [bos] doc [eos] per document: a prompt, which the tokenizer starts with bos, then looks
+    like the start of a file the model has trained on, not like a token it never saw."""
+    from dsv3.assets import default_model_path
+    from dsv3.tokenizer import Tokenizer
+    from dsv3.train.data import encode_docs
+
+    tok = Tokenizer.from_pretrained(default_model_path())
+    assert tok.add_bos and tok.bos_id is not None
+    texts = ["def f():\n    pass\n", "x = 1\n"]
+    stream = encode_docs(tok._tok, texts).tolist()
+    want = []
+    for t in texts:
+        prompt = tok.encode(t)  # what inference feeds the model for this text
+        assert prompt[0] == tok.bos_id
+        want += prompt + [tok.eos_ids[0]]
+    assert stream == want

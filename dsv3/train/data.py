@@ -2,8 +2,9 @@
 
 The built-in corpus ("stdlib") is the installed Python standard library's .py sources: every machine that runs dsv3
 has it. Files are split into train and held-out by a hash of their relative path, so the split does not depend on
-which other files exist or on their order. Documents are concatenated with eos between them and cut into windows of
-seq_len + 1 tokens (inputs and shifted targets); the token stream is cached as .npy under a cache directory, keyed by
+which other files exist or on their order. Documents are concatenated, each ending with eos, and cut into windows of
+seq_len + 1 tokens (inputs and shifted targets). Each document starts with bos when the tokenizer has one, as an
+inference prompt does (the tokenizer adds it), so the model learns bos as "start of a file". The token stream is cached as .npy under a cache directory, keyed by
 the files' names, sizes and mtimes and by the tokenizer, so a second run starts in a second.
 
 Dimension letters: B sequences, S sequence length, W windows.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..tokenizer_build import EOS, save_tokenizer_files, train_bpe
+from ..tokenizer_build import BOS, EOS, save_tokenizer_files, train_bpe
 from . import sources as sources_mod
 
 log = logging.getLogger(__name__)
@@ -194,22 +195,28 @@ def tokenizer_hash(tok) -> str:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Packed token streams
+STREAM_FORMAT = "bos-doc-eos"  # part of the stream cache key: a change of layout must not reuse old caches
+
+
 def encode_docs(tok, texts: list[str]) -> np.ndarray:
-    eos = tok.token_to_id(EOS)
+    """[bos] + tokens + [eos] per document (no bos if the tokenizer has none), concatenated."""
+    eos, bos = tok.token_to_id(EOS), tok.token_to_id(BOS)
     if eos is None:
         raise ValueError(f"the tokenizer has no {EOS!r} token; use one made by dsv3.tokenizer_build")
     dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
     parts = []
     for i in range(0, len(texts), 256):
         for enc in tok.encode_batch(texts[i:i + 256], add_special_tokens=False):
+            if bos is not None:
+                parts.append(np.asarray([bos], dtype=dtype))
             parts.append(np.asarray(enc.ids, dtype=dtype))
             parts.append(np.asarray([eos], dtype=dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def token_stream(docs: list[Doc], tok, cache_dir: str, name: str) -> np.ndarray:
-    """The documents' tokens, concatenated with eos, cached as .npy (memory-mapped on reuse)."""
-    key = _fingerprint(docs, tokenizer_hash(tok))
+    """The documents' tokens (encode_docs), cached as .npy (memory-mapped on reuse)."""
+    key = _fingerprint(docs, tokenizer_hash(tok) + STREAM_FORMAT)
     path = os.path.join(cache_dir, f"{name}-{key}.npy")
     if not os.path.exists(path):
         texts = read_texts(docs)
