@@ -329,19 +329,21 @@ def _generate(monkeypatch, kernels: bool, model=None, prompts=PROMPTS, **kw):
     return outs
 
 
-def assert_same_greedy_run(want, got, margin: float = 0.1) -> int:
-    """Greedy outputs agree token for token up to the first step where the reference's two best tokens are closer
-    than `margin` nats (a near-tie may legitimately flip under another summation order), with logprobs within bf16
+def assert_same_greedy_run(want, got, margin: float = 0.25) -> int:
+    """Greedy outputs agree token for token; they may part only at a near-tie, a step where the reference's two best
+    tokens are closer than `margin` nats, and the comparison of that sequence ends there. Logprobs agree within bf16
     noise: the logits themselves are bf16 (a step of 0.0625 at |logit| ~ 10), so the PyTorch bf16 path differs from
-    float32 by up to ~0.17 nats (mean ~0.015) on these prompts. Returns how many steps were compared."""
+    float32 by up to ~0.17 nats (mean ~0.015) on these prompts, and a gap below that may flip (`margin` is the bound
+    on a single logprob's error asserted below). Returns how many steps were compared."""
     errs = []
     for w, g in zip(want, got):
         for step, (tw, tg, lw, lg) in enumerate(zip(w.token_ids, g.token_ids, w.logprobs, g.logprobs)):
-            if lw.top[0][1] - lw.top[1][1] < margin:
+            if tg != tw:
+                gap = lw.top[0][1] - lw.top[1][1]
+                assert gap < margin, f"step {step}: {tg} != {tw} with a reference margin of {gap:.3f} nats"
                 break
-            assert tg == tw, f"step {step}: {tg} != {tw} (reference margin {lw.top[0][1] - lw.top[1][1]:.3f})"
             errs.append(abs(lw.logprob - lg.logprob))
-    assert max(errs) < 0.25 and sum(errs) / len(errs) < 0.03, (max(errs), sum(errs) / len(errs))
+    assert max(errs) < margin and sum(errs) / len(errs) < 0.03, (max(errs), sum(errs) / len(errs))
     return len(errs)
 
 
@@ -352,7 +354,7 @@ def test_engine_on_the_kernels_generates_what_the_pytorch_path_does(monkeypatch,
     # to bf16 where the kernel keeps float32).
     want = _generate(monkeypatch, False, speculative=speculative, dtype="float32")
     got = _generate(monkeypatch, True, speculative=speculative)
-    assert assert_same_greedy_run(want, got) >= 12  # steps before the first near-tie (the embedded model: 18)
+    assert assert_same_greedy_run(want, got) >= 36  # of 72 steps: up to a flipped near-tie (embedded model: 49)
 
 
 def test_engine_on_the_kernels_with_chunked_prefill_and_mixed_steps(monkeypatch):
