@@ -62,7 +62,12 @@ def save_peer_weights(shape: str, path: str) -> None:
 
 
 def time_dsv3(path: str, dtype: str, threads: int, steps: int, prefill: int, vocab: int, active_bytes: float,
-              floor_chunks: int = 5, quantize: str | None = None) -> dict:
+              floor_chunks: int = 5, quantize: str | None = None, bs1_prompt: int = 128, batched_prompt: int = 128,
+              extra_depths: tuple[int, ...] = ()) -> dict:
+    """dsv3's prefill, decode at batch 1 and 8 and 16 concurrent sequences, and the batch-1 floor fraction.
+    bs1_prompt / batched_prompt: the prompt tokens each sequence decodes after (the context the decode steps attend
+    over: match the peer's); extra_depths: batch-1 decode after prompts of these lengths too, as
+    decode_bs1_depth{d}_tokens_per_s."""
     from dsv3.engine.llm import LLM
     from dsv3.engine.sampling import SamplingParams
 
@@ -89,9 +94,10 @@ def time_dsv3(path: str, dtype: str, threads: int, steps: int, prefill: int, voc
         ts.append(time.perf_counter() - t)
     res["prefill_tokens_per_s"] = prefill / statistics.median(ts)
 
-    def decode(bs: int, n_steps: int = steps) -> float:
+    def decode(bs: int, n_steps: int = steps, prompt_len: int | None = None) -> float:
         params = SamplingParams(max_tokens=n_steps + 1, temperature=0.0, ignore_eos=True)
-        ids = [eng.add_request(prompt(128), params) for _ in range(bs)]
+        n = prompt_len or (bs1_prompt if bs == 1 else batched_prompt)
+        ids = [eng.add_request(prompt(n), params) for _ in range(bs)]
         while any(not eng.seqs[i].output_ids for i in ids):  # prefill all, first token sampled
             eng.step()
         n0 = eng.stats["generated_tokens"]
@@ -103,6 +109,8 @@ def time_dsv3(path: str, dtype: str, threads: int, steps: int, prefill: int, voc
     decode(1)  # warm-up
     for bs in (1, 8, 16):
         res[f"decode_bs{bs}_tokens_per_s"] = decode(bs)
+    for d in extra_depths:
+        res[f"decode_bs1_depth{d}_tokens_per_s"] = decode(1, prompt_len=d)
     # The bandwidth floor. This VM's read bandwidth drifts by up to 2x from minute to minute (other tenants), so each
     # batch-1 decode chunk is paired with the bandwidth measured just before and after it (the higher one: the floor
     # is never flattered), and the median of the chunks' fractions of their floor is reported.

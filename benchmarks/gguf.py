@@ -9,8 +9,9 @@ build`). Then:
 - agreement: greedy tokens of dsv3 on each GGUF file from the same prompt ids as dsv3 on the original checkpoint
   (and, for Q8_0, as dsv3 --quantize int8 on it): the first position where they differ (None: all equal). The BF16
   file holds the checkpoint's bf16 weights, so it must agree everywhere; Q8_0 and Q4_K_M round the weights;
-- speed: each round times dsv3 (the engine, as benchmarks/llamacpp.py does: prefill, decode at batch 1 after a
-  128-token prompt, 16 concurrent sequences) and llama.cpp (llama-bench, llama-batched-bench) on the same file,
+- speed: each round times dsv3 (the engine, as benchmarks/llamacpp.py does: prefill, decode at batch 1 from the
+  context llama-bench's tg starts at (dsv3: a 1-token prompt) and after 128 tokens (llama-bench -d 128), 16
+  concurrent sequences after 8-token prompts) and llama.cpp (llama-bench, llama-batched-bench) on the same file,
   alternating which goes first; the table gives the median ratio and its range against issue 21's targets
   (dsv3 >= 1.3x at batch 1 and >= 1.5x at 16 concurrent for Q4_K_M and Q8_0).
 Not a test: it builds llama.cpp and takes minutes; run it on a quiet machine.
@@ -85,7 +86,7 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
-    llamacpp, cpu = _sibling("llamacpp"), _sibling("cpu")
+    llamacpp = _sibling("llamacpp")
     torch.set_num_threads(a.threads)
     types = a.types.split(",")
     result = {"threads": a.threads, "rounds": a.rounds, "models": {}}
@@ -119,10 +120,11 @@ def main() -> int:
                     for side in order:
                         print(f"{model} round {r + 1}/{a.rounds}: {side} {t}", file=sys.stderr, flush=True)
                         if side == "dsv3":
-                            res = cpu.time_dsv3(f, "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
-                                                llamacpp.gguf_active_bytes(f, cfg), floor_chunks=2)
+                            res = llamacpp.dsv3_bench(f, a.threads, a.decode_steps, a.prefill, cfg,
+                                                      llamacpp.gguf_active_bytes(f, cfg))
                             runs[f"dsv3 {t}"].append({"prefill": res["prefill_tokens_per_s"],
                                                       "bs1": res["decode_bs1_tokens_per_s"],
+                                                      "bs1d": res[f"decode_bs1_depth{llamacpp.DEPTH}_tokens_per_s"],
                                                       "c16": res["decode_bs16_tokens_per_s"],
                                                       "kernels": res["kernels"]})
                         else:
@@ -131,6 +133,7 @@ def main() -> int:
                             # llamacpp_anchor.py bench does not pass on every llama.cpp version: then c16 is None)
                             runs[f"llama.cpp {t}"].append({"prefill": res[f"prefill{a.prefill}_tok_s"],
                                                            "bs1": res["decode_bs1_tok_s"],
+                                                           "bs1d": res[f"decode_bs1_depth{llamacpp.DEPTH}_tok_s"],
                                                            "c16": res.get("decode_bs16_tok_s")})
             table = {}
             if not a.rounds:  # --rounds 0: the agreement check alone
@@ -140,8 +143,8 @@ def main() -> int:
                   f"alternating rounds")
             print(f"{'file':<8} {'metric':<16} {'dsv3 tok/s':>11} {'llama.cpp':>10} {'ratio (range)':>20}  target")
             for t in types:
-                for metric, label in (("bs1", "decode bs=1"), ("c16", "16 concurrent"),
-                                      ("prefill", f"prefill {a.prefill}")):
+                for metric, label in (("bs1", "decode bs=1"), ("bs1d", f"bs=1 @{llamacpp.DEPTH}"),
+                                      ("c16", "16 concurrent"), ("prefill", f"prefill {a.prefill}")):
                     ours = [x[metric] for x in runs[f"dsv3 {t}"]]
                     peer = [x[metric] for x in runs[f"llama.cpp {t}"]]
                     if None in peer:

@@ -7,8 +7,10 @@ own converter and llama-quantize (../shared/bench/llamacpp_anchor.py, built once
 dsv3 runs the same bf16 checkpoint and its int8 / int4 copies (`dsv3 quantize`, made once before the rounds)
 through the engine on its C++ CPU kernels. Each round times every configuration once, alternating dsv3 and
 llama.cpp so that drift of this shared VM falls on both; the table gives the median ratio over the rounds and its
-range. Metrics: prefill of a --prefill-token prompt, decode at batch 1 (llama-bench tg; dsv3 after a 128-token
-prompt), and 16 concurrent sequences (llama-batched-bench S_TG, all sequences; dsv3's continuous-batching engine).
+range. Metrics: prefill of a --prefill-token prompt; decode at batch 1 in the peer's conditions (llama-bench tg
+decodes from an empty context: dsv3 after a 1-token prompt) and at depth 128 (llama-bench -d 128: after a 128-token
+context; dsv3 after a 128-token prompt); 16 concurrent sequences (llama-batched-bench S_TG over all sequences,
+after 8-token prompts, -npp 8; dsv3's continuous-batching engine after 8-token prompts).
 The batch-1 memory-bandwidth floor is each side's weight bytes read per token over the read bandwidth measured around
 its decode (benchmarks/cpu.py's method): for dsv3 its formats' bits per weight, scales included (the int4 model's
 head is int8); for llama.cpp the stored bytes of the GGUF file's tensors (its Q4_0 file keeps the head at Q6_K),
@@ -116,11 +118,40 @@ def llamacpp_version() -> str:
     return release + info
 
 
+# The contexts the peer's decode runs at (llamacpp_anchor.py bench): llama-bench tg starts from an empty context,
+# llama-batched-bench's sequences after -npp 8 prompt tokens. dsv3 decodes after prompts of these lengths (one token
+# at least), plus DEPTH at batch 1 on both sides.
+PEER_BS1_PROMPT, PEER_BATCHED_PROMPT, DEPTH = 1, 8, 128
+
+
 def llamacpp_bench(gguf: str, threads: int, prefill: int, steps: int) -> dict:
+    """llamacpp_anchor.py bench, plus batch-1 decode after DEPTH context tokens (llama-bench -d) as
+    decode_bs1_depth{DEPTH}_tok_s."""
     out = subprocess.run([sys.executable, ANCHOR, "bench", gguf, "--threads", str(threads), "--prompt", str(prefill),
                           "--tokens", str(steps), "--reps", "3", "--batches", "16"], check=True, capture_output=True,
                          text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    res = json.loads(out.strip().splitlines()[-1])
+    rows = json.loads(subprocess.run([_anchor().bin_path("llama-bench"), "-m", gguf, "-t", str(threads), "-p", "0",
+                                      "-n", str(steps), "-d", str(DEPTH), "-r", "3", "-o", "json"], check=True,
+                                     capture_output=True, text=True).stdout)
+    res[f"decode_bs1_depth{DEPTH}_tok_s"] = rows[0]["avg_ts"]
+    return res
+
+
+def _anchor():
+    """../shared/bench/llamacpp_anchor.py as a module (for its bin_path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llamacpp_anchor", ANCHOR)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def dsv3_bench(path: str, threads: int, steps: int, prefill: int, cfg, active: float) -> dict:
+    """cpu.time_dsv3 in the peer's conditions (PEER_BS1_PROMPT, PEER_BATCHED_PROMPT) and at DEPTH."""
+    return time_dsv3(path, "bfloat16", threads, steps, prefill, cfg.vocab_size, active, floor_chunks=2,
+                     bs1_prompt=PEER_BS1_PROMPT, batched_prompt=PEER_BATCHED_PROMPT, extra_depths=(DEPTH,))
 
 
 def main() -> int:
@@ -155,10 +186,10 @@ def main() -> int:
                 for side, n in order:
                     print(f"round {r + 1}/{a.rounds}: {side} {n}", file=sys.stderr, flush=True)
                     if side == "dsv3":
-                        res = time_dsv3(paths[n], "bfloat16", a.threads, a.decode_steps, a.prefill, cfg.vocab_size,
-                                        active_bytes(cfg, n), floor_chunks=2)
+                        res = dsv3_bench(paths[n], a.threads, a.decode_steps, a.prefill, cfg, active_bytes(cfg, n))
                         runs[f"dsv3 {n}"].append({"prefill": res["prefill_tokens_per_s"],
                                                   "bs1": res["decode_bs1_tokens_per_s"],
+                                                  "bs1d": res[f"decode_bs1_depth{DEPTH}_tokens_per_s"],
                                                   "c16": res["decode_bs16_tokens_per_s"],
                                                   "floor": [c["fraction"] for c in res["floor_chunks"]],
                                                   "kernels": res["kernels"]})
@@ -169,6 +200,7 @@ def main() -> int:
                         bw = max(before, read_bandwidth(a.threads))
                         runs[f"llama.cpp {n}"].append({"prefill": res[f"prefill{a.prefill}_tok_s"],
                                                        "bs1": res["decode_bs1_tok_s"], "c16": res["decode_bs16_tok_s"],
+                                                       "bs1d": res[f"decode_bs1_depth{DEPTH}_tok_s"],
                                                        "floor": [res["decode_bs1_tok_s"] * peer_bytes[n] / bw]})
     version = llamacpp_version()
     print(f"shape {a.shape} (vocab {cfg.vocab_size}), {a.threads} threads, {cfg.param_counts()['main'] / 1e6:.0f}M "
@@ -176,7 +208,8 @@ def main() -> int:
     print(f"{'weights':<8} {'metric':<16} {'dsv3 tok/s':>11} {'llama.cpp':>10} {'ratio (range)':>20}")
     table = {}
     for name, _, t in PAIRS:
-        for metric, label in (("bs1", "decode bs=1"), ("c16", "16 concurrent"), ("prefill", f"prefill {a.prefill}")):
+        for metric, label in (("bs1", "decode bs=1"), ("bs1d", f"bs=1 @{DEPTH}"), ("c16", "16 concurrent"),
+                              ("prefill", f"prefill {a.prefill}")):
             ours = [x[metric] for x in runs[f"dsv3 {name}"]]
             peer = [x[metric] for x in runs[f"llama.cpp {name}"]]
             ratios = sorted(o / p for o, p in zip(ours, peer))
