@@ -82,6 +82,7 @@ class StepContext:
         # (cos, sin) [T, P] of the step's positions once the model computed them (Transformer.hidden_states on a
         # kernel-only step): the MTP pass over the same rows reuses them.
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.max_position = -1  # the largest position of the step's rows (set on the kernels' steps)
 
     def subset(self, rows: torch.Tensor) -> StepContext:
         """This kernel-only step's context for packed rows `rows` [T'] (in order) only: the MTP drafting pass runs
@@ -267,6 +268,7 @@ class ModelRunner:
                                       slots)  # [Q], [Q], [Q], [B, Lm]
         ctx = StepContext(self.cache, slot_map[0] if len(slot_map) == 1 else torch.cat(slot_map), None, None, None,
                           multi, prefill_impl=self.prefill_impl, kernel_rows=kernel_rows, cpu_kernels=True)
+        ctx.max_position = max(pos)  # (the rotary tables of run_model must reach it)
         return packed[None, :T], packed[None, T:2 * T], ctx
 
     def _short_rows(self, short: list[tuple[int, int, int, torch.Tensor]]) -> _ShortRows:
@@ -340,10 +342,17 @@ class ModelRunner:
                 for s, a, n in zip(seqs, starts, batch.num_new)]
         input_ids, positions, ctx = self.build_context(seqs, starts, batch.num_new, toks)
         self.last = (ctx, positions)
-        h = self.model.hidden_states(input_ids, positions, cache=ctx)[0]  # [T, D]
         picks, t = [], 0
         for n, rows in zip(batch.num_new, logits_rows):
             picks.extend(t + r for r in rows)
             t += n
-        hs = h if picks == list(range(h.shape[0])) else h[torch.tensor(picks, dtype=torch.long, device=h.device)]
+        every = picks == list(range(t))
+        fused = self.model.cpu_model_step if ctx.kernel_only else None
+        if fused is not None:  # embedding, blocks, norm and head in one C++ call
+            h, logits = fused(input_ids, positions, ctx, ctx.max_position, None if every else picks)
+            if logits is not None:
+                return logits, h
+        else:
+            h = self.model.hidden_states(input_ids, positions, cache=ctx)[0]  # [T, D]
+        hs = h if every else h[torch.tensor(picks, dtype=torch.long, device=h.device)]
         return self.model.logits(hs).float(), h

@@ -135,9 +135,10 @@ class SpecVerification:
           that call too, from a uniform taken from their generator beforehand (the same draws as after the step);
         - elsewhere (greedy, one draft): the MTP module runs over all rows before the single host sync (rows past a
           rejected draft compute throwaway values whose cache slots are rewritten before anyone reads them)."""
+        if self.num_draft == 0 or self.sync_tokens is not None or self.chain:  # (plain decoding: return at once)
+            return None
         fused_mtp = getattr(self.model, "cpu_mtp_draft", None)  # the whole MTP pass as one C++ call
-        if (self.sync_tokens is not None or self.num_draft == 0 or self.chain
-                or (self.num_draft > 1 and fused_mtp is None)):
+        if self.num_draft > 1 and fused_mtp is None:
             return None
         seqs = batch.seqs
         for seq, k in zip(seqs, n_known):

@@ -115,6 +115,41 @@ class CpuBlocks:
         return y[None]
 
 
+class CpuModelStep:
+    """A step of the main model whose rows all go through the kernel's attention tables as one C++ call (run_model):
+    embedding, rotary tables, every block, the final norm and, when the head is packed, the wanted rows' logits.
+    It computes exactly what Transformer.hidden_states + logits compute there, without their Python calls."""
+
+    def __init__(self, ops, model: nn.Module):
+        self.ops, self.rotary, self.blocks = ops, model.rotary, model.cpu_blocks
+        head = model.lm_head
+        self.head = head.packed.t if head is not None and isinstance(head.packed, KernelWeight) else None
+        norm = model.model.norm
+        self.args = (model.model.embed_tokens.weight, norm.weight, norm.eps)
+        self.vocab = model.cfg.vocab_size
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """Whether run_model takes this model's tensors as they are (bf16 embedding and final norm)."""
+        return (model.model.embed_tokens.weight.dtype == torch.bfloat16
+                and model.model.embed_tokens.weight.is_contiguous()
+                and model.model.norm.weight.dtype == torch.bfloat16)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
+                 logit_rows: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, positions [1, T] (contiguous rows), ctx: a kernel-only StepContext, max_position: the largest
+        of positions, logit_rows: the rows whose logits are wanted (None: all) -> (h [T, D] after the final norm,
+        logits [K, V] float32, or None without a packed head). Sets ctx.rope for an MTP pass over the same rows."""
+        k = ctx.kernel_rows
+        cos_t, sin_t = self.rotary.tables(max_position + 1)
+        embed, norm, eps = self.args
+        h, cos, sin, logits = self.ops.run_model(
+            self.blocks.id, input_ids[0], positions[0], embed, cos_t, sin_t, norm, eps, ctx.cache.kv,
+            ctx.layer_offset, ctx.slot_mapping, k.tok, k.seq, k.len, k.slots, self.head, self.vocab, logit_rows)
+        ctx.rope = (cos, sin)
+        return h, (logits if self.head is not None else None)
+
+
 class CpuMtpDraft:
     """Drafting with MTP module 1 as one C++ call (mtp_draft): embedding, the two input norms, eh_proj, the MTP
     block, its head norm and the shared LM head, then each row's draft (argmax, or a draw at a temperature)."""
@@ -251,6 +286,8 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
             m.packed = pack(m)
     if ops is not None:
         model.cpu_blocks = CpuBlocks(ops, model.main_layers, model.cfg)
+        if CpuModelStep.applies(model):
+            model.cpu_model_step = CpuModelStep(ops, model)
         for m in model.mtp_layers:
             m.cpu_layer = CpuBlocks(ops, [m], model.cfg)
         if (model.mtp_layers and model.lm_head is not None and model.lm_head.packed is not None

@@ -51,11 +51,15 @@ class RotaryEmbedding:
         looked up in a table that grows by doubling (two index operations per step instead of five)."""
         if positions.device.type != "cpu" or positions.numel() == 0:
             return self._compute(positions)
-        need = int(positions.max()) + 1
+        cos, sin = self.tables(int(positions.max()) + 1)
+        return cos[positions], sin[positions]
+
+    def tables(self, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU tables cos, sin [N, P] float32 of positions 0..N-1, N >= need (grown by doubling)."""
         if self._table is None or self._table[0].shape[0] < need:
             n = max(need, 4096, 2 * (0 if self._table is None else self._table[0].shape[0]))
             self._table = self._compute(torch.arange(n))
-        return self._table[0][positions], self._table[1][positions]
+        return self._table
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class Transformer(nn.Module):
         self.attn_impl = attn_impl
         self.set_attention(attn_impl)
         self.cpu_blocks = None  # kernels/cpu_pack.py: all main blocks as one C++ call for decode-only steps
+        self.cpu_model_step = None  # kernels/cpu_pack.py: embedding + blocks + norm + head, one C++ call
 
     # ------------------------------------------------------------------------------------------------------------
     def set_attention(self, impl: str) -> None:

@@ -280,6 +280,59 @@ at::Tensor run_blocks(int64_t blocks_id, const at::Tensor& x, const at::Tensor& 
 }
 
 
+// A step of the main model whose rows all go through the kernel's attention tables, in one call: the embedding rows
+// of ids [T], the rotary cos/sin rows of positions [T] from the tables [N, P] (RotaryEmbedding's), every block
+// (run_blocks), the final norm; with a head, the logits of rows logit_rows (every row when None) as float32, rounded
+// to bf16 first (the head's bf16 product followed by .float(), as the PyTorch side computes them). Returns (h [T, D]
+// after the norm, cos [T, P], sin [T, P], logits [K, V] or an empty tensor without a head). Every value equals
+// what the separate ops give (the same functions in the same order): only the Python calls between them are gone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_model(
+    int64_t blocks_id, const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& embed,
+    const at::Tensor& cos_table, const at::Tensor& sin_table, const at::Tensor& norm_w, double eps,
+    const at::Tensor& kv_all, int64_t layer_offset, const at::Tensor& slot_mapping, const at::Tensor& tok,
+    const at::Tensor& seq, const at::Tensor& len, const at::Tensor& slots, const c10::optional<at::Tensor>& head,
+    int64_t vocab, const c10::optional<std::vector<int64_t>>& logit_rows) {
+  check_bf16(embed, "run_model: embed", 2);
+  TORCH_CHECK(embed.is_contiguous(), "run_model: embed must be contiguous");
+  check_index(ids, "run_model: ids", 1);
+  check_index(positions, "run_model: positions", 1);
+  const int64_t T = ids.size(0), D = embed.size(1);
+  TORCH_CHECK(positions.size(0) == T, "run_model: ", T, " ids but ", positions.size(0), " positions");
+  TORCH_CHECK(cos_table.scalar_type() == at::kFloat && sin_table.scalar_type() == at::kFloat &&
+                  cos_table.dim() == 2 && cos_table.sizes() == sin_table.sizes() && cos_table.is_contiguous() &&
+                  sin_table.is_contiguous(),
+              "run_model: the rotary tables must be contiguous float32 [N, P] of one shape");
+  check_bf16(norm_w, "run_model: norm", 1);
+  TORCH_CHECK(norm_w.size(0) == D, "run_model: the final norm has ", norm_w.size(0), " weights for width ", D);
+  const int64_t N = cos_table.size(0), P = cos_table.size(1);
+  at::Tensor x = at::empty({T, D}, embed.options());
+  at::Tensor cos = at::empty({T, P}, cos_table.options()), sin = at::empty({T, P}, sin_table.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < embed.size(0), "run_model: token id ", id[t], " outside the vocabulary of ",
+                embed.size(0));
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < N, "run_model: position ", pos[t], " outside the rotary table of ", N);
+    std::memcpy(bf_mut(x) + t * D, bf_ptr(embed) + id[t] * D, D * sizeof(bf16_t));
+    std::memcpy(cos.data_ptr<float>() + t * P, cos_table.data_ptr<float>() + pos[t] * P, P * sizeof(float));
+    std::memcpy(sin.data_ptr<float>() + t * P, sin_table.data_ptr<float>() + pos[t] * P, P * sizeof(float));
+  }
+  const at::Tensor h = rms_norm(run_blocks(blocks_id, x, kv_all, layer_offset, slot_mapping, tok, seq, len, slots,
+                                           cos, sin, c10::nullopt), norm_w, eps);
+  if (!head.has_value()) return {h, cos, sin, at::empty({0}, cos.options())};
+  at::Tensor rows = h;
+  if (logit_rows.has_value()) {
+    const std::vector<int64_t>& r = *logit_rows;
+    rows = at::empty({static_cast<int64_t>(r.size()), D}, h.options());
+    for (size_t k = 0; k < r.size(); ++k) {
+      TORCH_CHECK(r[k] >= 0 && r[k] < T, "run_model: logit row ", r[k], " outside the ", T, " rows");
+      std::memcpy(bf_mut(rows) + k * D, bf_ptr(h) + r[k] * D, D * sizeof(bf16_t));
+    }
+  }
+  if (rows.size(0) == 0) return {h, cos, sin, at::empty({0, vocab}, cos.options())};
+  return {h, cos, sin, linear(rows, *head, vocab).to(at::kFloat)};
+}
+
 
 // Drafting with an MTP module in one call: for each row t, the module's input is the main model's final hidden
 // state h[t] and the embedding of next_ids[t]. Steps: enorm(embed) and hnorm(h), eh_proj of their concatenation,

@@ -71,6 +71,10 @@ DSV3_LIBRARY(DSV3_NS, m) {
         "int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor cos, Tensor sin, "
         "Tensor? keep=None) -> Tensor",
         &run_blocks);
+  m.def("run_model(int blocks, Tensor ids, Tensor positions, Tensor embed, Tensor cos_table, Tensor sin_table, "
+        "Tensor norm, float eps, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
+        "Tensor len, Tensor slots, Tensor? head=None, int vocab=0, int[]? logit_rows=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)", &run_model);
   m.def("mtp_draft(int mtp, Tensor embed, Tensor enorm, "
         "Tensor hnorm, Tensor eh_proj, Tensor head_norm, Tensor lm_head, int vocab, float eps, Tensor h, "
         "Tensor next_ids, Tensor(a!) kv_all, int layer_offset, Tensor slot_mapping, Tensor tok, Tensor seq, "
