@@ -33,6 +33,10 @@ import tempfile
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Run as a script, this folder is first on the import path and its gguf.py (a benchmark) would shadow the gguf
+# package that gguf_active_bytes reads files with: import the package with the folder off the path first.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+import gguf  # noqa: E402,F401
 sys.path.insert(0, HERE)
 from cpu import read_bandwidth, time_dsv3  # noqa: E402  (benchmarks/cpu.py: the same dsv3 timing as vs transformers)
 
