@@ -22,6 +22,7 @@ are those of each loaded dsv3 model.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -142,8 +143,9 @@ def llamacpp_bench(gguf: str, threads: int, prefill: int, steps: int) -> dict:
     return res
 
 
+@functools.lru_cache(maxsize=None)
 def _anchor():
-    """../shared/bench/llamacpp_anchor.py as a module (for its bin_path)."""
+    """../shared/bench/llamacpp_anchor.py as a module (for its bin_path), loaded once."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("llamacpp_anchor", ANCHOR)

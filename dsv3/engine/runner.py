@@ -349,7 +349,7 @@ class ModelRunner:
         every = picks == list(range(t))
         fused = self.model.cpu_model_step if ctx.kernel_only else None
         if fused is not None:  # embedding, blocks, norm and head in one C++ call
-            h, logits = fused(input_ids, positions, ctx, ctx.max_position, None if every else picks)
+            h, logits = fused(input_ids, positions, ctx, None if every else picks)
             if logits is not None:
                 return logits, h
         else:

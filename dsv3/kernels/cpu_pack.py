@@ -135,13 +135,13 @@ class CpuModelStep:
                 and model.model.embed_tokens.weight.is_contiguous()
                 and model.model.norm.weight.dtype == torch.bfloat16)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx,
                  logit_rows: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_ids, positions [1, T] (contiguous rows), ctx: a kernel-only StepContext, max_position: the largest
-        of positions, logit_rows: the rows whose logits are wanted (None: all) -> (h [T, D] after the final norm,
-        logits [K, V] float32, or None without a packed head). Sets ctx.rope for an MTP pass over the same rows."""
+        """input_ids, positions [1, T] (contiguous rows), ctx: a kernel-only StepContext (its max_position set),
+        logit_rows: the rows whose logits are wanted (None: all) -> (h [T, D] after the final norm, logits [K, V]
+        float32, or None without a packed head). Sets ctx.rope for an MTP pass over the same rows."""
         k = ctx.kernel_rows
-        cos_t, sin_t = self.rotary.tables(max_position + 1)
+        cos_t, sin_t = self.rotary.tables(ctx.max_position + 1)
         embed, norm, eps = self.args
         h, cos, sin, logits = self.ops.run_model(
             self.blocks.id, input_ids[0], positions[0], embed, cos_t, sin_t, norm, eps, ctx.cache.kv,
