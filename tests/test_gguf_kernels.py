@@ -58,10 +58,12 @@ def test_int6x_computes_int8xs_bits_in_fewer_bytes(qtype):
     mins)."""
     codes, scales, s = _gguf_weights(qtype, 48, 1024, seed=3)
     parts = quant_cpu.to_int8x(codes, scales, s)
+    if qtype == "Q6_K":  # scales off GGUF's float16 x int8 grid: kind int6, not int6k (int8 activations, below)
+        parts = (parts[0], parts[1] * (1 + 2 ** -20), parts[2])
     wide, six = quant_cpu.pack_int8x(*parts, compact=False), quant_cpu.pack_int8x(*parts)
-    bits = 6.5625 if qtype == "Q6_K" else 9
+    bits = 8 if qtype == "Q6_K" else 9
     # (pack itself puts Q5_K on int5k: int8 activations, so other bits; pack_int8x is the int16-activation form)
-    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == {"Q6_K": 8}.get(qtype, 5)
+    assert int(wide[8:16].view(torch.int64)) == 3 and int(six[8:16].view(torch.int64)) == {"Q6_K": 6}.get(qtype, 5)
     assert six.numel() <= bits / 11 * wide.numel() + 64
     for t in (1, 2, 3, 5, 8, 13):
         x = (torch.randn(t, 1024) * 3).to(BF)
@@ -72,16 +74,38 @@ def test_int6x_computes_int8xs_bits_in_fewer_bytes(qtype):
     assert int(quant_cpu.pack_int8x(c, *parts[1:])[8:16].view(torch.int64)) == 3
 
 
+def test_q6k_in_its_own_form_reads_int8_activations_at_every_tile_width():
+    """Kind int6k (Q6_K's float16 x int8 scales, 6.5625 bits per weight) multiplies u = c + 32 with int8 inputs
+    (dpbusd / maddubs) and takes 32 x each half's input sum off: its oracle linear_int6k_acts at every tile width
+    and tail, each row the same alone as in a batch, and within 1% of the weights' float product."""
+    codes, scales, s = _gguf_weights("Q6_K", 48, 1024, seed=3)
+    parts = quant_cpu.to_int8x(codes, scales, s)
+    blob = quant_cpu.pack_int8x(*parts)
+    assert int(blob[8:16].view(torch.int64)) == quant_cpu.KIND_INT6K
+    assert blob.numel() <= 48 * 1024 * 6.5625 / 8 + 2 * 64
+    for t in (1, 2, 3, 5, 8, 13):
+        x = (torch.randn(t, 1024) * 3).to(BF)
+        x[0, 16:32] = 0  # a zero half
+        got = OPS.linear_f32(x, blob, 48)
+        want = quant_cpu.linear_int6k_acts(x, parts[0], parts[1])
+        assert ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all(), t
+        for r in range(t):
+            assert torch.equal(OPS.linear_f32(x[r:r + 1], blob, 48), got[r:r + 1])
+        ref = quant.linear(x.float(), codes, scales, s)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01
+
+
 def test_ggufs_own_scales_compute_the_float32_kinds_bits():
     """int4k (Q4_K) and int6k (Q6_K) hold GGUF's float16 x integer scales, whose float32 products are exactly
-    int4m's / int8x's float32 scales: the same bits at every tile width, in 4.625 / 6.5625 bits per weight. Scales
-    that do not factor (no sub-block at the range's end) fall back to the float32 kinds."""
+    int4m's / int8x's float32 scales, in 4.625 / 6.5625 bits per weight: int4k computes int4m's bits at every tile
+    width (int6k reads int8 activations where int8x reads int16 ones: its own oracle, above). Scales that do not
+    factor (no sub-block at the range's end) fall back to the float32 kinds."""
     for qtype, full, short in (("Q4_K", 4, 7), ("Q6_K", 3, 8)):
         codes, scales, s = _gguf_weights(qtype, 40, 1024, seed=5)
         wide, small = quant_cpu.pack(codes, scales, s, compact=False), quant_cpu.pack(codes, scales, s)
         assert (int(wide[8:16].view(torch.int64)), int(small[8:16].view(torch.int64))) == (full, short)
         assert small.numel() <= {"Q4_K": 4.625, "Q6_K": 6.5625}[qtype] * 40 * 1024 / 8 * 48 / 40 + 256
-        for t in (1, 2, 3, 4, 8, 11):
+        for t in (1, 2, 3, 4, 8, 11) if qtype == "Q4_K" else ():
             x = (torch.randn(t, 1024) * 3).to(BF)
             assert torch.equal(OPS.linear_f32(x, small, 40), OPS.linear_f32(x, wide, 40)), (qtype, t)
         odd = scales.clone()

@@ -29,7 +29,7 @@ KIND_INT4M = 4  # int4 codes (no offset), float32 scales and mins per 32 (GGUF's
 KIND_INT6X = 5  # int8x with every code in [-32, 31] (Q6_K, Q5_K, Q5_1, Q4_K, mixtures) in 6 bits: 9 bits per weight
 KIND_INT6 = 6  # int6x whose mins are all zero (Q6_K), stored without them: 8 bits per weight
 KIND_INT4K = 7  # int4m with GGUF's own scales: float16 per 256 inputs x uint8 per 32 (Q4_K): 4.625 bits per weight
-KIND_INT6K = 8  # int6 with GGUF's own scales: float16 per 256 inputs x int8 per 16 (Q6_K): 6.5625 bits per weight
+KIND_INT6K = 8  # 6-bit codes with GGUF's own scales (float16 per 256 inputs x int8 per 16) and int8 activations (Q6_K)
 KIND_INT5K = 9  # 5-bit codes with int4k's scales and mins, int8 activations (Q5_K): 5.625 bits per weight
 
 
@@ -217,15 +217,50 @@ def _pack_int5k(codes: torch.Tensor, form: tuple) -> torch.Tensor:
     return _header_blob(KIND_INT5K, o, i, 32, code_bytes, tail)
 
 
+def int6k_form(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compact: bool = True):
+    """For kind int8x's tensors (to_int8x) that are Q6_K's - every code in [-32, 31], no mins, scales per 16 that
+    factor as GGUF makes them (factor_scales) - (float16 d [..., O, I/256], int8 sc [..., O, I/16]); else None.
+    Such weights go to kind int6k, whose product reads int8 activations (linear_int6k_acts)."""
+    if not (compact and codes.numel() and codes.shape[-1] % 256 == 0 and int(codes.min()) >= -32
+            and int(codes.max()) <= 31 and not bool(mins.any())):
+        return None
+    k6 = factor_scales(scales, 16, (-128, 128, 127, -127), -128, 127)
+    return None if k6 is None else (k6[0], k6[1].to(torch.int8))
+
+
+def _pack_int6k(codes: torch.Tensor, form: tuple) -> torch.Tensor:
+    """Kind int6k: u = c + 32 in [0, 63]; its low nibbles in int4's layout (256 bytes per group of a panel), then two
+    64-byte planes of the top two bits (plane p, byte j: nibble vectors 4p .. 4p + 3 at shifts 0, 2, 4, 6, nibble
+    vector b = 2k for the low nibbles of the k-th 64 bytes, 2k + 1 for their high ones), then float16 d
+    [P, I/256, 16] and int8 sc [P, I/16, 16]."""
+    *lead, o, i = codes.shape
+    rows = -(-o // PANEL) * PANEL
+    u = (codes.to(torch.int16) + 32).to(torch.uint8)
+    lo, top = _int4_layout(u & 0x0F, rows), _int4_layout(u >> 4, rows)  # [..., P, n, 4, 16, 4, 2]
+    nib = (lo[..., 0] | (lo[..., 1] << 4)).flatten(-3)  # [..., P, n, 256]
+    shifts = (2 * (2 * torch.arange(4).view(4, 1, 1, 1) + torch.arange(2)) % 8).to(torch.uint8)  # 2 (b mod 4)
+    t = top << shifts  # [..., P, n, 4 (k), 16, 4, 2 (pair)]: vector b = 2k + pair at its shift, plane k // 2
+    planes = torch.stack([t[..., 0:2, :, :, :].sum(-4, dtype=torch.uint8),
+                          t[..., 2:4, :, :, :].sum(-4, dtype=torch.uint8)], dim=-4)  # [..., P, n, 2, 16, 4, 2]
+    planes = (planes[..., 0] | planes[..., 1]).flatten(-3)  # [..., P, n, 128]
+    code_bytes = torch.cat([nib, planes], dim=-1).reshape(*lead, -1)
+    d, sc = form
+    tail = torch.cat([_panels(d, rows), _panels(sc, rows)], dim=-1)
+    return _header_blob(KIND_INT6K, o, i, 16, code_bytes, tail)
+
+
 def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, compact: bool = True) -> torch.Tensor:
     """Kind int8x (to_int8x's tensors) -> blobs: codes laid out as int8's, then float32 scales [panels, I/16, 16]
     and mins [panels, I/32, 16] (header group size 16). compact: when every code is in [-32, 31] (all of GGUF's
     5- and 6-bit and 4-bit-with-min types), kind int6x instead: the same weights and product in 6-bit codes, and
-    kind int6 when the mins are all zero as well (Q6_K: none stored; the product's bits are the same), and int6k
-    when, besides, the scales factor as GGUF's Q6_K makes them (factor_scales)."""
+    kind int6 when the mins are all zero as well (Q6_K: none stored; the product's bits are the same); Q6_K's own
+    form (int6k_form) goes to kind int6k, which reads int8 activations as llama.cpp's Q6_K product does."""
     *lead, o, i = codes.shape
     if i % 32:
         raise ValueError(f"the CPU kernels need inputs in multiples of 32, not {i}")
+    k6 = int6k_form(codes, scales, mins, compact)
+    if k6 is not None:
+        return _pack_int6k(codes, k6)
     n = i // 32
     rows = -(-o // PANEL) * PANEL
     panels = rows // PANEL
@@ -236,13 +271,10 @@ def pack_int8x(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, co
     mn = _pad_rows(mins, rows).view(*lead, panels, PANEL, n).movedim(-2, -1).contiguous()
     code_bytes = c.reshape(*lead, -1)
     no_mins = six and not bool(mins.any())
-    k6 = factor_scales(scales, 16, (-128, 128, 127, -127), -128, 127) if no_mins and compact else None
     tail = sc.view(torch.uint8).reshape(*lead, -1)
-    if k6 is not None:  # Q6_K in GGUF's own form (kind int6k): float16 d [P, I/256, 16], int8 sc [P, I/16, 16]
-        tail = torch.cat([_panels(k6[0], rows), _panels(k6[1].to(torch.int8), rows)], dim=-1)
-    elif not no_mins:
+    if not no_mins:
         tail = torch.cat([tail, mn.view(torch.uint8).reshape(*lead, -1)], dim=-1)
-    kind = KIND_INT6K if k6 is not None else KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
+    kind = KIND_INT6 if no_mins else KIND_INT6X if six else KIND_INT8X
     return _header_blob(kind, o, i, 16, code_bytes, tail)
 
 
@@ -272,7 +304,10 @@ def linear_quant_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         per_group = isum * sc[None, ..., 0] - sc[None, ..., 1] * q.to(torch.float64).sum(-1)[:, None, :]
         return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
     if not native(s):
-        return linear_int8x_acts(x, *to_int8x(codes, scales, s))
+        parts = to_int8x(codes, scales, s)
+        if int6k_form(*parts) is not None:
+            return linear_int6k_acts(x, parts[0], parts[1])
+        return linear_int8x_acts(x, *parts)
     q, d = quantize_acts(x, s.group_size, ACT_QMAX[s.bits])  # [T, n, G], [T, n, 1]
     w = (codes.to(torch.float64) if s.bits == 8 else quant.unpack_int4(codes).to(torch.float64) - 8)
     o, i = w.shape
@@ -292,6 +327,17 @@ def linear_int8x_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
                           codes.to(torch.float64).view(o, i // 16, 16))  # exact integers per 16
     per_group = (halves * scales.to(torch.float64)[None]).view(q.shape[0], o, i // 32, 2).sum(-1)
     per_group = per_group - mins.to(torch.float64)[None] * q64.sum(-1)[:, None, :]
+    return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
+
+
+def linear_int6k_acts(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Kind int6k's product: linear_int8x_acts's with int8 activations per 32 and no mins: y = sum_g d[g] sum_h in g
+    scale[o, h] sum_i in h code[o, i] q[i], x [T, I] -> [T, O] float64."""
+    q, d = quantize_acts(x, 32, ACT_QMAX[4])
+    o, i = codes.shape
+    halves = torch.einsum("thk,ohk->toh", q.to(torch.float64).reshape(q.shape[0], i // 16, 16),
+                          codes.to(torch.float64).view(o, i // 16, 16))
+    per_group = (halves * scales.to(torch.float64)[None]).view(q.shape[0], o, i // 32, 2).sum(-1)
     return (per_group * d[..., 0].to(torch.float64)[:, None]).sum(-1)
 
 

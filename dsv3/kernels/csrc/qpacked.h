@@ -23,8 +23,11 @@
 //     super-block s of 256 inputs: float16 d [panels][D/256][16], float16 dmin [same], uint8 sc [panels][n][16],
 //     uint8 m [same] (4.625 bits per weight). A float16 times an 8-bit integer is exact in float32, so these are
 //     kind 4's float32 scales and mins exactly, and the product's bits are kind 4's.
-//   kind 8 (int6k, GGUF's Q6_K in its own form): codes as kind 5; scale_h = d_s * sc_h per 16 inputs: float16 d
-//     [panels][D/256][16], int8 sc [panels][D/16][16] (6.56 bits per weight); the bits of kind 6.
+//   kind 8 (int6k, GGUF's Q6_K in its own form): u = c + 32 in [0, 63], w = c * scale_h, scale_h = d_s * sc_h per
+//     16 inputs; per group of a panel 384 bytes: kind 4's 256 bytes of nibbles of u, then two 64-byte planes of its
+//     top two bits (plane p, byte j: nibble vectors b = 4p .. 4p + 3 at shifts 2 (b mod 4); b as in kind 9); float16
+//     d [panels][D/256][16], int8 sc [panels][D/16][16] (6.56 bits per weight). int8 activations, as llama.cpp's
+//     Q6_K x Q8_K product (per 32 here, per 256 there), and each half's sum S_h = sum u q - 32 s_h.
 //   kind 9 (int5k, GGUF's Q5_K in its own form): 5-bit codes c in [0, 31], w = c * scale_g - min_g with kind 7's
 //     scales and mins; per group of a panel 320 bytes: kind 4's 256 bytes of nibbles, then 64 bytes of fifth bits
 //     (bit b of byte j: the top bit of the code whose nibble is byte j of nibble vector b: b = 2k for the low
@@ -107,14 +110,15 @@ struct QRow {
   const int16_t* q16; // [D] (int8 matrices; else null)
   const float* d;     // [n] group scales
   const int32_t* s;   // [n] group sums of q
+  const int32_t* s16; // [2n] sums of q per 16 inputs (int4 matrices; else null)
 };
 
-constexpr int kActBits[10] = {0, 16, 8, 16, 8, 16, 16, 8, 16, 8};  // by QKind: the activation width each matrix kind reads
+constexpr int kActBits[10] = {0, 16, 8, 16, 8, 16, 16, 8, 8, 8};  // by QKind: the activation width each matrix kind reads
 
 inline float rne_int(float v) { return std::nearbyint(v); }  // round half to even (the default rounding mode)
 
 template <typename X, typename Q>
-void quantize_row(const X* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s) {
+void quantize_row(const X* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s, int32_t* s16) {
   constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
   for (int64_t g = 0; g < D / G; ++g) {
     const X* xg = x + g * G;
@@ -122,14 +126,16 @@ void quantize_row(const X* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s) 
     for (int64_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(static_cast<float>(xg[i])));
     const float dg = amax / qmax;
     const float inv = dg != 0.f ? 1.f / dg : 0.f;
-    int32_t sum = 0;
+    int32_t sum = 0, half = 0;
     for (int64_t i = 0; i < G; ++i) {
       const float v = std::max(-qmax, std::min(qmax, rne_int(static_cast<float>(xg[i]) * inv)));
       q[g * G + i] = static_cast<Q>(v);
       sum += static_cast<int32_t>(v);
+      if (i < 16) half += static_cast<int32_t>(v);
     }
     d[g] = dg;
     s[g] = sum;
+    if (s16) s16[2 * g] = half, s16[2 * g + 1] = sum - half;
   }
 }
 
@@ -142,7 +148,7 @@ struct Bf16Val {  // a bf16 read as float (for quantize_row's template)
 // (a NaN input skipped by the group's max and clamped to qmax, round half to even, the sum of integers exact in
 // float32), so it returns the scalar loop's bits (tests/test_quant_kernels.py compares the builds).
 template <typename Q>
-void quantize_row_bf16(const bf16_t* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s) {
+void quantize_row_bf16(const bf16_t* x, int64_t D, int64_t G, Q* q, float* d, int32_t* s, int32_t* s16) {
 #if defined(DSV3_AVX512)
   if (G == 32) {
     constexpr float qmax = std::is_same_v<Q, int8_t> ? 127.f : 32767.f;
@@ -169,11 +175,12 @@ void quantize_row_bf16(const bf16_t* x, int64_t D, int64_t G, Q* q, float* d, in
       }
       d[g] = dg;
       s[g] = static_cast<int32_t>(_mm512_reduce_add_ps(_mm512_add_ps(qa, qb)));  // |sum| < 2^21: exact
+      if (s16) s16[2 * g] = static_cast<int32_t>(_mm512_reduce_add_ps(qa)), s16[2 * g + 1] = s[g] - s16[2 * g];
     }
     return;
   }
 #endif
-  quantize_row(reinterpret_cast<const Bf16Val*>(x), D, G, q, d, s);
+  quantize_row(reinterpret_cast<const Bf16Val*>(x), D, G, q, d, s, s16);
 }
 
 // The quantised rows of one call's products, made once per (row, D, G) and shared by every matrix that reads it.
@@ -182,7 +189,7 @@ struct QActs {
     std::vector<int8_t> q;
     std::vector<int16_t> q16;
     std::vector<float> d;
-    std::vector<int32_t> s;
+    std::vector<int32_t> s, s16;
   };
   std::map<std::tuple<const void*, int64_t, int64_t, int>, QRow> index;
   std::deque<Rows> store;
@@ -204,16 +211,19 @@ struct QActs {
       else r.q16.resize(m * D);
       r.d.resize(m * ng);
       r.s.resize(m * ng);
+      if (bits == 8) r.s16.resize(2 * m * ng);
       at::parallel_for(0, m, 16, [&](int64_t a, int64_t b) {
         for (int64_t i = a; i < b; ++i) {
           const bf16_t* xi = x[todo[i]];
-          if (bits == 8) quantize_row_bf16(xi, D, G, r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
-          else quantize_row_bf16(xi, D, G, r.q16.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng);
+          if (bits == 8)
+            quantize_row_bf16(xi, D, G, r.q.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng,
+                              r.s16.data() + 2 * i * ng);
+          else quantize_row_bf16(xi, D, G, r.q16.data() + i * D, r.d.data() + i * ng, r.s.data() + i * ng, nullptr);
         }
       });
       for (int64_t i = 0; i < m; ++i) {
         const QRow row{bits == 8 ? r.q.data() + i * D : nullptr, bits == 8 ? nullptr : r.q16.data() + i * D,
-                       r.d.data() + i * ng, r.s.data() + i * ng};
+                       r.d.data() + i * ng, r.s.data() + i * ng, bits == 8 ? r.s16.data() + 2 * i * ng : nullptr};
         // (a row pointer given twice in one call has one entry: the first)
         out[todo[i]] =
             index.emplace(std::make_tuple(static_cast<const void*>(x[todo[i]]), D, G, bits), row).first->second;
@@ -381,6 +391,50 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
+// Kind int6k: u's nibbles and top bits joined per byte, dpbusd with the int8 inputs per 16-input half (loads 0-1:
+// inputs 0-15, loads 2-3: 16-31), S_h = U_h - 32 s_h, then y += d_g (scale_h0 S_0 + scale_h1 S_1).
+template <int TB>
+void qtile_int6k(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const __m512i nib = _mm512_set1_epi8(0x0f), topm = _mm512_set1_epi8(0x30);
+  const uint8_t* w = m.q + rb * n * 384;
+  __m512 acc[TB];
+  for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < n; ++g, w += 384) {
+    __m512i sum[TB][2];
+    for (int t = 0; t < TB; ++t) sum[t][0] = sum[t][1] = _mm512_setzero_si512();
+    const __m512i p0 = _mm512_loadu_si512(w + 256), p1 = _mm512_loadu_si512(w + 320);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i v = _mm512_loadu_si512(w + k * 64), pl = k < 2 ? p0 : p1;
+      // vector 2k's top bits sit at shift 4 (k odd) or 0 (k even) of its plane, 2k + 1's at 6 or 2: moved to 4-5
+      const __m512i tl = (k & 1) ? pl : _mm512_slli_epi16(pl, 4);
+      const __m512i th = (k & 1) ? _mm512_srli_epi16(pl, 2) : _mm512_slli_epi16(pl, 2);
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, nib), _mm512_and_si512(tl, topm));
+      const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_and_si512(th, topm));
+      for (int t = 0; t < TB; ++t) {
+        const int8_t* xq = x[t].q + g * 32 + 8 * k;
+        sum[t][k >> 1] = _mm512_dpbusd_epi32(sum[t][k >> 1], lo, _mm512_set1_epi32(load4(xq)));
+        sum[t][k >> 1] = _mm512_dpbusd_epi32(sum[t][k >> 1], hi, _mm512_set1_epi32(load4(xq + 4)));
+      }
+    }
+    const __m512 d = f16x16(m.kd + (rb * (n / 8) + g / 8) * 16);
+    const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16;
+    const __m512 s0 = times_i8x16<true>(d, k2), s1 = times_i8x16<true>(d, k2 + 16);
+    for (int t = 0; t < TB; ++t) {
+      const __m512i h0 = _mm512_sub_epi32(sum[t][0], _mm512_set1_epi32(32 * x[t].s16[2 * g]));
+      const __m512i h1 = _mm512_sub_epi32(sum[t][1], _mm512_set1_epi32(32 * x[t].s16[2 * g + 1]));
+      __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(h0), s0);
+      r = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), s1, r);
+      acc[t] = _mm512_fmadd_ps(r, _mm512_set1_ps(x[t].d[g]), acc[t]);
+    }
+  }
+  alignas(64) float lanes[16];
+  for (int t = 0; t < TB; ++t) {
+    _mm512_store_ps(lanes, acc[t]);
+    store_rows(y, t, rb * 16, m.R, lanes, 16);
+  }
+}
+
 constexpr int kQTileMax = 8;  // input rows per tile at most (accumulators + sums: 16 of the 32 vector registers)
 
 #else  // AVX2: each 16-row block as two halves of 8 rows
@@ -396,7 +450,7 @@ void qtile_block(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   else if (m.kind == kQInt6) qtile_int8<TB, true, true, false>(m, rb, x, y);
   else if (m.kind == kQInt4K) qtile_int4<TB, true, true>(m, rb, x, y);
   else if (m.kind == kQInt5K) qtile_int4<TB, true, true, true>(m, rb, x, y);
-  else if (m.kind == kQInt6K) qtile_int8<TB, true, true, false, true>(m, rb, x, y);
+  else if (m.kind == kQInt6K) qtile_int6k<TB>(m, rb, x, y);
   else qtile_int8<TB>(m, rb, x, y);
 }
 

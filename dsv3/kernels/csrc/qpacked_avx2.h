@@ -136,4 +136,50 @@ void qtile_int8(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
   }
 }
 
+// Kind int6k (qpacked.h's qtile_int6k) on 8-row halves: maddubs pairs (at most 2 * 63 * 127) widened per load.
+template <int TB>
+void qtile_int6k(const Packed& m, int64_t rb, const QRow* x, const Out& y) {
+  const int64_t n = m.D / 32;
+  const __m256i nib = _mm256_set1_epi8(0x0f), topm = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* w = m.q + rb * n * 384 + h * 32;
+    __m256 acc[TB];
+    for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n; ++g, w += 384) {
+      __m256i sum[TB][2];
+      for (int t = 0; t < TB; ++t) sum[t][0] = sum[t][1] = _mm256_setzero_si256();
+      const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256));
+      const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 320));
+      for (int k = 0; k < 4; ++k) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 64)), pl = k < 2 ? p0 : p1;
+        const __m256i tl = (k & 1) ? pl : _mm256_slli_epi16(pl, 4);
+        const __m256i th = (k & 1) ? _mm256_srli_epi16(pl, 2) : _mm256_slli_epi16(pl, 2);
+        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nib), _mm256_and_si256(tl, topm));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nib), _mm256_and_si256(th, topm));
+        for (int t = 0; t < TB; ++t) {
+          const int8_t* xq = x[t].q + g * 32 + 8 * k;
+          const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load4(xq))), ones),
+                                             _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(load4(xq + 4))), ones));
+          sum[t][k >> 1] = _mm256_add_epi32(sum[t][k >> 1], p);
+        }
+      }
+      const __m256 d = f16x8(m.kd + (rb * (n / 8) + g / 8) * 16 + h * 8);
+      const uint8_t* k2 = m.ksc + (rb * 2 * n + 2 * g) * 16 + h * 8;
+      const __m256 s0 = times_i8x8<true>(d, k2), s1 = times_i8x8<true>(d, k2 + 16);
+      for (int t = 0; t < TB; ++t) {
+        const __m256i h0 = _mm256_sub_epi32(sum[t][0], _mm256_set1_epi32(32 * x[t].s16[2 * g]));
+        const __m256i h1 = _mm256_sub_epi32(sum[t][1], _mm256_set1_epi32(32 * x[t].s16[2 * g + 1]));
+        __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(h0), s0);
+        r = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h1), s1, r);
+        acc[t] = _mm256_fmadd_ps(r, _mm256_set1_ps(x[t].d[g]), acc[t]);
+      }
+    }
+    alignas(32) float lanes[8];
+    for (int t = 0; t < TB; ++t) {
+      _mm256_store_ps(lanes, acc[t]);
+      store_rows(y, t, rb * 16 + h * 8, m.R, lanes, 8);
+    }
+  }
+}
+
 constexpr int kQTileMax = 4;  // input rows per tile at most (16 registers)
