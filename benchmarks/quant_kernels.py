@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""The C++ kernels' products one by one: bf16 packed vs int8 vs int4 blobs, per call and in GB/s of weight bytes.
+"""The C++ kernels' products one by one: bf16 packed vs int8 vs int4 blobs (and, with --formats, int6k: GGUF's Q6_K),
+per call and in GB/s of weight bytes.
 
 Each case is a matrix shape of a bench model (hf_anchor.py's bench-small / bench-medium: routed experts' gate+up and
 down, attention's q_b and o_proj, the head) against T input rows (1 = decode, 16 = 16 concurrent sequences, 512 =
 prefill). So that the weights stream from memory as in a decode step rather than sit in cache, every call takes the
 next of enough distinct copies of the matrix to fill --pool-mb. Reports the median of --reps timed passes.
 
-  python benchmarks/quant_kernels.py [--shape bench-medium] [--tokens 1,16,512] [--threads 2] [--json out.json]
+  python benchmarks/quant_kernels.py [--shape bench-medium] [--tokens 1,16,512] [--formats bf16,int8,int4,int6k]
+                                    [--threads 2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ def blobs(ops, rows: int, cols: int, fmt: str, count: int) -> list[torch.Tensor]
         w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(i)) * 0.02
         if fmt == "bf16":
             out.append(ops.pack(w.to(torch.bfloat16).contiguous()))
+        elif fmt == "int6k":  # GGUF's Q6_K: codes in [-32, 31], float16 d per 256 x int8 sc per 16 (kind int6k)
+            if cols % 256:
+                return []  # Q6_K's super-blocks need inputs in multiples of 256: no such case
+            g = torch.Generator().manual_seed(i)
+            d = (torch.rand(rows, cols // 256, generator=g) * 1e-3 + 1e-4).to(torch.float16).float()
+            sc = torch.randint(-127, 128, (rows, cols // 16), generator=g).float()
+            sc[:, ::16] = -128  # llama.cpp's d: the super-block's largest scale over -128
+            codes = torch.randint(-32, 32, (rows, cols), dtype=torch.int8, generator=g)
+            out.append(quant_cpu.pack_int8x(codes, (d.repeat_interleave(16, -1) * sc).contiguous(),
+                                            torch.zeros(rows, cols // 32)))
         else:
             s = quant.scheme(fmt)
             out.append(quant_cpu.pack(*quant.quantize(w, s), s))
@@ -84,6 +96,9 @@ def main() -> int:
             x = torch.randn(t, cols).to(torch.bfloat16)
             row = {"case": name, "rows": rows, "cols": cols, "tokens": t}
             for f in fmts:
+                if not pools[f]:
+                    row[f] = {"us": float("nan"), "weight_gb_s": float("nan")}
+                    continue
                 sec = time_case(ops, pools[f], x, rows, a.reps if t < 64 else max(1, a.reps // 2))
                 nbytes = pools[f][0].numel() * pools[f][0].element_size()
                 row[f] = {"us": sec * 1e6, "weight_gb_s": nbytes / sec / 1e9}
