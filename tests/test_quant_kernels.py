@@ -126,10 +126,9 @@ def test_packed_quantised_model_matches_the_reference_and_drops_the_codes(s):
     assert ((got - want).norm() / want.norm()).item() < 0.03
     attn = packed.model.layers[0].self_attn
     assert attn.o_proj.weight.numel() == 0 and attn.o_proj.weight_scale is None  # the blob holds them now
-    assert attn.kv_b_proj.quant is None and attn.kv_b_proj.weight.dtype == BF  # absorbed attention reads bf16
-    want_kv_b = quant.dequantize(plain.model.layers[0].self_attn.kv_b_proj.weight,
-                                 plain.model.layers[0].self_attn.kv_b_proj.weight_scale, s, BF)
-    assert torch.equal(attn.kv_b_proj.weight, want_kv_b)
+    ref = plain.model.layers[0].self_attn.kv_b_proj  # the absorbed attention reads kv_b's codes as they are
+    assert attn.kv_b_proj.quant == s and torch.equal(attn.kv_b_proj.weight, ref.weight)
+    assert torch.equal(attn.kv_b_proj.weight_scale, ref.weight_scale)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import dispatch
+from ..kernels.cpu_pack import kv_b_args
 from ..model.mla import MLA
 from ..model.transformer import Transformer
 from .guided import apply_row_constraints
@@ -161,8 +162,8 @@ class StepContext:
         out = q.new_empty(q.shape[0], mla.n_heads, mla.v_dim)
         if self.kernel_rows is not None:
             k = self.kernel_rows
-            ops.mla_decode(q, kv, k.tok, k.seq, k.len, k.slots, mla.kv_b_proj.weight, mla.v_dim, mla.softmax_scale,
-                           out)
+            kv_b, kv_b_scales = kv_b_args(mla.kv_b_proj)  # (codes and scales when it stays quantised)
+            ops.mla_decode(q, kv, k.tok, k.seq, k.len, k.slots, kv_b, mla.v_dim, mla.softmax_scale, out, kv_b_scales)
         if self.multi:
             self._attend_multi(mla, q[None, ..., :mla.nope], q[None, ..., mla.nope:], kv, out)
         return out

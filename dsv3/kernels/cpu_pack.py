@@ -6,7 +6,8 @@ Two packed forms, both applied in place:
 - the C++ kernels' layout (kernels/cpu_ext.py, x86 machines with AVX-512 or AVX2+FMA): every projection, and each
   MoE layer as a single call (router, hit experts, shared experts); 2x faster than oneDNN for decode shapes, within
   ~10% for prefill. int8/int4 weights (kernels/quant.py) become the kernels' quantised blobs (quant_cpu.py), except
-  kv_b_proj, which the absorbed attention reads per head in bf16 (dequantised here, exactly);
+  kv_b_proj, whose codes the absorbed attention reads and widens to bf16 one head at a time (a scheme it cannot
+  read is dequantised to bf16 here, exactly);
 - oneDNN's blocked layout where the kernels cannot be built (bf16 models only; int8/int4 ones then keep the PyTorch
   reference products): 1.5-3x faster than plain matmuls and bit-identical to them (checked in the tests).
 The plain weights are then dropped so memory does not double, which makes the packed model an inference-only object
@@ -88,7 +89,8 @@ class CpuBlocks:
             proj = [a.packed_qkv_a.t, empty, a.q_a_layernorm.weight, a.q_b_proj.packed.t]
         else:
             proj = [a.q_proj.packed.t, a.kv_a_proj_with_mqa.packed.t, empty, empty]
-        w = [block.input_layernorm.weight, *proj, a.kv_a_layernorm.weight, a.kv_b_proj.weight, a.o_proj.packed.t,
+        kv_b, kv_b_scales = kv_b_args(a.kv_b_proj)
+        w = [block.input_layernorm.weight, *proj, a.kv_a_layernorm.weight, kv_b, a.o_proj.packed.t,
              block.post_attention_layernorm.weight]
         mlp = block.mlp
         moe = getattr(mlp, "cpu_moe", None)
@@ -100,6 +102,8 @@ class CpuBlocks:
         else:
             w += [mlp.packed_gate_up.t, mlp.down_proj.packed.t]
             ffn, scaling = [0, 0, 0, 0, 0, 0, 0, mlp.down_proj.in_features, 0], 1.0
+        if kv_b_scales is not None:
+            w.append(kv_b_scales)  # after the block's other tensors (block_forward's order)
         dims = [a.n_heads, a.nope, a.rope, a.v_dim, a.rank, q_lora, *ffn]
         scal = [block.input_layernorm.eps, a.kv_a_layernorm.eps, a.softmax_scale, scaling]
         return w, dims, scal
@@ -197,6 +201,23 @@ def _dequantize(lin: nn.Module, dtype: torch.dtype) -> None:
     lin.quant = None
 
 
+def kv_b_codes_readable(lin: nn.Module) -> bool:
+    """Whether the C++ absorbed attention (mla_decode) reads this quantised kv_b_proj as it is: groups of 32 along
+    the latent dimension, 4-bit codes packed two to a byte or 8-bit ones, float16 scales or float32 scales (and
+    mins); anything else (GGUF's 16-wide Q6_K groups, ...) is dequantised to bf16 at packing."""
+    s = lin.quant
+    if s is None or s.group_size != 32 or lin.weight_scale is None or not lin.weight.is_contiguous():
+        return False
+    codes = {4: torch.uint8, 8: torch.int8}.get(s.bits)
+    return (codes is not None and lin.weight.dtype == codes and lin.weight_scale.is_contiguous()
+            and (s.scale_dtype == torch.float32 or (s.scale_dtype == torch.float16 and not s.with_min)))
+
+
+def kv_b_args(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """kv_b_proj as mla_decode takes it: (bf16 weight, None) or (codes, scales)."""
+    return (lin.weight, lin.weight_scale) if lin.quant is not None else (lin.weight, None)
+
+
 def _is_kv_b(model: nn.Module, lin: nn.Module) -> bool:
     """kv_b_proj is dequantised to the compute dtype for the absorbed attention whatever its scheme."""
     return any(getattr(b.self_attn, "kv_b_proj", None) is lin for b in list(model.main_layers) + list(model.mtp_layers))
@@ -271,7 +292,9 @@ def prepack_for_cpu(model: nn.Module, kernels: bool = True) -> bool:
             for lin in (getattr(m, "q_proj", None), getattr(m, "q_b_proj", None), m.o_proj):
                 if lin is not None:
                     lin.packed = pack(lin)
-            _dequantize(m.kv_b_proj, dtype)  # it stays plain: the absorbed attention splits it per head
+            if ops is None or not kv_b_codes_readable(m.kv_b_proj):
+                _dequantize(m.kv_b_proj, dtype)  # plain: the absorbed attention splits it per head
+            # (else it keeps its codes: the C++ attention widens one head at a time, the PyTorch path dequantises)
         elif isinstance(m, MLP):
             m.packed_gate_up = pack(m.gate_proj, m.up_proj)
             m.down_proj.packed = pack(m.down_proj)

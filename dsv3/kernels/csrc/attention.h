@@ -120,6 +120,139 @@ void mla_prepare(at::Tensor q, const at::Tensor& kv_a, const at::Tensor& norm_w,
   rope_q(q, cos, sin, nope);
 }
 
+// kv_b_proj's weight as mla_decode reads it: plain bf16 [H*(N+V), C], or a quantised model's codes in groups of 32
+// along C (4-bit: two per byte, column 2j in the low nibble of byte j, uint8 [rows, C/2]; 8-bit: int8 [rows, C])
+// with their scales: float16 or float32 [rows, C/32] (w = (q - offset) s, offset 8 for 4-bit codes, else 0), or
+// float32 [rows, C/32, 2] holding (s, m) (w = q s - m, unsigned codes). The attention reads the codes and widens a
+// head's rows to bf16 (bf16 of the exact float32 value: what dequantising the weight to bf16 gives), so a
+// quantised model streams a quarter (4-bit) or half (8-bit) of the bytes of its bf16 copy.
+struct KvB {
+  const bf16_t* bf = nullptr;
+  const uint8_t* codes = nullptr;
+  const at::Half* s16 = nullptr;
+  const float* s32 = nullptr;
+  int bits = 16;
+  bool with_min = false;
+  int64_t C = 0, row_bytes = 0;
+};
+
+KvB kv_b_view(const at::Tensor& kv_b, const c10::optional<at::Tensor>& scales, int64_t rows) {
+  KvB w;
+  TORCH_CHECK(kv_b.device().is_cpu() && kv_b.dim() == 2 && kv_b.is_contiguous() && kv_b.size(0) == rows,
+              "mla_decode: kv_b must be a contiguous CPU matrix of ", rows, " rows, got ", kv_b.sizes());
+  if (!scales.has_value() || !scales->defined() || scales->numel() == 0) {
+    check_bf16(kv_b, "mla_decode: kv_b (no scales given)", 2);
+    w.bf = bf_ptr(kv_b);
+    w.C = kv_b.size(1);
+    return w;
+  }
+  const at::Tensor& s = *scales;
+  TORCH_CHECK(s.is_contiguous() && s.size(0) == rows && (s.dim() == 2 || (s.dim() == 3 && s.size(2) == 2)),
+              "mla_decode: kv_b scales must be [", rows, ", C/32] or [", rows, ", C/32, 2], got ", s.sizes());
+  w.C = 32 * s.size(1);
+  w.with_min = s.dim() == 3;
+  if (kv_b.scalar_type() == at::kChar && kv_b.size(1) == w.C) {
+    w.bits = 8;
+  } else {
+    TORCH_CHECK(kv_b.scalar_type() == at::kByte && 2 * kv_b.size(1) == w.C, "mla_decode: kv_b codes ",
+                kv_b.scalar_type(), " ", kv_b.sizes(), " do not fit scales ", s.sizes(),
+                " (int8 [rows, C] or uint8 [rows, C/2] for groups of 32 along C)");
+    w.bits = 4;
+  }
+  if (s.scalar_type() == at::kHalf && !w.with_min) {
+    w.s16 = s.data_ptr<at::Half>();
+  } else {
+    TORCH_CHECK(s.scalar_type() == at::kFloat, "mla_decode: kv_b scales must be float16 or float32, got ",
+                s.scalar_type());
+    w.s32 = s.data_ptr<float>();
+  }
+  w.codes = static_cast<const uint8_t*>(kv_b.data_ptr());
+  w.row_bytes = kv_b.size(1);
+  return w;
+}
+
+// 16 codes from 16 bytes as float32 (signed: int8 codes, else unsigned).
+inline V16f codes16(__m128i v, bool sign) {
+#if defined(DSV3_AVX512)
+  return _mm512_cvtepi32_ps(sign ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+#else
+  const __m128i h = _mm_srli_si128(v, 8);
+  V16f r;
+  r.lo = _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+  r.hi = _mm256_cvtepi32_ps(sign ? _mm256_cvtepi8_epi32(h) : _mm256_cvtepu8_epi32(h));
+  return r;
+#endif
+}
+
+// Group g of row r of a quantised kv_b as 32 float32 weights (lo: columns 0..15, hi: 16..31), q s - m with the
+// product exact (a code of at most 8 bits times a float16 or a K-quant's float32 scale) and one rounding for the
+// subtraction: quant.dequantize's float32 values, which rounded to bf16 are the weight dequantised to bf16.
+inline void kv_b_group(const KvB& w, int64_t r, int64_t g, V16f& lo, V16f& hi) {
+  const int64_t G = w.C / 32;
+  float s, m;
+  if (w.s16 != nullptr) {
+    s = _cvtsh_ss(w.s16[r * G + g].x);  // (F16C: one instruction)
+    m = (w.bits == 4 ? 8.f : 0.f) * s;
+  } else if (w.with_min) {
+    s = w.s32[(r * G + g) * 2];
+    m = w.s32[(r * G + g) * 2 + 1];
+  } else {
+    s = w.s32[r * G + g];
+    m = (w.bits == 4 ? 8.f : 0.f) * s;
+  }
+  const uint8_t* c = w.codes + r * w.row_bytes;
+  __m128i x, y;
+  if (w.bits == 4) {
+    const __m128i nib = _mm_set1_epi8(0x0f);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * g));
+    const __m128i l = _mm_and_si128(v, nib), h = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+    x = _mm_unpacklo_epi8(l, h);  // columns 0..15 of the group
+    y = _mm_unpackhi_epi8(l, h);  // 16..31
+  } else {
+    x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * g));
+    y = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * g + 16));
+  }
+  const V16f sv = v16_set1_ps(s), mv = v16_set1_ps(m);
+  lo = v16_sub_ps(v16_mul_ps(codes16(x, w.bits == 8), sv), mv);
+  hi = v16_sub_ps(v16_mul_ps(codes16(y, w.bits == 8), sv), mv);
+}
+
+// Rows r0..r0+n-1 of a quantised kv_b widened to bf16 into out [n, C].
+void kv_b_rows_bf16(const KvB& w, int64_t r0, int64_t n, bf16_t* out) {
+  for (int64_t r = r0; r < r0 + n; ++r)
+    for (int64_t g = 0; g < w.C / 32; ++g) {
+      V16f lo, hi;
+      kv_b_group(w, r, g, lo, hi);
+      bf16_t* o = out + (r - r0) * w.C + 32 * g;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), to_bf16x16(lo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), to_bf16x16(hi));
+    }
+}
+
+// Rows of kv_b for the absorbed products (a head's W_uk or W_uv): plain bf16 (bf, C per row), or rows r0.. of
+// the codes of w (then bf is unused).
+struct KvRows {
+  const bf16_t* bf;
+  const KvB* w;
+  int64_t r0, C;
+  KvRows at(int64_t i) const { return {w == nullptr ? bf + i * C : nullptr, w, r0 + i, C}; }  // from row i on
+#if defined(__AVX512BF16__)
+  // 32 bf16 weights of row i, columns c..c+31 (c a multiple of 32)
+  __m512i bf32(int64_t i, int64_t c) const {
+    if (w == nullptr) return _mm512_loadu_si512(bf + i * C + c);
+    V16f lo, hi;
+    kv_b_group(*w, r0 + i, c / 32, lo, hi);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+#endif
+  // row i's weights (bf16 values) as float32 into out [C]; tmp: C bf16 of scratch
+  void row_f32(int64_t i, float* out, bf16_t* tmp) const {
+    if (w == nullptr) return bf_to_f32(bf + i * C, out, C);
+    kv_b_rows_bf16(*w, r0 + i, 1, tmp);
+    bf_to_f32(tmp, out, C);
+  }
+};
+
 // Absorbed attention for Q query rows. Query i is token tok[i] of q [T, H, N+R] (q_pe already rotated); it attends
 // to the first len[i] context positions of sequence seq[i], whose cache slots are slots[seq[i], :]. kv_b [H*(N+V), C]
 // is kv_b_proj's weight: per head W_uk [N, C] then W_uv [V, C]. Writes out[tok[i]] ([T, H, V]).
@@ -164,8 +297,8 @@ inline void tile_accumulate(float* acc, float corr, const float* p, const float*
 // The absorbed attention's two small products per (query, head), on AVX512_BF16 with bf16 pairs (dpbf16ps: exact
 // products, float32 sums) where the shapes allow, else in float32 with on-the-fly conversion.
 // qh[c] = sc * sum_n q[n] W_uk[n, c] for c < C (W_uk [N, C] row-major: a head's first N rows of kv_b).
-inline void absorb_query(const bf16_t* q, const bf16_t* wk, int64_t N, int64_t C, float sc, float* qh,
-                         float* wrow) {
+inline void absorb_query(const bf16_t* q, const KvRows& wk, int64_t N, int64_t C, float sc, float* qh,
+                         float* wrow, bf16_t* tmp) {
 #if defined(__AVX512BF16__)
   if (N % 2 == 0 && C % 32 == 0) {
     // unpacklo/hi interleave rows n and n+1 within 128-bit lanes: lo lane j holds c = 8 (j / 4) + j % 4 of the
@@ -186,10 +319,8 @@ inline void absorb_query(const bf16_t* q, const bf16_t* wk, int64_t N, int64_t C
         int32_t pr;
         std::memcpy(&pr, q + n, 4);
         const __m512bh qp = (__m512bh)_mm512_set1_epi32(pr);
-        const bf16_t* r0 = wk + n * C + c0;
-        const bf16_t* r1 = r0 + C;
         for (int u = 0; u < nu; ++u) {
-          const __m512i a = _mm512_loadu_si512(r0 + 32 * u), b = _mm512_loadu_si512(r1 + 32 * u);
+          const __m512i a = wk.bf32(n, c0 + 32 * u), b = wk.bf32(n + 1, c0 + 32 * u);
           lo[u] = _mm512_dpbf16_ps(lo[u], (__m512bh)_mm512_unpacklo_epi16(a, b), qp);
           hi[u] = _mm512_dpbf16_ps(hi[u], (__m512bh)_mm512_unpackhi_epi16(a, b), qp);
         }
@@ -204,13 +335,14 @@ inline void absorb_query(const bf16_t* q, const bf16_t* wk, int64_t N, int64_t C
 #endif
   for (int64_t c = 0; c < C; ++c) qh[c] = 0.f;
   for (int64_t n = 0; n < N; ++n) {
-    bf_to_f32(wk + n * C, wrow, C);
+    wk.row_f32(n, wrow, tmp);
     axpy_f32(sc * bf2f(q[n]), wrow, qh, C);
   }
 }
 
 // orow[v] = bf16(sum_c a[c] W_uv[v, c]) for v < V (W_uv [V, C]: a head's last V rows of kv_b); a is scaled in place.
-inline void absorb_output(float* a, float inv, const bf16_t* wv, int64_t V, int64_t C, bf16_t* orow, float* wrow) {
+inline void absorb_output(float* a, float inv, const KvRows& wv, int64_t V, int64_t C, bf16_t* orow, float* wrow,
+                          bf16_t* tmp) {
   for (int64_t c = 0; c < C; ++c) a[c] *= inv;
 #if defined(__AVX512BF16__)
   if (C % 32 == 0 && C <= 2048) {
@@ -224,39 +356,41 @@ inline void absorb_output(float* a, float inv, const bf16_t* wv, int64_t V, int6
       for (int64_t c = 0; c < C; c += 32) {
         const __m512bh x = (__m512bh)_mm512_load_si512(ab + c);
         for (int i = 0; i < 4; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wv + (v + i) * C + c), x);
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)wv.bf32(v + i, c), x);
       }
       for (int i = 0; i < 4; ++i) orow[v + i] = f2bf(_mm512_reduce_add_ps(acc[i]));
     }
     for (; v < V; ++v) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t c = 0; c < C; c += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(wv + v * C + c), (__m512bh)_mm512_load_si512(ab + c));
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)wv.bf32(v, c), (__m512bh)_mm512_load_si512(ab + c));
       orow[v] = f2bf(_mm512_reduce_add_ps(acc));
     }
     return;
   }
 #endif
   for (int64_t v = 0; v < V; ++v) {
-    bf_to_f32(wv + v * C, wrow, C);
+    wv.row_f32(v, wrow, tmp);
     orow[v] = f2bf(dot_f32(a, wrow, C));
   }
 }
 
 void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok, const at::Tensor& seq,
                 const at::Tensor& len, const at::Tensor& slots, const at::Tensor& kv_b, int64_t v_dim, double scale,
-                at::Tensor out) {
+                at::Tensor out, const c10::optional<at::Tensor>& kv_b_scales) {
   check_bf16(q, "mla_decode: q", 3);
   check_bf16(kv, "mla_decode: kv", 2);
-  check_bf16(kv_b, "mla_decode: kv_b", 2);
   check_bf16(out, "mla_decode: out", 3);
   check_index(tok, "mla_decode: tok", 1);
   check_index(seq, "mla_decode: seq", 1);
   check_index(len, "mla_decode: len", 1);
   check_index(slots, "mla_decode: slots", 2);
-  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && kv_b.is_contiguous() && out.is_contiguous(),
-              "mla_decode: q, kv, kv_b and out must be contiguous");
-  const int64_t T = q.size(0), H = q.size(1), C = kv_b.size(1), W = kv.size(1), R = W - C, N = q.size(2) - R;
+  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && out.is_contiguous(),
+              "mla_decode: q, kv and out must be contiguous");
+  TORCH_CHECK(kv_b.dim() == 2 && kv_b.size(0) % q.size(1) == 0, "mla_decode: kv_b ", kv_b.sizes(),
+              " must have H*(N+V) rows for H=", q.size(1));
+  const KvB wsrc = kv_b_view(kv_b, kv_b_scales, kv_b.size(0));
+  const int64_t T = q.size(0), H = q.size(1), C = wsrc.C, W = kv.size(1), R = W - C, N = q.size(2) - R;
   const int64_t V = v_dim, Q = tok.size(0), Lm = slots.size(1), S = kv.size(0);
   TORCH_CHECK(N > 0 && kv_b.size(0) == H * (N + V), "mla_decode: kv_b ", kv_b.sizes(), " does not fit H=", H,
               " N=", N, " V=", V);
@@ -275,7 +409,6 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   }
   const bf16_t* qp = bf_ptr(q);
   const bf16_t* kvp = bf_ptr(kv);
-  const bf16_t* wp = bf_ptr(kv_b);
   bf16_t* op = bf_mut(out);
   // Groups: runs of consecutive queries of one sequence (its decode row, or its verification rows) convert each
   // context tile once for all of them. Work items: (group, block of heads), enough to keep every thread busy at
@@ -289,8 +422,25 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   const int64_t splits = std::min<int64_t>(H, std::max<int64_t>(1, (threads + G - 1) / G));
   const int64_t hb = (H + splits - 1) / splits, nhb = (H + hb - 1) / hb;
   const float sc = static_cast<float>(scale);
+  // A quantised kv_b: with one or two query rows (decode at batch 1, its verification) each (query, head) reads its
+  // head's codes and widens them in registers; with more, every head is widened to bf16 once into a table first
+  // (the same values), which the rows then share.
+  const int64_t HW = (N + V) * C;  // one head's rows of kv_b
+  const bf16_t* wp = wsrc.bf;
+  at::Tensor wide;
+  if (wsrc.bf == nullptr && Q > 2) {
+    wide = at::empty({H * HW}, q.options());
+    bf16_t* wd = bf_mut(wide);
+    at::parallel_for(0, H, 1, [&](int64_t a, int64_t b) {
+      kv_b_rows_bf16(wsrc, a * (N + V), (b - a) * (N + V), wd + a * HW);
+    });
+    wp = wd;
+  }
   at::parallel_for(0, G * nhb, 1, [&](int64_t a, int64_t b) {
     std::vector<float> qc, acc, m, l, rows(kTile * W), wrow(std::max(C, N + R)), s(16);
+    std::vector<bf16_t> tmp(C);
+    // kv_b's rows: the bf16 weight (or its widened table), else the codes read in registers
+    const KvRows all = wp != nullptr ? KvRows{wp, nullptr, 0, C} : KvRows{nullptr, &wsrc, 0, C};
     for (int64_t it = a; it < b; ++it) {
       const int64_t g = it / nhb, h0 = (it % nhb) * hb, h1 = std::min(H, h0 + hb), nh = h1 - h0;
       const int64_t q0 = gstart[g], nq = gstart[g + 1] - q0;
@@ -306,7 +456,7 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
         for (int64_t h = h0; h < h1; ++h) {
           float* qh = qc.data() + (qi * nh + h - h0) * W;
           const bf16_t* qrow = qp + (tk[q0 + qi] * H + h) * (N + R);
-          absorb_query(qrow, wp + h * (N + V) * C, N, C, sc, qh, wrow.data());
+          absorb_query(qrow, all.at(h * (N + V)), N, C, sc, qh, wrow.data(), tmp.data());
           for (int64_t r = 0; r < R; ++r) qh[C + r] = sc * bf2f(qrow[N + r]);
         }
       for (int64_t j0 = 0; j0 < Lmax; j0 += kTile) {
@@ -336,8 +486,8 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
       for (int64_t qi = 0; qi < nq; ++qi)
         for (int64_t h = h0; h < h1; ++h) {
           const int64_t k = qi * nh + h - h0;
-          absorb_output(acc.data() + k * C, 1.f / l[k], wp + (h * (N + V) + N) * C, V, C,
-                        op + (tk[q0 + qi] * H + h) * V, wrow.data());
+          absorb_output(acc.data() + k * C, 1.f / l[k], all.at(h * (N + V) + N), V, C,
+                        op + (tk[q0 + qi] * H + h) * V, wrow.data(), tmp.data());
         }
     }
   });

@@ -97,7 +97,8 @@ at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows) {
 //   0 input_layernorm, 1 [q_a; kv_a] packed (or q_proj packed when q_lora = 0), 2 kv_a packed (q_lora = 0 only),
 //   3 q_a_layernorm, 4 q_b packed, 5 kv_a_layernorm, 6 kv_b_proj (plain), 7 o_proj packed, 8 post_attention_layernorm,
 //   MoE: 9 gate, 10 bias (or empty), 11 w13, 12 w2, 13 shared w13 (or empty), 14 shared w2 (or empty);
-//   dense: 9 gate_up packed, 10 down packed.
+//   dense: 9 gate_up packed, 10 down packed;
+//   then, for a quantised kv_b_proj (6 its codes), its scales (mla_decode's kv_b_scales).
 // dims: H, N, R, V, C, q_lora, is_moe, top_k, n_group, topk_group, group_rule, softmax, norm_topk, inter,
 // shared_inter. scal: rms eps, latent eps, softmax scale, routed scaling factor.
 // A block's packed matrices, parsed from their tensors (w, dims as block_forward takes them) and checked: once per
@@ -112,8 +113,9 @@ BlockMats block_mats(const std::vector<at::Tensor>& w, const std::vector<int64_t
   TORCH_CHECK(dims.size() == 15, "decode_layer: expects 15 dims");
   const int64_t H = dims[0], N = dims[1], R = dims[2], V = dims[3], C = dims[4], q_lora = dims[5];
   const bool is_moe = dims[6] != 0;
-  TORCH_CHECK(w.size() == (is_moe ? 15u : 11u), "decode_layer: expects ", is_moe ? 15 : 11, " tensors, got ",
-              w.size());
+  const size_t base = is_moe ? 15u : 11u;
+  TORCH_CHECK(w.size() == base || w.size() == base + 1, "decode_layer: expects ", base, " tensors (", base + 1,
+              " with kv_b_proj's scales), got ", w.size());
   BlockMats bm;
   if (q_lora > 0) {
     bm.qkv = packed_matrix(w[1], q_lora + C + R, D, "decode_layer: [q_a; kv_a]");
@@ -181,7 +183,9 @@ at::Tensor block_forward(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   rope_q(q, qcos, qsin, N);
   clock.lap(2);
   at::Tensor o = at::empty({K, H, V}, x.options());
-  mla_decode(q, cache, qtok, qseq, qlen, slots, w[6], V, scal[2], o);
+  const size_t base = is_moe ? 15u : 11u;
+  mla_decode(q, cache, qtok, qseq, qlen, slots, w[6], V, scal[2], o,
+             w.size() > base ? c10::optional<at::Tensor>(w[base]) : c10::nullopt);
   clock.lap(3);
   const at::Tensor x1 = add_bf16(xk, linear_m(o.view({K, H * V}), bm.o));
   clock.lap(4);

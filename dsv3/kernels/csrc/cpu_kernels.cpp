@@ -53,7 +53,7 @@ DSV3_LIBRARY(DSV3_NS, m) {
   m.def("mla_prepare(Tensor(a!) q, Tensor kv_a, Tensor norm_w, float eps, Tensor cos, Tensor sin, Tensor(b!) cache, "
         "Tensor slot_mapping, int nope) -> ()", &mla_prepare);
   m.def("mla_decode(Tensor q, Tensor kv, Tensor tok, Tensor seq, Tensor len, Tensor slots, Tensor kv_b, int v_dim, "
-        "float scale, Tensor(a!) out) -> ()", &mla_decode);
+        "float scale, Tensor(a!) out, Tensor? kv_b_scales=None) -> ()", &mla_decode);
   m.def("pack(Tensor w) -> Tensor", &pack);
   m.def("linear(Tensor x, Tensor w, int out_features) -> Tensor",
         [](const at::Tensor& x, const at::Tensor& w, int64_t R) { return linear(x, w, R); });
