@@ -136,10 +136,11 @@ struct KvB {
   int64_t C = 0, row_bytes = 0;
 };
 
-KvB kv_b_view(const at::Tensor& kv_b, const c10::optional<at::Tensor>& scales, int64_t rows) {
+KvB kv_b_view(const at::Tensor& kv_b, const c10::optional<at::Tensor>& scales) {
   KvB w;
-  TORCH_CHECK(kv_b.device().is_cpu() && kv_b.dim() == 2 && kv_b.is_contiguous() && kv_b.size(0) == rows,
-              "mla_decode: kv_b must be a contiguous CPU matrix of ", rows, " rows, got ", kv_b.sizes());
+  const int64_t rows = kv_b.size(0);
+  TORCH_CHECK(kv_b.device().is_cpu() && kv_b.dim() == 2 && kv_b.is_contiguous(),
+              "mla_decode: kv_b must be a contiguous CPU matrix, got ", kv_b.sizes());
   if (!scales.has_value() || !scales->defined() || scales->numel() == 0) {
     check_bf16(kv_b, "mla_decode: kv_b (no scales given)", 2);
     w.bf = bf_ptr(kv_b);
@@ -387,9 +388,7 @@ void mla_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tok
   check_index(slots, "mla_decode: slots", 2);
   TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && out.is_contiguous(),
               "mla_decode: q, kv and out must be contiguous");
-  TORCH_CHECK(kv_b.dim() == 2 && kv_b.size(0) % q.size(1) == 0, "mla_decode: kv_b ", kv_b.sizes(),
-              " must have H*(N+V) rows for H=", q.size(1));
-  const KvB wsrc = kv_b_view(kv_b, kv_b_scales, kv_b.size(0));
+  const KvB wsrc = kv_b_view(kv_b, kv_b_scales);
   const int64_t T = q.size(0), H = q.size(1), C = wsrc.C, W = kv.size(1), R = W - C, N = q.size(2) - R;
   const int64_t V = v_dim, Q = tok.size(0), Lm = slots.size(1), S = kv.size(0);
   TORCH_CHECK(N > 0 && kv_b.size(0) == H * (N + V), "mla_decode: kv_b ", kv_b.sizes(), " does not fit H=", H,
