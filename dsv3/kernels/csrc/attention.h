@@ -261,38 +261,57 @@ constexpr int64_t kTile = 8;  // context positions per online-softmax step (thei
 
 
 // s[j] = q . rows[j] (W wide) for the nj <= kTile rows of a tile: one accumulator per row, so the rows' sums run
-// side by side instead of waiting on each other.
-inline void tile_scores(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
+// side by side instead of waiting on each other. NJ > 0: nj == NJ known at compile time (a full tile: the row loop
+// unrolls and the accumulators stay in registers; the same operations in the same order as the general case).
+template <int64_t NJ>
+inline void tile_scores_n(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
+  const int64_t n = NJ > 0 ? NJ : nj;
   V16f a[kTile];
   for (int64_t j = 0; j < kTile; ++j) a[j] = v16_setzero_ps();
   int64_t w = 0;
   for (; w + 16 <= W; w += 16) {
     const V16f qv = v16_loadu_ps(q + w);
-    for (int64_t j = 0; j < nj; ++j) a[j] = v16_fmadd_ps(qv, v16_loadu_ps(rows + j * W + w), a[j]);
+    for (int64_t j = 0; j < n; ++j) a[j] = v16_fmadd_ps(qv, v16_loadu_ps(rows + j * W + w), a[j]);
   }
   if (w < W) {
     const M16 mk = static_cast<M16>((1u << (W - w)) - 1);
     const V16f qv = v16_maskz_loadu_ps(mk, q + w);
-    for (int64_t j = 0; j < nj; ++j) a[j] = v16_fmadd_ps(qv, v16_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
+    for (int64_t j = 0; j < n; ++j) a[j] = v16_fmadd_ps(qv, v16_maskz_loadu_ps(mk, rows + j * W + w), a[j]);
   }
-  for (int64_t j = 0; j < nj; ++j) s[j] = v16_reduce_add_ps(a[j]);
+  for (int64_t j = 0; j < n; ++j) s[j] = v16_reduce_add_ps(a[j]);
 }
 
-// acc = acc * corr + sum_j p[j] * rows[j][:C], each 16-wide piece of acc loaded and stored once per tile.
-inline void tile_accumulate(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
-                            int64_t C) {
+inline void tile_scores(const float* q, const float* rows, int64_t W, int64_t nj, float* s) {
+  if (nj == kTile) return tile_scores_n<kTile>(q, rows, W, nj, s);
+  tile_scores_n<0>(q, rows, W, nj, s);
+}
+
+// acc = acc * corr + sum_j p[j] * rows[j][:C], each 16-wide piece of acc loaded and stored once per tile (NJ as
+// in tile_scores_n).
+template <int64_t NJ>
+inline void tile_accumulate_n(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
+                              int64_t C) {
+  const int64_t n = NJ > 0 ? NJ : nj;
   const V16f cv = v16_set1_ps(corr);
+  V16f pv[kTile];
+  for (int64_t j = 0; j < n; ++j) pv[j] = v16_set1_ps(p[j]);
   int64_t c = 0;
   for (; c + 16 <= C; c += 16) {
     V16f o = v16_mul_ps(v16_loadu_ps(acc + c), cv);
-    for (int64_t j = 0; j < nj; ++j) o = v16_fmadd_ps(v16_set1_ps(p[j]), v16_loadu_ps(rows + j * W + c), o);
+    for (int64_t j = 0; j < n; ++j) o = v16_fmadd_ps(pv[j], v16_loadu_ps(rows + j * W + c), o);
     v16_storeu_ps(acc + c, o);
   }
   for (; c < C; ++c) {
     float o = acc[c] * corr;
-    for (int64_t j = 0; j < nj; ++j) o += p[j] * rows[j * W + c];
+    for (int64_t j = 0; j < n; ++j) o += p[j] * rows[j * W + c];
     acc[c] = o;
   }
+}
+
+inline void tile_accumulate(float* acc, float corr, const float* p, const float* rows, int64_t W, int64_t nj,
+                            int64_t C) {
+  if (nj == kTile) return tile_accumulate_n<kTile>(acc, corr, p, rows, W, nj, C);
+  tile_accumulate_n<0>(acc, corr, p, rows, W, nj, C);
 }
 
 // The absorbed attention's two small products per (query, head), on AVX512_BF16 with bf16 pairs (dpbf16ps: exact
