@@ -219,7 +219,8 @@ def kv_b_args(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _is_kv_b(model: nn.Module, lin: nn.Module) -> bool:
-    """kv_b_proj is dequantised to the compute dtype for the absorbed attention whatever its scheme."""
+    """Whether lin is a kv_b_proj: whatever its scheme, packing never needs the quantised kernels for it (the absorbed
+    attention reads its codes, or it is dequantised to the compute dtype)."""
     return any(getattr(b.self_attn, "kv_b_proj", None) is lin for b in list(model.main_layers) + list(model.mtp_layers))
 
 

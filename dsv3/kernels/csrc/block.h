@@ -95,7 +95,8 @@ at::Tensor take_rows(const at::Tensor& t, const at::Tensor& rows) {
 // row it drafts from only, while later steps attend to the latents of every verified row).
 // The layer's tensors come in `w` in this order:
 //   0 input_layernorm, 1 [q_a; kv_a] packed (or q_proj packed when q_lora = 0), 2 kv_a packed (q_lora = 0 only),
-//   3 q_a_layernorm, 4 q_b packed, 5 kv_a_layernorm, 6 kv_b_proj (plain), 7 o_proj packed, 8 post_attention_layernorm,
+//   3 q_a_layernorm, 4 q_b packed, 5 kv_a_layernorm, 6 kv_b_proj (bf16 or codes), 7 o_proj packed,
+//   8 post_attention_layernorm,
 //   MoE: 9 gate, 10 bias (or empty), 11 w13, 12 w2, 13 shared w13 (or empty), 14 shared w2 (or empty);
 //   dense: 9 gate_up packed, 10 down packed;
 //   then, for a quantised kv_b_proj (6 its codes), its scales (mla_decode's kv_b_scales).
